@@ -1,0 +1,169 @@
+"""Typed view of ``params.yaml``.
+
+Every stage reads its parameters through :func:`load_params` so that a typo or a wrong type is
+reported *before* any work starts, naming the key and the allowed values (pydantic with
+``extra="forbid"``), instead of surfacing as a KeyError twenty minutes into a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A parameter file that cannot be used; the message names the key and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DatasetKind = Literal["librispeech-excerpts", "librispeech", "folder"]
+
+
+class DataParams(_Section):
+    dataset: DatasetKind = "librispeech-excerpts"
+    # Local mirror searched before the network; relative paths are resolved against the project root.
+    mirror: str | None = "../shared/datasets"
+    # `folder` datasets: a <speaker>/<utterance>.{wav,flac} tree, optionally split into train/ and test/.
+    path: str | None = None
+    # `librispeech` (and excerpts): which subsets train the model and which are evaluated.
+    train_subset: str | None = "train-clean-100"
+    eval_subset: str = "test-other"
+    url_base: str = "https://www.openslr.org/resources/12"
+    # Caps for quick runs: keep the first N speakers / utterances per speaker (sorted by id).
+    max_speakers: int | None = Field(default=None, ge=1)
+    max_utterances_per_speaker: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self) -> "DataParams":
+        if self.dataset == "folder" and not self.path:
+            raise ValueError("data.path is required when data.dataset is 'folder'")
+        return self
+
+
+class VadParams(_Section):
+    method: Literal["silero", "energy"] = "silero"
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    min_speech_s: float = Field(default=0.25, ge=0.0)
+    min_silence_s: float = Field(default=0.1, ge=0.0)
+    max_segment_s: float = Field(default=10.0, gt=0.0)
+    min_segment_s: float = Field(default=0.5, ge=0.0)
+    pad_s: float = Field(default=0.03, ge=0.0)
+
+
+class ModelParams(_Section):
+    init: Literal["scratch", "pretrained"] = "scratch"
+    # Hugging Face repo id or local directory in SpeechBrain's layout (used when init=pretrained).
+    source: str = "speechbrain/spkrec-ecapa-voxceleb"
+    channels: int = Field(default=256, ge=8)
+    lin_neurons: int = Field(default=192, ge=8)
+    n_mels: int = Field(default=80, ge=8)
+    steps: int = Field(default=600, ge=0)
+    batch_size: int = Field(default=32, ge=1)
+    crop_s: float = Field(default=2.0, gt=0.0)
+    lr: float = Field(default=0.002, gt=0.0)
+    weight_decay: float = Field(default=2e-5, ge=0.0)
+    aam_margin: float = Field(default=0.2, ge=0.0)
+    aam_scale: float = Field(default=30.0, gt=0.0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EmbedParams(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Length-bucketed batches are capped by total audio seconds rather than item count.
+    max_batch_s: float = Field(default=120.0, gt=0.0)
+    amp: bool = True
+
+
+class IndexParams(_Section):
+    type: Literal["flat", "ivf", "hnsw"] = "flat"
+    nlist: int = Field(default=64, ge=1)
+    nprobe: int = Field(default=8, ge=1)
+    hnsw_m: int = Field(default=32, ge=2)
+    ef_search: int = Field(default=128, ge=1)
+    ef_construction: int = Field(default=200, ge=1)
+    use_gpu: Literal["auto", "never"] = "auto"
+
+
+class EvaluateParams(_Section):
+    enroll_per_speaker: int = Field(default=3, ge=1)
+    # Add the training speakers to the identification gallery as distractors.
+    train_distractors: bool = True
+    p_targets: list[float] = Field(default_factory=lambda: [0.01, 0.05])
+    c_miss: float = 1.0
+    c_fa: float = 1.0
+    seed: int = 0
+
+
+class Params(_Section):
+    data: DataParams = Field(default_factory=DataParams)
+    vad: VadParams = Field(default_factory=VadParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    embed: EmbedParams = Field(default_factory=EmbedParams)
+    index: IndexParams = Field(default_factory=IndexParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            section = _section_for(e["loc"][:-1])
+            allowed = ", ".join(sorted(section.model_fields)) if section else "?"
+            msg = f"unknown key (allowed: {allowed})"
+        elif e["type"] == "literal_error":
+            msg = f"{msg}, got {e.get('input')!r}"
+        lines.append(f"  - {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _section_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate ``params.yaml``; ``overrides`` uses dotted keys (``{"index.type": "hnsw"}``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: parameter file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return params_from_dict(raw, str(path))
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+    node[leaf] = value

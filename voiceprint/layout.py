@@ -1,0 +1,83 @@
+"""Where each stage reads and writes, relative to a project root.
+
+One place defines the data layout so that DVC's ``dvc.yaml``, the Prefect flows, the CLI and the
+tests agree on paths. ``voiceprint evaluate --dataset folder:PATH`` uses a layout rooted in a
+scratch directory, which is how it avoids touching the DVC-tracked outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path = ".") -> "Layout":
+        return cls(Path(root).resolve())
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def raw(self) -> Path:
+        """Acquired audio, one folder per split and speaker."""
+        return self.data / "raw"
+
+    @property
+    def downloads(self) -> Path:
+        """Partial and complete archives; kept outside ``raw`` so resume survives a rerun."""
+        return self.data / "downloads"
+
+    @property
+    def manifest(self) -> Path:
+        return self.data / "manifest.parquet"
+
+    @property
+    def segments(self) -> Path:
+        return self.data / "segments.parquet"
+
+    @property
+    def rejects(self) -> Path:
+        return self.data / "rejects.parquet"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "models" / "ecapa"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.data / "embeddings"
+
+    @property
+    def segment_embeddings(self) -> Path:
+        return self.embeddings / "segments.parquet"
+
+    @property
+    def utterance_embeddings(self) -> Path:
+        return self.embeddings / "utterances.parquet"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data / "index"
+
+    @property
+    def enrollments(self) -> Path:
+        """Speakers added with ``voiceprint enroll``; outside the DVC outputs so reruns keep them."""
+        return self.root / "enrollments"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
