@@ -1,0 +1,3 @@
+"""voiceprint: speaker-recognition data pipeline."""
+
+__version__ = "0.1.0"

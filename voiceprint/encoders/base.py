@@ -1,0 +1,42 @@
+"""The one interface every speaker encoder implements (ECAPA-TDNN, CAM++, GE2E, ...).
+
+Stages only talk to :class:`SpeakerEncoder`, so swapping the model never touches the extraction
+engine, the index or the evaluation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class SpeakerEncoder(ABC):
+    """Maps a padded batch of 16 kHz mono waveforms to embeddings.
+
+    ``embed(wavs, lengths)``: ``wavs`` is ``(B, T)`` float32, ``lengths`` is ``(B,)`` *relative*
+    lengths in (0, 1] (SpeechBrain's convention); returns ``(B, D)`` float32, not normalised.
+    Each encoder owns its feature front end.
+    """
+
+    name: str
+    dim: int
+    sample_rate: int = 16_000
+
+    @abstractmethod
+    def embed(self, wavs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def to(self, device: str | torch.device) -> "SpeakerEncoder": ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    def model_id(self) -> str:
+        """Identifier stored with every embedding row (model name + weights fingerprint)."""
+        return self.name
+
+    def num_parameters(self) -> int:
+        return 0
