@@ -45,9 +45,9 @@ class Layout:
     def segments(self) -> Path:
         return self.data / "segments.parquet"
 
-    @property
-    def rejects(self) -> Path:
-        return self.data / "rejects.parquet"
+    def rejects(self, stage: str) -> Path:
+        """One rejects table per stage (DVC outputs cannot be shared); DuckDB unions them."""
+        return self.data / "rejects" / f"{stage}.parquet"
 
     @property
     def model_dir(self) -> Path:
