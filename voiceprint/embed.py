@@ -153,7 +153,7 @@ def embed_segments(
     segments = pq.read_table(layout.segments)
     seg = segments.to_pydict()
     n = segments.num_rows
-    items = [_Item(_resolve(layout, p), s, e) for p, s, e in zip(seg["path"], seg["start_s"], seg["end_s"])]
+    items = [_Item(layout.resolve(p), s, e) for p, s, e in zip(seg["path"], seg["start_s"], seg["end_s"])]
     durations = np.asarray(seg["end_s"], dtype=np.float64) - np.asarray(seg["start_s"], dtype=np.float64)
 
     seg_schema = schema.embedding_schema(encoder.dim)
@@ -197,11 +197,6 @@ def embed_segments(
         "seconds": round(elapsed, 2),
         "realtime_factor": round(audio_s / elapsed, 1) if elapsed > 0 else None,
     }
-
-
-def _resolve(layout: Layout, path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else layout.root / p
 
 
 def _segment_batch(seg: dict[str, list], idx: list[int], vectors: np.ndarray, model_id: str, sch: pa.Schema) -> pa.RecordBatch:
@@ -249,14 +244,22 @@ def _utterance_table(sums: dict[str, np.ndarray], meta: dict[str, dict[str, Any]
     return pa.Table.from_arrays([cols[f.name] for f in sch], schema=sch)
 
 
-def embed_files(encoder: SpeakerEncoder, paths: list[str | Path]) -> np.ndarray:
-    """Utterance embeddings for ad-hoc files (CLI verify/identify/enroll): whole file, normalised.
+def embed_utterance_file(encoder: SpeakerEncoder, path: str | Path, vad_params: Any | None = None) -> np.ndarray:
+    """One utterance embedding the way the pipeline builds them: VAD segments, mean, renormalise.
 
-    Files are embedded one at a time (no padding), which is what a latency-bound CLI call wants.
+    Used by ``verify``/``identify``/``enroll`` so ad-hoc files are scored in the same space as the
+    indexed ones. Falls back to the whole file when VAD finds no segment (short clips).
     """
-    out = []
+    from voiceprint.config import VadParams
+    from voiceprint.vad import detect
+
+    vad_params = vad_params or VadParams()
+    duration = audio.probe(path).duration_s
+    spans = detect(path, duration, vad_params) or [None]
+    vectors = []
     with torch.inference_mode():
-        for p in paths:
-            wav = torch.from_numpy(audio.load(p)).unsqueeze(0).to(encoder.device)
-            out.append(encoder.embed(wav, torch.ones(1, device=encoder.device)).float().cpu().numpy()[0])
-    return schema.l2_normalise(np.stack(out))
+        for span in spans:
+            wav = audio.load(path) if span is None else audio.load(path, span.start_s, span.end_s)
+            x = torch.from_numpy(wav).unsqueeze(0).to(encoder.device)
+            vectors.append(encoder.embed(x, torch.ones(1, device=encoder.device)).float().cpu().numpy()[0])
+    return schema.l2_normalise(schema.l2_normalise(np.stack(vectors)).mean(axis=0, keepdims=True))[0]

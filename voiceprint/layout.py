@@ -19,6 +19,11 @@ class Layout:
     def at(cls, root: str | Path = ".") -> "Layout":
         return cls(Path(root).resolve())
 
+    def resolve(self, path: str | Path) -> Path:
+        """Paths in tables are stored relative to the root so a project can move; make them absolute."""
+        p = Path(path)
+        return p if p.is_absolute() else self.root / p
+
     @property
     def params(self) -> Path:
         return self.root / "params.yaml"

@@ -7,7 +7,6 @@ and the stage carries on with the rest.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -23,18 +22,13 @@ from voiceprint.vad import detect
 log = logging.getLogger(__name__)
 
 
-def resolve(layout: Layout, path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else layout.root / p
-
-
 def segment_manifest(layout: Layout, params: VadParams, *, progress: bool = True) -> dict[str, Any]:
     manifest = pq.read_table(layout.manifest).to_pylist()
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, str]] = []
     speech_s = 0.0
     for utt in tqdm(manifest, desc="VAD", unit="utt", disable=not progress or None):
-        path = resolve(layout, utt["path"])
+        path = layout.resolve(utt["path"])
         try:
             spans = detect(path, utt["duration_s"], params)
         except AudioError as err:

@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make run` (install + the whole pipeline on the embedded
+# default) and `make test` (install + the test suite). Installs are pinned by constraints.txt.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+# Stage commands in dvc.yaml (`python -m tasks.run ...`) must resolve to the project's venv.
+export PATH := $(BIN):$(PATH)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run test test-fast bench prefect-server serve mlflow-ui clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@touch $@
+
+run: install
+	dvc repro
+	@echo "--- metrics (dvc metrics show) ---"
+	dvc metrics show
+	@echo "--- dvc status ---"
+	dvc status
+
+test: install
+	python -m pytest -q
+
+test-fast: install
+	python -m pytest -q -m 'not slow'
+
+bench: install
+	python benchmarks/run_all.py
+
+# Prefect UI at http://127.0.0.1:4200 ; MLflow UI at http://127.0.0.1:5000
+prefect-server: install
+	prefect server start --host 127.0.0.1
+
+serve: install
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} python -m flows.serve --project-dir .
+
+mlflow-ui: install
+	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts
+
+clean:
+	rm -rf $(VENV) .pytest_cache

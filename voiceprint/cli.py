@@ -1,0 +1,214 @@
+"""``voiceprint`` command line: run stages, query embeddings, verify/identify/enroll speakers.
+
+Heavy imports (torch, faiss, duckdb, prefect) happen inside the subcommands so ``voiceprint
+--help`` is instant and a missing optional dependency only affects the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from voiceprint.config import ConfigError, load_params
+from voiceprint.layout import Layout
+
+
+class CliError(RuntimeError):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _layout(args: argparse.Namespace) -> Layout:
+    return Layout.at(args.project)
+
+
+def _load_encoder(layout: Layout):
+    from voiceprint.embed import load_pipeline_encoder, pick_device
+
+    if not (layout.model_dir / "embedding_model.ckpt").exists():
+        raise CliError(f"no model at {layout.model_dir}: run `dvc repro` (or `make run`) first")
+    params = load_params(layout.params)
+    return load_pipeline_encoder(layout, pick_device(params.embed.device)), params
+
+
+def _embed_files(layout: Layout, files: list[str]):
+    import numpy as np
+
+    from voiceprint.embed import embed_utterance_file
+
+    encoder, params = _load_encoder(layout)
+    for f in files:
+        if not Path(f).is_file():
+            raise CliError(f"{f}: no such file")
+    return np.stack([embed_utterance_file(encoder, f, params.vad) for f in files]), encoder
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from tasks.stages import run_stage
+
+    summary = run_stage(args.name, args.project)
+    print(json.dumps({"stage": args.name, **summary}, default=str))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    vectors, _ = _embed_files(layout, [args.a, args.b])
+    score = float(vectors[0] @ vectors[1])
+    threshold = args.threshold
+    if threshold is None:
+        if not layout.metrics.exists():
+            raise CliError(f"no {layout.metrics}: run the evaluate stage first or pass --threshold")
+        threshold = float(json.loads(layout.metrics.read_text())["eer_threshold"])
+    same = score >= threshold
+    print(json.dumps({"score": round(score, 4), "threshold": round(threshold, 4), "same_speaker": same}))
+    return 0 if same else 1
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    from voiceprint.index import SpeakerGallery
+
+    layout = _layout(args)
+    vectors, _ = _embed_files(layout, [args.file])
+    gallery = SpeakerGallery.load(layout)
+    for rank, (speaker, score) in enumerate(gallery.search(vectors, k=args.k)[0], start=1):
+        print(f"{rank}\t{speaker}\t{score:.4f}")
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from voiceprint.index import enroll
+
+    layout = _layout(args)
+    vectors, encoder = _embed_files(layout, args.files)
+    enroll(layout, args.name, vectors, encoder.model_id)
+    print(f"enrolled {args.name!r} from {len(args.files)} file(s)")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from voiceprint.query import format_table, run_query
+
+    table = run_query(_layout(args), args.sql)
+    if args.format == "json":
+        for row in table.to_pylist():
+            print(json.dumps(row, default=str))
+    elif args.format == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+    else:
+        print(format_table(table, max_rows=args.max_rows))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """segment -> embed -> evaluate on any folder with the current model, outside the DVC outputs."""
+    from voiceprint.datasets.prepare import prepare
+    from voiceprint.embed import embed_segments
+    from voiceprint.evaluate import evaluate
+    from voiceprint.segment import segment_manifest
+
+    project = _layout(args)
+    kind, _, path = args.dataset.partition(":")
+    if kind != "folder" or not path:
+        raise CliError(f"--dataset must look like folder:PATH, got {args.dataset!r}")
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise CliError(f"{folder}: not a directory")
+    encoder, _ = _load_encoder(project)
+    overrides: dict[str, Any] = {"data.dataset": "folder", "data.path": str(folder), "data.train_subset": None}
+    params = load_params(project.params, overrides)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="voiceprint-eval-"))
+    scratch = Layout.at(workdir)
+    prepared = prepare(params.data, scratch)
+    segmented = segment_manifest(scratch, params.vad)
+    embedded = embed_segments(scratch, params.embed, encoder=encoder)
+    metrics = evaluate(scratch, params)
+    if args.log_mlflow:
+        from voiceprint.tracking import log_evaluation
+
+        metrics["mlflow_run_id"] = log_evaluation(
+            project, params, metrics, scratch.plots, run_name=f"evaluate:{folder.name}",
+            extra_tags={"dataset_path": str(folder)},
+        )
+    print(json.dumps({"prepare": prepared.__dict__, "segment": segmented, "embed": embedded}, default=str))
+    print(f"outputs in {workdir}")
+    top1 = metrics.get("top1")
+    top1_text = f"{100 * top1:.2f}%" if top1 is not None else "n/a"
+    print(
+        f"EER={100 * metrics['eer']:.2f}% minDCF(0.01)={metrics.get('min_dcf_p0.01', float('nan')):.4f} "
+        f"minDCF(0.05)={metrics.get('min_dcf_p0.05', float('nan')):.4f} top1={top1_text}"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve_all
+
+    serve_all(Path(args.project).resolve())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voiceprint", description=__doc__.splitlines()[0])
+    parser.add_argument("--project", default=".", help="project root holding params.yaml and data/ (default: .)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    p.add_argument("name", choices=["prepare", "segment", "model", "embed", "index", "evaluate"])
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("verify", help="same speaker? score two files against the last EER threshold")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--threshold", type=float, default=None, help="override the threshold from metrics.json")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("identify", help="top-k speakers for a file from the speaker index")
+    p.add_argument("file")
+    p.add_argument("-k", type=int, default=5)
+    p.set_defaults(func=cmd_identify)
+
+    p = sub.add_parser("enroll", help="add a speaker to the index without rebuilding it")
+    p.add_argument("name")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser("query", help="run DuckDB SQL over the embeddings (views: embeddings, utterances, segments, manifest, rejects)")
+    p.add_argument("sql")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--max-rows", type=int, default=50)
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("evaluate", help="segment -> embed -> evaluate a folder of speakers with the current model")
+    p.add_argument("--dataset", required=True, help="folder:PATH (a <speaker>/<utterance>.{wav,flac} tree)")
+    p.add_argument("--workdir", default=None, help="where to keep the scratch outputs (default: a temp dir)")
+    p.add_argument("--no-mlflow", dest="log_mlflow", action="store_false", help="do not log the run to MLflow")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL)")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from voiceprint.audio import AudioError
+
+    try:
+        return args.func(args)
+    except (CliError, ConfigError, AudioError) as err:
+        print(f"voiceprint: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
