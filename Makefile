@@ -8,7 +8,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-fast bench prefect-server serve mlflow-ui clean
+.PHONY: install run test test-fast prefect-server serve mlflow-ui clean
 
 install: $(VENV)/.installed
 
@@ -29,9 +29,6 @@ test: install
 
 test-fast: install
 	python -m pytest -q -m 'not slow'
-
-bench: install
-	python benchmarks/run_all.py
 
 # Prefect UI at http://127.0.0.1:4200 ; MLflow UI at http://127.0.0.1:5000
 prefect-server: install
