@@ -14,10 +14,14 @@ Conventions (identical to SpeechBrain's ``speechbrain.utils.metric_stats``):
   between consecutive scores, but a midpoint classifies every trial exactly like the lower score
   next to it, so it adds no operating point; its loop keeps the *first* best threshold, which is
   therefore always an observed score, as here;
-* EER is **not interpolated**: at the threshold where ``|FAR - FRR|`` is smallest (first one in
-  ascending order on ties) it reports ``(FAR + FRR) / 2``. This matches SpeechBrain to floating-point
-  precision; an interpolated (ROC convex hull) EER, as some toolkits report, can differ by up to
-  one score step (``1 / min(n_target, n_nontarget)``).
+* EER is **not interpolated**: at the threshold where ``|FAR - FRR|`` is smallest it reports
+  ``(FAR + FRR) / 2``, like SpeechBrain. An interpolated (ROC convex hull) EER, as some toolkits
+  report, can differ by up to one score step (``1 / min(n_target, n_nontarget)``).
+* exact ties of ``|FAR - FRR|`` (two operating points equally close to the diagonal, common with
+  few trials) are resolved to the lowest threshold here. SpeechBrain computes the rates in float32,
+  whose rounding breaks such a tie either way, so on tied data the two may report the EER of
+  different (equally good) operating points, at most one score step apart. Without a tie both
+  agree to float precision (tests/test_metrics.py checks both cases).
 
 Difference in ``min_dcf``: SpeechBrain's ``minDCF`` returns the *raw* detection cost
 ``c_miss * p_miss * p_target + c_fa * p_fa * (1 - p_target)``. NIST SRE (and the ``min_dcf`` here,
