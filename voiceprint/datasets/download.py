@@ -93,7 +93,10 @@ def download(
                         f"{url}: giving up after {failures} consecutive failed attempts: {_describe(err)}"
                     ) from err
                 delay = min(MAX_BACKOFF_S, backoff_s * 2 ** max(failures - 1, 0))
-                log.warning("%s: %s; retrying in %.2f s (%d/%d)", url, _describe(err), delay, failures, retries)
+                log.warning(
+                    "%s: %s; retrying in %.2f s (%d consecutive failures, %d allowed)",
+                    url, _describe(err), delay, failures, retries,
+                )
                 time.sleep(delay)
 
     if expected:

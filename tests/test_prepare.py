@@ -1,0 +1,358 @@
+"""prepare(): real LibriSpeech excerpts, corrupted mirrors, caps, folder datasets, and OpenSLR-shaped
+LibriSpeech served by a local HTTP server."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tarfile
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from voiceprint import schema
+from voiceprint.config import DataParams
+from voiceprint.datasets import librispeech
+from voiceprint.datasets.archive import read_marker
+from voiceprint.datasets.checksums import parse_checksum_file, sha256_file
+from voiceprint.datasets.download import DownloadError
+from voiceprint.datasets.prepare import PrepareError, prepare
+from voiceprint.layout import Layout
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def read_manifest(layout: Layout) -> list[dict[str, object]]:
+    table = pq.read_table(layout.manifest)
+    assert table.schema.equals(schema.MANIFEST)
+    return table.to_pylist()
+
+
+def read_rejects(layout: Layout) -> list[dict[str, str]]:
+    table = pq.read_table(layout.rejects("prepare"))
+    assert table.schema.equals(schema.REJECTS)
+    return table.to_pylist()
+
+
+def raw_files(layout: Layout) -> set[str]:
+    return {p.relative_to(layout.root).as_posix() for p in layout.raw.rglob("*") if p.is_file()}
+
+
+# -- the real excerpts ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared_excerpts(excerpts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, object]:
+    layout = Layout.at(tmp_path_factory.mktemp("excerpts-project"))
+    result = prepare(DataParams(mirror=str(excerpts_dir.parent)), layout, progress=False)
+    return layout, result
+
+
+def test_excerpts_counts(prepared_excerpts: tuple[Layout, object]) -> None:
+    layout, result = prepared_excerpts
+    assert result.utterances == {"train": 251, "eval": 100}
+    assert result.speakers == {"train": 251, "eval": 10}
+    assert result.rejects == 0
+    assert read_rejects(layout) == []  # written even when empty: DVC needs a stable output
+
+
+def test_excerpts_manifest_matches_published_checksums(
+    prepared_excerpts: tuple[Layout, object], excerpts_dir: Path
+) -> None:
+    layout, _ = prepared_excerpts
+    rows = read_manifest(layout)
+    reference = parse_checksum_file(excerpts_dir / "MANIFEST.sha256")
+    subset = {"eval": "test-other", "train": "train-clean-100"}
+    got = {f"{subset[r['split']]}/{r['speaker_id']}/{r['utterance_id']}.flac": r["sha256"] for r in rows}
+    assert got == reference
+    keys = [(r["split"], r["speaker_id"], r["utterance_id"]) for r in rows]
+    assert keys == sorted(keys)
+    first = next(r for r in rows if r["utterance_id"] == "1688-142285-0000")
+    assert first["path"] == "data/raw/eval/1688/1688-142285-0000.flac"
+    assert first["sample_rate"] == 16000 and first["channels"] == 1 and first["duration_s"] > 1.0
+    # The copy is byte for byte the published file.
+    assert sha256_file(layout.root / str(first["path"])) == reference["test-other/1688/1688-142285-0000.flac"]
+    assert raw_files(layout) == {str(r["path"]) for r in rows}
+
+
+def test_excerpts_rerun_copies_nothing(prepared_excerpts: tuple[Layout, object], excerpts_dir: Path) -> None:
+    layout, _ = prepared_excerpts
+    before = {p: p.stat().st_ino for p in layout.raw.rglob("*.flac")}
+    result = prepare(DataParams(mirror=str(excerpts_dir.parent)), layout, progress=False)
+    assert result.utterances == {"train": 251, "eval": 100}
+    assert {p: p.stat().st_ino for p in layout.raw.rglob("*.flac")} == before
+
+
+def test_mirror_is_resolved_against_the_project_root(excerpts_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    root.mkdir()
+    mirror = os.path.relpath(excerpts_dir.parent, root)  # like the default "../shared/datasets"
+    layout = Layout.at(root)
+    result = prepare(
+        DataParams(mirror=mirror, max_speakers=3, max_utterances_per_speaker=2), layout, progress=False
+    )
+    assert result.utterances == {"train": 3, "eval": 6}
+    assert result.speakers == {"train": 3, "eval": 3}
+    rows = read_manifest(layout)
+    eval_speakers = sorted({r["speaker_id"] for r in rows if r["split"] == "eval"})
+    all_eval = sorted(p.name for p in (excerpts_dir / "test-other").iterdir() if p.is_dir())
+    assert eval_speakers == all_eval[:3]
+    for speaker in eval_speakers:
+        utts = sorted(r["utterance_id"] for r in rows if r["speaker_id"] == speaker)
+        assert utts == sorted(p.stem for p in (excerpts_dir / "test-other" / speaker).glob("*.flac"))[:2]
+
+    # Tightening the caps prunes what the manifest no longer lists from data/raw.
+    result = prepare(DataParams(mirror=mirror, max_speakers=1, train_subset=None), layout, progress=False)
+    assert result.utterances == {"eval": 10} and result.speakers == {"eval": 1}
+    assert raw_files(layout) == {str(r["path"]) for r in read_manifest(layout)}
+    assert not (layout.raw / "train").exists()
+
+
+def test_missing_mirror_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PrepareError, match=r"looked for .*nowhere.*data\.mirror"):
+        prepare(DataParams(mirror=str(tmp_path / "nowhere")), Layout.at(tmp_path), progress=False)
+
+
+@pytest.fixture
+def small_mirror(excerpts_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of test-other (the eval subset) that a test may damage."""
+    mirror = tmp_path / "mirror"
+    shutil.copytree(excerpts_dir / "test-other", mirror / "librispeech-excerpts" / "test-other")
+    shutil.copy2(excerpts_dir / "MANIFEST.sha256", mirror / "librispeech-excerpts" / "MANIFEST.sha256")
+    return mirror
+
+
+def test_corrupted_file_is_one_reject(small_mirror: Path, tmp_path: Path) -> None:
+    victim = small_mirror / "librispeech-excerpts/test-other/1688/1688-142285-0003.flac"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    layout = Layout.at(tmp_path / "project")
+
+    result = prepare(DataParams(mirror=str(small_mirror), train_subset=None), layout, progress=False)
+
+    assert result.rejects == 1 and result.utterances == {"eval": 99} and result.speakers == {"eval": 10}
+    (reject,) = read_rejects(layout)
+    assert reject["path"] == victim.as_posix()
+    assert reject["stage"] == "prepare"
+    assert "sha256 mismatch" in reject["reason"] and sha256_file(victim) in reject["reason"]
+    assert "1688-142285-0003" not in {r["utterance_id"] for r in read_manifest(layout)}
+    assert not (layout.raw / "eval/1688/1688-142285-0003.flac").exists()
+
+
+def test_missing_and_unlisted_files_are_rejects(small_mirror: Path, tmp_path: Path) -> None:
+    base = small_mirror / "librispeech-excerpts/test-other"
+    (base / "1688/1688-142285-0001.flac").unlink()
+    shutil.copy2(base / "1688/1688-142285-0002.flac", base / "1688/1688-999999-0000.flac")
+    layout = Layout.at(tmp_path / "project")
+
+    result = prepare(DataParams(mirror=str(small_mirror), train_subset=None), layout, progress=False)
+
+    assert result.utterances == {"eval": 99}  # 100 listed - 1 missing; the unlisted one is not trusted
+    reasons = {Path(r["path"]).name: r["reason"] for r in read_rejects(layout)}
+    assert set(reasons) == {"1688-142285-0001.flac", "1688-999999-0000.flac"}
+    assert "missing" in reasons["1688-142285-0001.flac"]
+    assert "not listed" in reasons["1688-999999-0000.flac"]
+
+
+# -- folder datasets -----------------------------------------------------------------------------------
+
+
+def _speaker_files(excerpts_dir: Path, n_speakers: int, n_utts: int) -> dict[str, list[Path]]:
+    speakers = sorted(p for p in (excerpts_dir / "test-other").iterdir() if p.is_dir())[:n_speakers]
+    return {s.name: sorted(s.glob("*.flac"))[:n_utts] for s in speakers}
+
+
+def test_folder_without_splits_is_all_eval(excerpts_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "voices"
+    for speaker, files in _speaker_files(excerpts_dir, 2, 2).items():
+        (folder / speaker).mkdir(parents=True)
+        for f in files:
+            shutil.copy2(f, folder / speaker / f.name)
+    # A WAV file, and one that only pretends to be audio.
+    sf.write(folder / "alice.wav", np.zeros(16000, dtype=np.float32), 16000)  # not in a speaker folder
+    (folder / "alice").mkdir()
+    sf.write(folder / "alice" / "hello.wav", 0.1 * np.sin(np.arange(32000) / 5.0).astype(np.float32), 16000)
+    (folder / "alice" / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    layout = Layout.at(tmp_path / "project")
+
+    result = prepare(DataParams(dataset="folder", path=str(folder)), layout, progress=False)
+
+    assert result.utterances == {"eval": 5} and result.speakers == {"eval": 3}
+    rows = read_manifest(layout)
+    hello = next(r for r in rows if r["utterance_id"] == "hello")
+    assert hello["path"] == "data/raw/eval/alice/hello.wav" and hello["duration_s"] == pytest.approx(2.0)
+    assert hello["sha256"] == hashlib.sha256((folder / "alice/hello.wav").read_bytes()).hexdigest()
+    reasons = {r["path"].removeprefix(folder.as_posix() + "/"): r["reason"] for r in read_rejects(layout)}
+    assert set(reasons) == {"alice/broken.wav", "alice.wav"}
+    assert "not a readable audio file" in reasons["alice/broken.wav"]
+    assert "outside a speaker folder" in reasons["alice.wav"]
+
+
+def test_folder_with_train_and_test_splits(excerpts_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "voices"
+    speakers = _speaker_files(excerpts_dir, 4, 2)
+    for i, (speaker, files) in enumerate(speakers.items()):
+        split = "train" if i < 2 else "test"
+        (folder / split / speaker).mkdir(parents=True)
+        for k, f in enumerate(files):
+            # Per-speaker names like 000.flac are common; ids must still be unique.
+            shutil.copy2(f, folder / split / speaker / f"{k:03d}.flac")
+    layout = Layout.at(tmp_path / "project")
+
+    result = prepare(DataParams(dataset="folder", path=str(folder), max_utterances_per_speaker=1), layout, progress=False)
+
+    assert result.utterances == {"eval": 2, "train": 2}
+    assert result.speakers == {"eval": 2, "train": 2}
+    rows = read_manifest(layout)
+    names = list(speakers)
+    assert {r["speaker_id"] for r in rows if r["split"] == "train"} == set(names[:2])
+    assert {r["utterance_id"] for r in rows} == {f"{s}-000" for s in names}
+    for r in rows:
+        assert Path(str(r["path"])).stem == r["utterance_id"]
+
+
+def test_folder_with_train_but_no_test_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "voices" / "train" / "spk").mkdir(parents=True)
+    with pytest.raises(PrepareError, match="no test/ or eval/"):
+        prepare(DataParams(dataset="folder", path=str(tmp_path / "voices")), Layout.at(tmp_path), progress=False)
+
+
+# -- OpenSLR-shaped LibriSpeech over HTTP -------------------------------------------------------------
+
+
+class _Server:
+    def __init__(self, directory: Path):
+        self.paths: list[str] = []
+        server = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                server.paths.append(self.path)
+                super().do_GET()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/resources/12"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> "_Server":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _librispeech_tarball(path: Path, subset: str, files: dict[str, list[Path]]) -> str:
+    """LibriSpeech/<subset>/<speaker>/<chapter>/<utt>.flac plus the top-level text files; returns md5."""
+    with tarfile.open(path, "w:gz") as tar:
+        readme = path.parent / "README.TXT"
+        readme.write_text("LibriSpeech test archive\n")
+        tar.add(readme, "LibriSpeech/README.TXT")
+        for speaker, flacs in files.items():
+            for flac in flacs:
+                chapter = flac.stem.split("-")[1]
+                tar.add(flac, f"LibriSpeech/{subset}/{speaker}/{chapter}/{flac.name}")
+        readme.unlink()
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def openslr(excerpts_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[_Server, dict]]:
+    served = tmp_path / "www" / "resources" / "12"
+    served.mkdir(parents=True)
+    eval_files = _speaker_files(excerpts_dir, 3, 2)
+    train_speakers = sorted(p for p in (excerpts_dir / "train-clean-100").iterdir() if p.is_dir())[:4]
+    train_files = {s.name: sorted(s.glob("*.flac")) for s in train_speakers}
+    for subset, files in (("test-tiny", eval_files), ("train-tiny", train_files)):
+        monkeypatch.setitem(librispeech.SUBSET_MD5, subset, _librispeech_tarball(served / f"{subset}.tar.gz", subset, files))
+    with _Server(tmp_path / "www") as server:
+        yield server, {"eval": eval_files, "train": train_files}
+
+
+def test_librispeech_end_to_end_over_http(openslr: tuple[_Server, dict], tmp_path: Path) -> None:
+    server, files = openslr
+    layout = Layout.at(tmp_path / "project")
+    params = DataParams(
+        dataset="librispeech", train_subset="train-tiny", eval_subset="test-tiny", url_base=server.url, mirror=None
+    )
+
+    result = prepare(params, layout, progress=False)
+
+    assert result.utterances == {"train": 4, "eval": 6}
+    assert result.speakers == {"train": 4, "eval": 3}
+    assert result.rejects == 0
+    assert sorted(server.paths) == ["/resources/12/test-tiny.tar.gz", "/resources/12/train-tiny.tar.gz"]
+    rows = read_manifest(layout)
+    originals = {f.stem: f for split_files in files.values() for fs in split_files.values() for f in fs}
+    assert {r["utterance_id"] for r in rows} == set(originals)
+    for r in rows:
+        assert r["sha256"] == sha256_file(originals[str(r["utterance_id"])])
+        assert r["path"] == f"data/raw/{r['split']}/{r['speaker_id']}/{r['utterance_id']}.flac"
+    assert (layout.downloads / "test-tiny.tar.gz").is_file()
+    assert read_marker(layout.downloads / "test-tiny")["archive"] == "test-tiny.tar.gz"
+
+    # A rerun neither downloads nor re-extracts.
+    server.paths.clear()
+    assert prepare(params, layout, progress=False).utterances == {"train": 4, "eval": 6}
+    assert server.paths == []
+
+
+def test_librispeech_prefers_the_local_mirror(openslr: tuple[_Server, dict], tmp_path: Path) -> None:
+    server, _ = openslr
+    mirror = tmp_path / "mirror" / "LibriSpeech"
+    mirror.mkdir(parents=True)
+    shutil.copy2(tmp_path / "www/resources/12/test-tiny.tar.gz", mirror / "test-tiny.tar.gz")
+    layout = Layout.at(tmp_path / "project")
+    params = DataParams(
+        dataset="librispeech", train_subset=None, eval_subset="test-tiny", url_base=server.url, mirror=str(mirror.parent)
+    )
+    assert prepare(params, layout, progress=False).utterances == {"eval": 6}
+    assert server.paths == []
+
+    # An already-extracted tree in the mirror is used in place.
+    tree = tmp_path / "mirror2"
+    with tarfile.open(mirror / "test-tiny.tar.gz") as tar:
+        tar.extractall(tree, filter="data")
+    other = Layout.at(tmp_path / "project2")
+    params = params.model_copy(update={"mirror": str(tree)})
+    assert prepare(params, other, progress=False).utterances == {"eval": 6}
+    assert server.paths == [] and not other.downloads.exists()
+
+
+def test_librispeech_bad_archive_checksum(openslr: tuple[_Server, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, _ = openslr
+    monkeypatch.setitem(librispeech.SUBSET_MD5, "test-tiny", "0" * 32)
+    layout = Layout.at(tmp_path / "project")
+    params = DataParams(dataset="librispeech", train_subset=None, eval_subset="test-tiny", url_base=server.url, mirror=None)
+    with pytest.raises(DownloadError, match="0{32}") as exc:
+        prepare(params, layout, progress=False)
+    assert "test-tiny.tar.gz" in str(exc.value)
+    assert not layout.manifest.exists()
+    assert not (layout.downloads / "test-tiny.tar.gz").exists()
+
+
+def test_unknown_librispeech_subset(tmp_path: Path) -> None:
+    params = DataParams(dataset="librispeech", train_subset=None, eval_subset="test-nonsense", mirror=None)
+    with pytest.raises(PrepareError, match="unknown LibriSpeech subset 'test-nonsense'.*test-other"):
+        prepare(params, Layout.at(tmp_path), progress=False)
+
+
+def test_published_md5_table() -> None:
+    assert set(librispeech.SUBSET_MD5) >= {
+        "dev-clean", "dev-other", "test-clean", "test-other", "train-clean-100", "train-clean-360", "train-other-500",
+    }
+    assert librispeech.subset_url("test-other") == "https://www.openslr.org/resources/12/test-other.tar.gz"
