@@ -29,9 +29,10 @@ by default) reports it **normalised** by the cost of the best trivial system,
 ``min(c_miss * p_target, c_fa * (1 - p_target))``, so 1.0 means "no better than always rejecting
 (or always accepting)". ``min_dcf(..., normalise=False)`` gives SpeechBrain's number. Also, the
 "accept everything" operating point (threshold below every score) is considered here, as NIST
-does; SpeechBrain's candidate thresholds never accept the lowest score. That point only wins when
-``c_fa * (1 - p_target) < c_miss * p_target``, i.e. for ``p_target > 0.5`` with unit costs, which
-the usual ``p_target`` of 0.01/0.05 never hits; there it is ties-last, so results are identical.
+does; SpeechBrain's candidate thresholds never accept the lowest score. That point can only be
+the minimum when ``c_fa * (1 - p_target) < c_miss * p_target`` (beats "reject everything"), i.e.
+``p_target > 0.5`` with unit costs, which the usual 0.01/0.05 never hit; it is considered last, so
+on a tie the SpeechBrain threshold is kept and the raw costs are identical.
 """
 
 from __future__ import annotations

@@ -1,0 +1,225 @@
+"""The evaluate stage on synthetic embeddings, and its MLflow record."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from voiceprint.config import EvaluateParams, Params
+from voiceprint.evaluate import all_pairs_scores, evaluate
+from voiceprint.layout import Layout
+from voiceprint.schema import embedding_column, embedding_schema, l2_normalise
+
+DIM = 24
+MODEL = "ecapa-test@0001"
+
+
+def write_utterances(
+    layout: Layout,
+    rng: np.random.Generator,
+    *,
+    n_train: int,
+    n_eval: int,
+    per_speaker: int | list[int],
+    noise: float,
+) -> None:
+    """Utterance embeddings around one random direction per speaker (noise 0 = identical)."""
+    counts = per_speaker if isinstance(per_speaker, list) else [per_speaker] * (n_train + n_eval)
+    centres = l2_normalise(rng.normal(size=(n_train + n_eval, DIM)))
+    rows, vecs = [], []
+    for s, (centre, n) in enumerate(zip(centres, counts, strict=True)):
+        split = "train" if s < n_train else "eval"
+        spk = f"{split}{s:03d}"
+        v = l2_normalise(centre + noise * rng.normal(size=(n, DIM)))
+        for u in range(n):
+            rows.append(dict(utterance_id=f"{spk}-{u:03d}", speaker_id=spk, split=split, start_s=0.0,
+                             end_s=3.0, num_segments=1, model_id=MODEL))
+            vecs.append(v[u])
+    schema = embedding_schema(DIM, utterance_level=True)
+    cols = {f.name: [r[f.name] for r in rows] for f in schema if f.name != "embedding"}
+    cols["embedding"] = embedding_column(np.stack(vecs))
+    layout.utterance_embeddings.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols, schema=schema), layout.utterance_embeddings)
+
+
+def _params(**evaluate: object) -> Params:
+    params = Params()
+    params.index.use_gpu = "never"
+    params.evaluate = EvaluateParams(**evaluate)
+    return params
+
+
+def test_all_pairs_scores_matches_dense_matrix() -> None:
+    rng = np.random.default_rng(0)
+    x = l2_normalise(rng.normal(size=(1100, 8)))  # more than one block of rows
+    labels = np.repeat(np.arange(110), 10).astype(str)
+    scores, same = all_pairs_scores(x, labels)
+    iu = np.triu_indices(len(x), k=1)
+    assert np.allclose(scores, (x @ x.T)[iu], atol=1e-6)
+    assert np.array_equal(same, labels[iu[0]] == labels[iu[1]])
+
+
+def test_separated_speakers_are_perfect(tmp_path: Path) -> None:
+    layout = Layout.at(tmp_path)
+    write_utterances(layout, np.random.default_rng(1), n_train=6, n_eval=8, per_speaker=6, noise=0.05)
+    metrics = evaluate(layout, _params())
+
+    on_disk = json.loads(layout.metrics.read_text())
+    assert on_disk == metrics
+    for key in (
+        "eer", "eer_threshold", "min_dcf_p0.01", "min_dcf_p0.05", "top1", "top5", "n_trials",
+        "n_target", "n_nontarget", "n_queries", "n_gallery_speakers", "n_eval_speakers",
+        "embedding_dim", "model_id",
+    ):
+        assert key in metrics, key
+    n = 8 * 6
+    assert metrics["n_trials"] == n * (n - 1) // 2
+    assert metrics["n_target"] == 8 * (6 * 5 // 2)
+    assert metrics["n_target"] + metrics["n_nontarget"] == metrics["n_trials"]
+    assert metrics["eer"] == 0.0
+    assert metrics["min_dcf_p0.01"] == 0.0 and metrics["min_dcf_p0.05"] == 0.0
+    assert metrics["top1"] == 1.0 and metrics["top5"] == 1.0
+    assert metrics["n_queries"] == 8 * (6 - 3)
+    assert metrics["n_gallery_speakers"] == 8 + 6  # eval centroids + train distractors
+    assert metrics["n_eval_speakers"] == 8
+    assert metrics["embedding_dim"] == DIM and metrics["model_id"] == MODEL
+
+    for name in ("det.png", "scores.png", "det.csv"):
+        assert (layout.plots / name).stat().st_size > 0
+    assert (layout.plots / "det.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(layout.plots / "det.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["fpr", "fnr"] and len(rows) >= 2
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_random_embeddings_give_chance_level(tmp_path: Path) -> None:
+    layout = Layout.at(tmp_path)
+    # Pure noise: "speakers" are arbitrary labels on random vectors.
+    write_utterances(layout, np.random.default_rng(2), n_train=0, n_eval=20, per_speaker=8, noise=50.0)
+    out = tmp_path / "elsewhere"
+    metrics = evaluate(layout, _params(train_distractors=False), out_metrics=out / "m.json",
+                       out_plots=out / "plots")
+    assert abs(metrics["eer"] - 0.5) < 0.06
+    assert metrics["min_dcf_p0.01"] > 0.9
+    assert metrics["top1"] < 0.25  # chance is 1/20
+    assert metrics["n_gallery_speakers"] == 20
+    assert (out / "m.json").exists() and (out / "plots" / "det.png").exists()
+    assert not layout.metrics.exists() and not layout.plots.exists()
+
+
+def test_seeded_enrollment_is_reproducible(tmp_path: Path) -> None:
+    layout = Layout.at(tmp_path)
+    write_utterances(layout, np.random.default_rng(3), n_train=3, n_eval=10, per_speaker=7, noise=0.9)
+    a = evaluate(layout, _params(seed=5))
+    b = evaluate(layout, _params(seed=5))
+    assert a == b
+    assert 0.0 < a["eer"] < 0.5 and 0.0 < a["top1"] <= 1.0
+
+
+def test_small_speakers_are_skipped_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    layout = Layout.at(tmp_path)
+    # eval speakers with 5, 2 and 3 utterances; enroll_per_speaker=3 leaves only the first.
+    write_utterances(layout, np.random.default_rng(4), n_train=2, n_eval=3, per_speaker=[4, 4, 5, 2, 3],
+                     noise=0.05)
+    with caplog.at_level(logging.WARNING, logger="voiceprint.evaluate"):
+        metrics = evaluate(layout, _params(enroll_per_speaker=3))
+    assert "left out" in caplog.text
+    assert metrics["n_identification_skipped_speakers"] == 2
+    assert metrics["n_queries"] == 2
+    assert metrics["n_gallery_speakers"] == 1 + 2
+    assert metrics["top1"] == 1.0
+    assert metrics["eer"] == 0.0  # verification still uses every eval utterance
+
+
+def test_single_eval_speaker_reports_nulls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    layout = Layout.at(tmp_path)
+    write_utterances(layout, np.random.default_rng(5), n_train=0, n_eval=1, per_speaker=5, noise=0.1)
+    with caplog.at_level(logging.WARNING, logger="voiceprint.evaluate"):
+        metrics = evaluate(layout, _params())
+    assert metrics["eer"] is None and metrics["min_dcf_p0.01"] is None and metrics["top1"] is None
+    assert metrics["n_nontarget"] == 0 and metrics["n_queries"] == 0
+    assert "verification skipped" in caplog.text and "identification skipped" in caplog.text
+    assert json.loads(layout.metrics.read_text())["eer"] is None
+    assert (layout.plots / "det.png").exists() and (layout.plots / "det.csv").read_text() == "fpr,fnr\n"
+
+
+def test_mlflow_run_holds_the_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from voiceprint.tracking import EXPERIMENT, log_evaluation
+
+    layout = Layout.at(tmp_path / "project")
+    write_utterances(layout, np.random.default_rng(6), n_train=3, n_eval=5, per_speaker=6, noise=0.5)
+    (layout.root / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  embed:\n    cmd: voiceprint embed\n    outs:\n"
+        "    - path: data/embeddings\n      hash: md5\n      md5: 0123456789abcdef0123456789abcdef.dir\n"
+        "      size: 1\n      nfiles: 2\n"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "flow-run-42")
+    params = _params()
+    metrics = evaluate(layout, params)
+    run_id = log_evaluation(layout, params, metrics, layout.plots, extra_tags={"trigger": "test"})
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+    assert run.data.metrics == pytest.approx({k: float(v) for k, v in numeric.items()})
+    assert run.data.metrics["eer"] == pytest.approx(metrics["eer"])
+    assert run.data.params["data.dataset"] == params.data.dataset
+    assert run.data.params["model.init"] == params.model.init
+    assert run.data.params["evaluate.p_targets"] == "[0.01, 0.05]"
+    tags = run.data.tags
+    assert tags["git_commit"] == "unknown"  # tmp_path is not a git repository
+    assert tags["dvc_data_hash"] == "0123456789abcdef0123456789abcdef.dir"
+    assert tags["prefect_flow_run_id"] == "flow-run-42"
+    assert tags["model_id"] == MODEL and tags["trigger"] == "test"
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"metrics.json", "plots"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {
+        "plots/det.png", "plots/scores.png", "plots/det.csv",
+    }
+    local = client.download_artifacts(run_id, "metrics.json", str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text()) == metrics
+
+    # A second run reuses the experiment.
+    second = log_evaluation(layout, params, metrics, None, run_name="again")
+    assert client.get_run(second).info.experiment_id == run.info.experiment_id
+
+
+def test_default_store_is_sqlite_in_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capfd: pytest.CaptureFixture[str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from voiceprint.tracking import git_commit, log_evaluation, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
+    layout = Layout.at(tmp_path)
+    metrics = {"eer": 0.1, "top1": 0.9, "n_trials": 10, "model_id": MODEL, "top5": None}
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "det.csv").write_text("fpr,fnr\n1,0\n")
+    run_id = log_evaluation(layout, Params(), metrics, plots)
+
+    assert tracking_uri(layout) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert (tmp_path / "mlflow.db").exists()
+    assert (tmp_path / "mlartifacts").is_dir() and list((tmp_path / "mlartifacts").rglob("det.csv"))
+    run = MlflowClient(tracking_uri=tracking_uri(layout)).get_run(run_id)
+    assert run.data.metrics == {"eer": 0.1, "top1": 0.9, "n_trials": 10.0}
+    assert run.data.tags["prefect_flow_run_id"] == "none" and run.data.tags["dvc_data_hash"] == "none"
+    assert "🏃" not in capfd.readouterr().out
+
+    commit = git_commit(Path(__file__).resolve().parents[1])
+    assert commit == "unknown" or (len(commit) == 40 and int(commit, 16) >= 0)

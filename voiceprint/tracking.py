@@ -1,0 +1,212 @@
+"""MLflow logging of an evaluation, with the lineage needed to reproduce it.
+
+Each run records the flattened parameters, the numeric metrics, ``metrics.json`` and the plots,
+plus tags that tie the numbers to their inputs: the git commit of the code, the DVC hash of the
+embeddings that were scored, the Prefect flow run that produced them (when run from a flow) and
+the embedding model id. Together they answer "which code, data and model gave this EER".
+
+The default store is ``sqlite:///<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts``, so
+``mlflow ui --backend-store-uri sqlite:///mlflow.db`` in the project shows every run without a
+server. ``MLFLOW_TRACKING_URI`` overrides it (a shared server, or a test's temporary store).
+
+The client API (``MlflowClient``) is used instead of ``mlflow.start_run``: it touches no
+process-global "active run" or tracking URI, so logging from a Prefect task or a test cannot leak
+state into other code in the same process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from voiceprint.config import Params
+from voiceprint.layout import Layout
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXPERIMENT",
+    "dvc_data_hash",
+    "flatten_params",
+    "git_commit",
+    "log_evaluation",
+    "prefect_flow_run_id",
+    "tracking_uri",
+]
+
+EXPERIMENT = "voiceprint"
+_EMBEDDINGS_OUT = "data/embeddings"
+_REMOTE_SCHEMES = {"http", "https", "databricks", "databricks-uc", "uc"}
+
+
+def _quiet_mlflow() -> None:
+    """No run-URL banners on stdout, no alembic INFO chatter on the first SQLite migration."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils", "mlflow.store"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def tracking_uri(layout: Layout) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the project's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.root / 'mlflow.db'}"
+
+
+def _artifact_location(layout: Layout, uri: str) -> str | None:
+    """Artifacts beside the project for local stores; a server picks its own (proxied) location."""
+    if urlparse(uri).scheme in _REMOTE_SCHEMES:
+        return None
+    return (layout.root / "mlartifacts").as_uri()
+
+
+def flatten_params(params: Params | Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"data": {"dataset": "x"}}`` -> ``{"data.dataset": "x"}``; values as MLflow strings."""
+    raw = params.model_dump() if isinstance(params, Params) else params
+    flat: dict[str, str] = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+def git_commit(root: Path) -> str:
+    """``git rev-parse HEAD`` in ``root``; ``"unknown"`` outside a repository or without git."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else "unknown"
+
+
+def dvc_data_hash(root: Path) -> str:
+    """md5 DVC recorded for the ``data/embeddings`` output of the ``embed`` stage, or ``"none"``."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return "none"
+    try:
+        doc = yaml.safe_load(lock.read_text()) or {}
+        outs = doc.get("stages", {}).get("embed", {}).get("outs", []) or []
+    except (yaml.YAMLError, AttributeError) as err:
+        log.warning("%s: cannot read (%s); dvc_data_hash=none", lock, err)
+        return "none"
+    for out in outs:
+        if isinstance(out, dict) and str(out.get("path", "")).rstrip("/") == _EMBEDDINGS_OUT:
+            return str(out.get("md5") or "none")
+    return "none"
+
+
+def prefect_flow_run_id() -> str:
+    """Id of the enclosing Prefect flow run; env ``PREFECT__FLOW_RUN_ID``; else ``"none"``.
+
+    Prefect is only consulted when already imported: inside a flow it always is, and importing it
+    here would add seconds to every plain ``voiceprint evaluate``.
+    """
+    if "prefect" in sys.modules:
+        try:
+            from prefect.runtime import flow_run
+
+            run_id = flow_run.id
+            if run_id:
+                return str(run_id)
+        except Exception:  # not in a flow, or an older Prefect: fall back to the environment
+            pass
+    return os.environ.get("PREFECT__FLOW_RUN_ID") or "none"
+
+
+def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def log_evaluation(
+    layout: Layout,
+    params: Params,
+    metrics: dict[str, Any],
+    plots_dir: str | Path | None,
+    *,
+    run_name: str = "evaluate",
+    extra_tags: Mapping[str, str] | None = None,
+) -> str:
+    """Log one evaluation as an MLflow run in experiment ``voiceprint``; returns the run id.
+
+    ``metrics`` is what :func:`voiceprint.evaluate.evaluate` returned; it is logged both as MLflow
+    metrics (numeric entries) and, verbatim, as the ``metrics.json`` artifact. Every file in
+    ``plots_dir`` goes under the run's ``plots/`` artifacts.
+    """
+    _quiet_mlflow()
+    from mlflow.entities import Metric, Param, RunStatus
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.time import get_current_time_millis
+
+    uri = tracking_uri(layout)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        location = _artifact_location(layout, uri)
+        try:
+            experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
+        except Exception:
+            # Another process created it between our lookup and create: use theirs.
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+
+    commit = git_commit(layout.root)
+    tags = {
+        "git_commit": commit,
+        "dvc_data_hash": dvc_data_hash(layout.root),
+        "prefect_flow_run_id": prefect_flow_run_id(),
+        "model_id": str(metrics.get("model_id", "unknown")),
+        "project_root": str(layout.root),
+    }
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    tags.update(extra_tags or {})
+
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    status = RunStatus.to_string(RunStatus.FAILED)
+    try:
+        now = get_current_time_millis()
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in _numeric_metrics(metrics).items()],
+            params=[Param(k, v) for k, v in flatten_params(params).items()],
+        )
+        with tempfile.TemporaryDirectory(prefix="voiceprint-mlflow-") as tmp:
+            metrics_file = Path(tmp) / "metrics.json"
+            metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            client.log_artifact(run_id, str(metrics_file))
+        if plots_dir is not None and Path(plots_dir).is_dir():
+            client.log_artifacts(run_id, str(plots_dir), artifact_path="plots")
+        status = RunStatus.to_string(RunStatus.FINISHED)
+    finally:
+        client.set_terminated(run_id, status=status)
+    log.info("logged MLflow run %s to %s", run_id, uri)
+    return run_id
