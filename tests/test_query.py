@@ -220,3 +220,21 @@ def test_no_stray_files_in_cwd(layout: Layout) -> None:
     before = set(os.listdir(Path.cwd()))
     run_query(layout, "SELECT * FROM embeddings ORDER BY segment_id")
     assert set(os.listdir(Path.cwd())) == before
+
+
+def test_rejects_view_unions_every_stage(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from voiceprint import schema
+    from voiceprint.layout import Layout
+    from voiceprint.query import run_query
+
+    layout = Layout.at(tmp_path)
+    for stage, path in [("prepare", layout.rejects("prepare")), ("segment", layout.rejects("segment")),
+                        ("embed", layout.embeddings / "rejects.parquet")]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist([{"path": f"{stage}.wav", "stage": stage, "reason": "bad"}],
+                                            schema=schema.REJECTS), path)
+    got = run_query(layout, "SELECT stage FROM rejects ORDER BY stage").column("stage").to_pylist()
+    assert got == ["embed", "prepare", "segment"]

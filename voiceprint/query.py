@@ -9,6 +9,7 @@ view            file                                        columns
 ``utterances``  ``data/embeddings/utterances.parquet``      one row per utterance (mean), ``embedding``
 ``segments``    ``data/segments.parquet``                   VAD segments, no embeddings
 ``manifest``    ``data/manifest.parquet`` (when present)    acquired audio files
+``rejects``     ``data/rejects/*.parquet`` + embed rejects  path, stage, reason (when present)
 ==============  ==========================================  =====================================
 
 ``embedding`` is ``FLOAT[D]`` (a DuckDB ARRAY, from the Parquet files' Arrow type
@@ -115,9 +116,19 @@ def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
                 f"CREATE VIEW {name} AS SELECT NULL AS missing WHERE error({_sql_string(message)}) IS NULL"
             )
 
+    rejects = _reject_tables(layout)
+    if rejects:
+        con.register("rejects", pa.concat_tables(rejects))
+
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def _reject_tables(layout: Layout) -> list[pa.Table]:
+    """Every stage writes its own rejects table (DVC outputs cannot overlap); one view shows them all."""
+    files = sorted((layout.data / "rejects").glob("*.parquet")) + [layout.embeddings / "rejects.parquet"]
+    return [ds.dataset(str(f), format="parquet").to_table() for f in files if f.exists()]
 
 
 def run_query(layout: Layout, sql: str) -> pa.Table:
