@@ -1,0 +1,90 @@
+"""The embedding engine on real excerpts with a randomly initialised ECAPA-TDNN."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from voiceprint import audio, schema
+from voiceprint.config import EmbedParams
+from voiceprint.embed import embed_segments, embed_utterance_file, length_buckets
+from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
+from voiceprint.layout import Layout
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = EcapaConfig.from_channels(64)
+    model_dir = tmp_path_factory.mktemp("model") / "ecapa"
+    save_speechbrain_checkpoint(model_dir, cfg.build().eval(), cfg)
+    return load_ecapa(model_dir)
+
+
+def _segments(layout: Layout, files: list[Path], bad: Path | None = None) -> pa.Table:
+    rows = []
+    for f in files:
+        dur = audio.probe(f).duration_s
+        # Two segments per file, of different lengths, so batches mix utterances.
+        for k, (a, b) in enumerate([(0.0, min(2.0, dur)), (min(2.5, dur / 2), dur)]):
+            rows.append({"segment_id": f"{f.stem}#{k:03d}", "utterance_id": f.stem, "speaker_id": f.parent.name,
+                         "split": "eval", "path": str(f), "start_s": a, "end_s": b})
+    if bad is not None:
+        rows.append({"segment_id": "bad#000", "utterance_id": "bad", "speaker_id": "x", "split": "eval",
+                     "path": str(bad), "start_s": 0.0, "end_s": 1.0})
+    table = pa.Table.from_pylist(rows, schema=schema.SEGMENTS)
+    layout.data.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, layout.segments)
+    return table
+
+
+def test_length_buckets_cap_padded_seconds():
+    durations = np.array([1.0, 9.0, 2.0, 2.5, 30.0, 0.5])
+    batches = length_buckets(durations, max_batch_s=6.0)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(6))
+    for b in batches:
+        assert len(b) == 1 or durations[b].max() * len(b) <= 6.0
+    assert [len(b) for b in batches][-1] == 1  # the 30 s segment rides alone
+
+
+def test_batched_engine_matches_one_at_a_time(tmp_path: Path, encoder, test_other_files: list[Path]):
+    layout = Layout.at(tmp_path)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"\x00" * 10)
+    files = test_other_files[::10][:6]
+    table = _segments(layout, files, bad)
+
+    summary = embed_segments(layout, EmbedParams(max_batch_s=20.0), encoder=encoder, progress=False)
+
+    seg = pq.read_table(layout.segment_embeddings)
+    assert seg.schema.field("embedding").type == pa.list_(pa.float32(), encoder.dim)
+    assert summary["segments"] == seg.num_rows == table.num_rows - 1
+    assert summary["rejected"] == 1
+    rejects = pq.read_table(layout.embeddings / "rejects.parquet").to_pylist()
+    assert rejects[0]["path"] == str(bad) and rejects[0]["stage"] == "embed"
+
+    vectors = schema.embeddings_matrix(seg)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    by_id = dict(zip(seg.column("segment_id").to_pylist(), vectors))
+    with torch.inference_mode():
+        for row in table.to_pylist()[:-1]:
+            wav = torch.from_numpy(audio.load(row["path"], row["start_s"], row["end_s"])).unsqueeze(0)
+            ref = schema.l2_normalise(encoder.embed(wav, torch.ones(1)).numpy())[0]
+            assert float(ref @ by_id[row["segment_id"]]) > 0.999, row["segment_id"]
+
+    utt = pq.read_table(layout.utterance_embeddings)
+    assert sorted(utt.column("utterance_id").to_pylist()) == sorted(f.stem for f in files)
+    assert set(utt.column("num_segments").to_pylist()) == {2}
+    uvec = dict(zip(utt.column("utterance_id").to_pylist(), schema.embeddings_matrix(utt)))
+    for f in files:
+        mean = by_id[f"{f.stem}#000"] + by_id[f"{f.stem}#001"]
+        np.testing.assert_allclose(uvec[f.stem], mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def test_utterance_file_embedding_is_normalised_and_speaker_consistent(encoder, test_other_files: list[Path]):
+    a = embed_utterance_file(encoder, test_other_files[0])
+    assert a.shape == (encoder.dim,) and abs(np.linalg.norm(a) - 1) < 1e-5
+    assert float(a @ embed_utterance_file(encoder, test_other_files[0])) > 0.9999
