@@ -60,10 +60,10 @@ class ModelParams(_Section):
     init: Literal["scratch", "pretrained"] = "scratch"
     # Hugging Face repo id or local directory in SpeechBrain's layout (used when init=pretrained).
     source: str = "speechbrain/spkrec-ecapa-voxceleb"
-    channels: int = Field(default=256, ge=8)
+    channels: int = Field(default=128, ge=8)
     lin_neurons: int = Field(default=192, ge=8)
     n_mels: int = Field(default=80, ge=8)
-    steps: int = Field(default=600, ge=0)
+    steps: int = Field(default=800, ge=0)
     batch_size: int = Field(default=32, ge=1)
     crop_s: float = Field(default=2.0, gt=0.0)
     lr: float = Field(default=0.002, gt=0.0)

@@ -1,0 +1,176 @@
+"""Training stage: a tiny real run learns, writes a loadable checkpoint; AAM matches its formula."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from speechbrain.inference.speaker import EncoderClassifier
+
+from voiceprint import audio
+from voiceprint.atomic import write_table
+from voiceprint.config import ModelParams
+from voiceprint.encoders.aam import AAMHead, aam_softmax_loss
+from voiceprint.encoders.ecapa import load_ecapa
+from voiceprint.layout import Layout
+from voiceprint.schema import SEGMENTS
+from voiceprint.train import (
+    CropSampler,
+    TrainingData,
+    TrainingError,
+    augment,
+    build_model,
+    lr_factor,
+    train_scratch,
+)
+
+N_SPEAKERS = 6
+
+
+def _segments_table(excerpts_dir: Path) -> pa.Table:
+    """Two segments (first/second half) per train speaker, plus an eval row that must be ignored."""
+    files = sorted((excerpts_dir / "train-clean-100").glob("*/*.flac"))[:N_SPEAKERS]
+    rows = []
+    for f in files:
+        dur = audio.probe(f).duration_s
+        for k, (start, end) in enumerate([(0.0, dur / 2), (dur / 2, dur)]):
+            rows.append(
+                dict(
+                    segment_id=f"{f.stem}#{k:03d}", utterance_id=f.stem, speaker_id=f.parent.name,
+                    split="train", path=str(f.resolve()), start_s=start, end_s=end,
+                )
+            )
+    test_file = sorted((excerpts_dir / "test-other").glob("*/*.flac"))[0]
+    rows.append(
+        dict(
+            segment_id=f"{test_file.stem}#000", utterance_id=test_file.stem, speaker_id=test_file.parent.name,
+            split="eval", path=str(test_file.resolve()), start_s=0.0, end_s=2.0,
+        )
+    )
+    return pa.Table.from_pylist(rows, schema=SEGMENTS)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, excerpts_dir: Path) -> tuple[Layout, dict]:
+    layout = Layout.at(tmp_path_factory.mktemp("project"))
+    write_table(layout.segments, _segments_table(excerpts_dir))
+    params = ModelParams(channels=32, steps=20, batch_size=12, crop_s=1.0, seed=0, device="cpu")
+    stats = build_model(params, layout, progress=False)
+    return layout, stats
+
+
+def test_short_training_run_lowers_the_loss(trained: tuple[Layout, dict]) -> None:
+    _, stats = trained
+    assert stats["init"] == "scratch" and stats["steps"] == 20 and stats["loss_window"] == 5
+    assert stats["num_speakers"] == N_SPEAKERS and stats["num_segments"] == 2 * N_SPEAKERS  # eval row ignored
+    assert math.isfinite(stats["loss_initial"]) and math.isfinite(stats["loss_final"])
+    assert stats["loss_final"] < stats["loss_initial"] - 1.0, stats
+    assert 0.0 <= stats["train_accuracy"] <= 1.0
+    assert stats["num_parameters"] > 0 and stats["seconds"] > 0 and stats["device"] == "cpu"
+
+
+def test_trained_checkpoint_loads_both_ways(trained: tuple[Layout, dict], tmp_path: Path) -> None:
+    layout, stats = trained
+    encoder = load_ecapa(layout.model_dir)
+    assert encoder.model_id == stats["model_id"] and encoder.model_id.startswith("ecapa-c32-")
+    wav = torch.from_numpy(audio.load(_train_paths(layout)[0], 0.0, 3.0)).unsqueeze(0)
+    ours = encoder.embed(wav, torch.ones(1))
+
+    sb = EncoderClassifier.from_hparams(source=str(layout.model_dir), savedir=str(tmp_path / "sb"))
+    assert (sb.encode_batch(wav).squeeze(1) - ours).abs().max().item() < 1e-4
+    _, _, _, labels = sb.classify_batch(wav)
+    speakers = {Path(p).parent.name for p in _train_paths(layout)}
+    assert labels[0] in speakers
+
+
+def _train_paths(layout: Layout) -> list[str]:
+    table = pq.read_table(layout.segments)
+    return [r["path"] for r in table.to_pylist() if r["split"] == "train"]
+
+
+def test_scratch_without_train_split_is_a_clear_error(tmp_path: Path, excerpts_dir: Path) -> None:
+    layout = Layout.at(tmp_path)
+    table = _segments_table(excerpts_dir)
+    write_table(layout.segments, table.filter(pc.equal(table.column("split"), "eval")))
+    with pytest.raises(TrainingError, match=r"no rows with split='train'.*required for model\.init=scratch"):
+        train_scratch(ModelParams(steps=1), layout, progress=False)
+    assert not layout.model_dir.exists()
+
+
+def _reference_aam_loss(cosines: torch.Tensor, targets: torch.Tensor, m: float, s: float) -> float:
+    """Mean over rows of -log(e^{s·φ_y} / (e^{s·φ_y} + Σ_{j≠y} e^{s·cos θ_j})), written out by hand.
+
+    φ_y = cos(θ_y + m) if cos θ_y > cos(π − m), else cos θ_y − m·sin(π − m)  (SpeechBrain's
+    non-easy-margin AdditiveAngularMargin).
+    """
+    total = 0.0
+    for row, y in zip(cosines.tolist(), targets.tolist()):
+        cos_y = row[y]
+        theta_y = math.acos(cos_y)
+        phi = math.cos(theta_y + m) if cos_y > math.cos(math.pi - m) else cos_y - m * math.sin(math.pi - m)
+        numerator = math.exp(s * phi)
+        others = sum(math.exp(s * c) for j, c in enumerate(row) if j != y)
+        total += -math.log(numerator / (numerator + others))
+    return total / len(targets)
+
+
+def test_aam_loss_matches_hand_computed_value() -> None:
+    m, s = 0.2, 30.0
+    cosines = torch.tensor(
+        [
+            [0.80, 0.10, -0.30],
+            [0.20, 0.50, 0.90],
+            [-0.99, 0.30, 0.10],  # θ_y > π − m: the threshold branch
+            [0.05, 0.60, -0.20],  # target not the best class: large loss
+        ]
+    )
+    targets = torch.tensor([0, 2, 0, 0])
+    got = aam_softmax_loss(m, s)(cosines.unsqueeze(1), targets.unsqueeze(1)).item()
+    want = _reference_aam_loss(cosines, targets, m, s)
+    assert got == pytest.approx(want, rel=1e-5)
+
+    # Margin 0 reduces to plain scaled-cosine cross-entropy.
+    plain = torch.nn.functional.cross_entropy(s * cosines, targets).item()
+    assert aam_softmax_loss(0.0, s)(cosines.unsqueeze(1), targets.unsqueeze(1)).item() == pytest.approx(plain, rel=1e-5)
+
+
+def test_aam_head_uses_margin_free_cosines() -> None:
+    torch.manual_seed(0)
+    head = AAMHead(8, 4, margin=0.2, scale=30.0)
+    emb = torch.randn(5, 8)
+    targets = torch.tensor([0, 1, 2, 3, 0])
+    loss, cosines = head(emb, targets)
+    expected = torch.nn.functional.normalize(emb) @ torch.nn.functional.normalize(head.classifier.weight).T
+    assert torch.allclose(cosines, expected, atol=1e-6)
+    assert loss.item() == pytest.approx(_reference_aam_loss(cosines.detach(), targets, 0.2, 30.0), rel=1e-5)
+
+
+def test_crop_sampler_is_speaker_balanced() -> None:
+    rng = np.random.default_rng(0)
+    data = TrainingData(
+        labels=["a", "b", "c"],
+        clips=[[np.ones(8000, np.float32)], [np.arange(500, dtype=np.float32), np.ones(100, np.float32)], [np.zeros(40000, np.float32)]],
+    )
+    sampler = CropSampler(data, crop_samples=16000, rng=rng)
+    seen: list[int] = []
+    for _ in range(4):
+        wavs, speakers = sampler.batch(6)
+        assert wavs.shape == (6, 16000) and wavs.dtype == torch.float32
+        seen += speakers.tolist()
+    assert np.bincount(seen).tolist() == [8, 8, 8]
+
+
+def test_augment_and_schedule() -> None:
+    gen = torch.Generator().manual_seed(0)
+    wavs = torch.randn(4, 16000) * 0.1
+    out = augment(wavs, gen)
+    assert out.shape == wavs.shape and torch.isfinite(out).all() and not torch.equal(out, wavs)
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(99, 100, 10) < 0.05
