@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m tasks.run {{{','.join(STAGES)}}} [PROJECT_ROOT]", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader narrates every SIMD probe at INFO
     try:
         summary = run_stage(argv[0], argv[1] if len(argv) > 1 else ".")
     except ConfigError as err:

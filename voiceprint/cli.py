@@ -91,9 +91,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
     from voiceprint.query import format_table, run_query
 
-    table = run_query(_layout(args), args.sql)
+    try:
+        table = run_query(_layout(args), args.sql)
+    except duckdb.Error as err:
+        raise CliError(f"query failed: {err}") from None
     if args.format == "json":
         for row in table.to_pylist():
             print(json.dumps(row, default=str))

@@ -1,0 +1,97 @@
+"""The six stages end to end on a small real subset, then the user-facing CLI on its outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.stages import run_stage
+from voiceprint.cli import main as cli
+from voiceprint.config import set_dotted
+from voiceprint.layout import Layout
+
+import yaml
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_root: Path, excerpts_dir: Path) -> Layout:
+    root = tmp_path_factory.mktemp("project")
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    for key, value in {
+        "data.mirror": str(excerpts_dir.parent),
+        "data.max_speakers": 4,
+        "data.max_utterances_per_speaker": 5,
+        "model.channels": 32,
+        "model.steps": 30,
+        "model.batch_size": 8,
+        "evaluate.enroll_per_speaker": 2,
+    }.items():
+        set_dotted(raw, key, value)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    for stage in ["prepare", "segment", "model", "embed", "index"]:
+        run_stage(stage, root)
+    return Layout.at(root)
+
+
+def test_stages_produce_the_documented_layout(project: Layout, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project.root / 'mlflow.db'}")
+    summary = run_stage("evaluate", project.root)
+    manifest = pq.read_table(project.manifest)
+    assert manifest.num_rows == 4 * 5 + 4  # 4 eval speakers x 5, 4 train speakers x 1
+    assert (project.model_dir / "hyperparams.yaml").exists() and (project.model_dir / "embedding_model.ckpt").exists()
+    utt = pq.read_table(project.utterance_embeddings)
+    assert set(utt.column("split").to_pylist()) == {"train", "eval"}
+    assert (project.index_dir / "speakers.faiss").exists()
+    metrics = json.loads(project.metrics.read_text())
+    assert 0.0 <= metrics["eer"] <= 1.0 and metrics["n_trials"] == 20 * 19 // 2
+    assert metrics["n_queries"] == 4 * 3 and metrics["n_gallery_speakers"] == 8
+    assert summary["mlflow_run_id"]
+    assert (project.plots / "det.png").exists()
+
+
+def test_verify_identify_enroll(project: Layout, excerpts_dir: Path, capsys):
+    files = sorted((project.raw / "eval").glob("*/*.flac"))
+    same = [f for f in files if f.parent.name == files[0].parent.name]
+    rc = cli(["--project", str(project.root), "verify", str(same[0]), str(same[1]), "--threshold", "-1"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["same_speaker"] is True and -1.0 <= out["score"] <= 1.0
+
+    assert cli(["--project", str(project.root), "identify", str(same[0]), "-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].split("\t")[0] == "1"
+
+    newcomer = sorted(p for p in (excerpts_dir / "test-other").iterdir() if p.is_dir())[-1]  # beyond max_speakers=4: not indexed
+    clips = sorted(newcomer.glob("*.flac"))
+    assert cli(["--project", str(project.root), "enroll", "newcomer", str(clips[0]), str(clips[1])]) == 0
+    capsys.readouterr()
+    assert cli(["--project", str(project.root), "identify", str(clips[0]), "-k", "1"]) == 0
+    assert capsys.readouterr().out.split("\t")[1] == "newcomer"
+
+
+def test_query_and_bad_input_errors(project: Layout, capsys):
+    assert cli(["--project", str(project.root), "query", "--format", "json",
+                "SELECT count(*) AS n FROM utterances WHERE split = 'eval'"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 20
+    assert cli(["--project", str(project.root), "query", f"COPY utterances TO '{project.root / 'x.parquet'}'"]) == 2
+    assert "query failed" in capsys.readouterr().err and not (project.root / "x.parquet").exists()
+    assert cli(["--project", str(project.root), "verify", "/nonexistent.wav", "/nonexistent.wav"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_evaluate_folder_leaves_project_outputs_alone(project: Layout, excerpts_dir: Path, tmp_path: Path, capsys):
+    folder = tmp_path / "speakers"
+    for spk in sorted((excerpts_dir / "test-other").iterdir())[:3]:
+        if spk.is_dir():
+            (folder / spk.name).mkdir(parents=True)
+            for f in sorted(spk.glob("*.flac"))[:4]:
+                shutil.copy(f, folder / spk.name / f.name)
+    before = {p: p.stat().st_mtime_ns for p in project.data.rglob("*") if p.is_file()}
+    rc = cli(["--project", str(project.root), "evaluate", "--dataset", f"folder:{folder}",
+              "--workdir", str(tmp_path / "work"), "--no-mlflow"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert rc == 0 and last.startswith("EER=") and "minDCF(0.01)=" in last and "top1=" in last
+    assert before == {p: p.stat().st_mtime_ns for p in project.data.rglob("*") if p.is_file()}
