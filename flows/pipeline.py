@@ -106,8 +106,35 @@ def evaluate_flow(project_dir: str | None = None) -> dict[str, Any]:
     return run_stage("evaluate", str(resolve_project_dir(project_dir)))
 
 
+def parse_encoders(encoders: list[str]) -> dict[str, str]:
+    """``["ecapa", "mine=speechbrain:/models/x"]`` -> ``{"ecapa": "ecapa", "mine": "speechbrain:/models/x"}``."""
+    out: dict[str, str] = {}
+    for entry in encoders:
+        name, sep, spec = entry.partition("=")
+        out[name.strip()] = spec.strip() if sep else name.strip()
+    return out
+
+
+@flow(name="voiceprint-compare")
+def compare_flow(encoders: list[str] | None = None, project_dir: str | None = None) -> dict[str, Any]:
+    """Embed the same segments with several speaker encoders and tabulate EER, minDCF, top-k, OIIDD, CCR, silhouette.
+
+    Runs `dvc repro --single-item compare-encoder@NAME` for each encoder, then `compare`.
+
+    Args:
+        encoders: Encoders to compare, each "NAME" (ecapa, campplus, ge2e) or "NAME=SPEC" with SPEC
+            speechbrain:DIR or onnx:FILE (compare.encoders). Empty keeps params.yaml.
+        project_dir: DVC project directory; default: $VOICEPRINT_PROJECT_DIR, else the working directory.
+    """
+    root = str(resolve_project_dir(project_dir))
+    params = apply_params(root, {"compare.encoders": parse_encoders(encoders) if encoders else None})
+    for name in params["compare"]["encoders"]:
+        run_stage(f"compare-encoder@{name}", root)
+    return run_stage("compare", root)
+
+
 #: The stage subflows in ``dvc.yaml`` order (each stage depends on outputs of the ones before).
-STAGE_FLOWS = (prepare_flow, segment_flow, model_flow, embed_flow, index_flow, evaluate_flow)
+STAGE_FLOWS = (prepare_flow, segment_flow, model_flow, embed_flow, index_flow, evaluate_flow, compare_flow)
 
 
 @task(name="apply-params", cache_policy=NO_CACHE)

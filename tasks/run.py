@@ -1,4 +1,4 @@
-"""``python -m tasks.run STAGE [ROOT]``: the command each ``dvc.yaml`` stage executes."""
+"""``python -m tasks.run STAGE [ITEM]``: the command each ``dvc.yaml`` stage executes (in the project root)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,23 @@ import logging
 import sys
 
 from voiceprint.config import ConfigError
-from tasks.stages import STAGES, run_stage
+from tasks.stages import ITEM_STAGES, STAGES, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in STAGES:
-        print(f"usage: python -m tasks.run {{{','.join(STAGES)}}} [PROJECT_ROOT]", file=sys.stderr)
+        print(f"usage: python -m tasks.run {{{','.join(STAGES)}}} [ITEM]", file=sys.stderr)
         return 2
+    item = argv[1] if argv[0] in ITEM_STAGES and len(argv) > 1 else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader narrates every SIMD probe at INFO
     try:
-        summary = run_stage(argv[0], argv[1] if len(argv) > 1 else ".")
+        summary = run_stage(argv[0], ".", item=item)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"stage": argv[0], **summary}, default=str))
+    print(json.dumps({"stage": argv[0], **({"item": item} if item else {}), **summary}, default=str))
     return 0
 
 

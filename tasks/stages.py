@@ -60,23 +60,42 @@ def evaluate(params: Params, layout: Layout) -> dict[str, Any]:
     return {**metrics, "mlflow_run_id": run_id}
 
 
-STAGES: dict[str, Callable[[Params, Layout], dict[str, Any]]] = {
+def compare_encoder(params: Params, layout: Layout, name: str) -> dict[str, Any]:
+    from voiceprint.compare import compare_encoder as run
+
+    return run(layout, params, name)
+
+
+def compare(params: Params, layout: Layout) -> dict[str, Any]:
+    from voiceprint.compare import compare_report
+
+    return compare_report(layout, params)
+
+
+STAGES: dict[str, Callable[..., dict[str, Any]]] = {
     "prepare": prepare,
     "segment": segment,
     "model": model,
     "embed": embed,
     "index": index,
     "evaluate": evaluate,
+    "compare-encoder": compare_encoder,  # takes the encoder name (DVC foreach item)
+    "compare": compare,
 }
+ITEM_STAGES = {"compare-encoder"}
 
 
-def run_stage(name: str, root: str | Path = ".", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_stage(
+    name: str, root: str | Path = ".", overrides: dict[str, Any] | None = None, item: str | None = None
+) -> dict[str, Any]:
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    if (name in ITEM_STAGES) != (item is not None):
+        raise ValueError(f"stage {name!r} {'needs' if name in ITEM_STAGES else 'takes no'} item argument")
     layout = Layout.at(root)
     params = load_params(layout.params, overrides)
     started = time.perf_counter()
-    summary = STAGES[name](params, layout)
+    summary = STAGES[name](params, layout, *([item] if item is not None else []))
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     log.info("stage %s done in %.1f s", name, summary["wall_s"])
     return summary

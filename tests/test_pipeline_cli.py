@@ -11,30 +11,12 @@ import pytest
 
 from tasks.stages import run_stage
 from voiceprint.cli import main as cli
-from voiceprint.config import set_dotted
 from voiceprint.layout import Layout
-
-import yaml
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, repo_root: Path, excerpts_dir: Path) -> Layout:
-    root = tmp_path_factory.mktemp("project")
-    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    for key, value in {
-        "data.mirror": str(excerpts_dir.parent),
-        "data.max_speakers": 4,
-        "data.max_utterances_per_speaker": 5,
-        "model.channels": 32,
-        "model.steps": 30,
-        "model.batch_size": 8,
-        "evaluate.enroll_per_speaker": 2,
-    }.items():
-        set_dotted(raw, key, value)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    for stage in ["prepare", "segment", "model", "embed", "index"]:
-        run_stage(stage, root)
-    return Layout.at(root)
+def project(small_project: Layout) -> Layout:
+    return small_project
 
 
 def test_stages_produce_the_documented_layout(project: Layout, monkeypatch):

@@ -38,6 +38,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "segment", "model", "embed", "index", "evaluate")
+#: The encoder-comparison subflow runs one DVC stage per encoder in params.yaml, then the table.
+ENCODERS = ("ecapa", "campplus", "ge2e")
+COMPARE_TASKS = {f"dvc repro compare-encoder@{e}" for e in ENCODERS} | {"dvc repro compare", "apply-params"}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 SERVER_START_TIMEOUT_S = 180.0
 
@@ -273,7 +276,7 @@ def assert_run_structure(server: PrefectServer, flow_run_id: str) -> None:
     """One subflow per stage, in dvc.yaml order, each with a `dvc repro STAGE` task run."""
     subflows = sorted(_subflow_runs(server, flow_run_id), key=lambda r: r["start_time"] or "")
     flows = {f["id"]: f["name"] for f in server.client.post("/flows/filter", json={}).json()}
-    assert [flows[r["flow_id"]] for r in subflows] == [f"voiceprint-{stage}" for stage in STAGES]
+    assert [flows[r["flow_id"]] for r in subflows] == [f"voiceprint-{stage}" for stage in (*STAGES, "compare")]
     assert all(r["state_type"] == "COMPLETED" for r in subflows)
     # task runs reach the API through the event pipeline, a moment after the flow run finishes
     deadline = time.monotonic() + 60
@@ -282,11 +285,12 @@ def assert_run_structure(server: PrefectServer, flow_run_id: str) -> None:
         task_runs = server.client.post(
             "/task_runs/filter", json={"flow_runs": {"id": {"any_": [r["id"] for r in subflows]}}}
         ).json()
-        names = {t["name"] for t in task_runs}
-        if len(names) >= len(STAGES):
+        # Prefect suffixes task-run names unless the task sets task_run_name (apply-params-0db).
+        names = {"apply-params" if t["name"].startswith("apply-params") else t["name"] for t in task_runs}
+        if len(names) >= len(STAGES) + len(COMPARE_TASKS):
             break
         time.sleep(1)
-    assert names == {f"dvc repro {stage}" for stage in STAGES}
+    assert names == {f"dvc repro {stage}" for stage in STAGES} | COMPARE_TASKS
 
 
 def assert_metrics_artifact(server: PrefectServer, expected_key: str) -> None:
@@ -367,6 +371,21 @@ def standin_project(tmp_path: Path) -> Path:
         }
         previous = f"fake/{stage}.json"
     stages["evaluate"]["metrics"] = [{"metrics.json": {"cache": False}}]
+    stages["compare-encoder"] = {
+        "foreach": "${compare.encoders}",
+        "do": {
+            "cmd": "python fake_stage.py compare-${key} compare",
+            "deps": ["fake_stage.py", "fake/embed.json"],
+            "params": ["compare"],
+            "outs": ["fake/compare-${key}.json"],
+        },
+    }
+    stages["compare"] = {
+        "cmd": "python fake_stage.py compare compare",
+        "deps": [f"fake/compare-{e}.json" for e in ENCODERS],
+        "params": ["compare"],
+        "outs": ["fake/compare.json"],
+    }
     (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     _init_repo(project)
     return project

@@ -365,7 +365,7 @@ def test_deployments_cover_pipeline_and_each_stage(tmp_path: Path) -> None:
     deps = deployments(tmp_path)
     assert [(d.flow_name, d.name) for d in deps] == [
         ("voiceprint-pipeline", "default"),
-        *((f"voiceprint-{s}", "default") for s in ("prepare", "segment", "model", "embed", "index", "evaluate")),
+        *((f"voiceprint-{s}", "default") for s in ("prepare", "segment", "model", "embed", "index", "evaluate", "compare")),
     ]
     assert deps[0].entrypoint == "flows.pipeline.voiceprint_pipeline"
     assert all(d.parameters == {"project_dir": str(tmp_path.resolve())} for d in deps)

@@ -7,6 +7,7 @@ reported *before* any work starts, naming the key and the allowed values (pydant
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,6 +102,25 @@ class EvaluateParams(_Section):
     seed: int = 0
 
 
+class CompareParams(_Section):
+    # name -> encoder spec (voiceprint.encoders.registry): ecapa | campplus | ge2e | speechbrain:DIR | onnx:FILE.
+    # Names become DVC stage items (compare-encoder@NAME) and folders (data/compare/NAME).
+    encoders: dict[str, str] = Field(
+        default_factory=lambda: {"ecapa": "ecapa", "campplus": "campplus", "ge2e": "ge2e"}, min_length=1
+    )
+    # Adaptive s-norm: impostor cohort = train-split utterances; top-K cohort scores per side.
+    snorm_top_k: int = Field(default=100, ge=1)
+    umap_neighbors: int = Field(default=15, ge=2)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _names_are_slugs(self) -> "CompareParams":
+        bad = [n for n in self.encoders if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n)]
+        if bad:
+            raise ValueError(f"compare.encoders names must be letters, digits, '_', '.', '-': {bad}")
+        return self
+
+
 class Params(_Section):
     data: DataParams = Field(default_factory=DataParams)
     vad: VadParams = Field(default_factory=VadParams)
@@ -108,6 +128,7 @@ class Params(_Section):
     embed: EmbedParams = Field(default_factory=EmbedParams)
     index: IndexParams = Field(default_factory=IndexParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    compare: CompareParams = Field(default_factory=CompareParams)
 
 
 def _format_errors(source: str, err: ValidationError) -> str:

@@ -135,9 +135,9 @@ def run_encoder(
 
 
 def load_pipeline_encoder(layout: Layout, device: torch.device) -> SpeakerEncoder:
-    from voiceprint.encoders.ecapa import load_ecapa
+    from voiceprint.encoders.registry import load_encoder
 
-    return load_ecapa(layout.model_dir, device=str(device))
+    return load_encoder("ecapa", model_dir=layout.model_dir, device=str(device))
 
 
 def embed_segments(
@@ -147,8 +147,15 @@ def embed_segments(
     encoder: SpeakerEncoder | None = None,
     progress: bool = True,
     rows_per_group: int = 4096,
+    out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    device = pick_device(params.device)
+    """Embed every row of ``layout.segments`` into ``out_dir`` (default ``data/embeddings``).
+
+    ``segments.parquet`` (one row per segment), ``utterances.parquet`` (mean per utterance) and
+    ``rejects.parquet`` are written there; the comparison stage passes its own directory and encoder.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else layout.embeddings
+    device = pick_device(params.device) if encoder is None else encoder.device
     encoder = encoder or load_pipeline_encoder(layout, device)
     segments = pq.read_table(layout.segments)
     seg = segments.to_pydict()
@@ -163,8 +170,8 @@ def embed_segments(
     started = time.perf_counter()
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    layout.embeddings.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(layout.segment_embeddings, suffix=".parquet") as tmp:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(out_dir / layout.segment_embeddings.name, suffix=".parquet") as tmp:
         with pq.ParquetWriter(tmp, seg_schema) as writer:
             for idx, vectors, bad in run_encoder(encoder, items, durations, params, progress=progress):
                 for i, reason in bad:
@@ -183,8 +190,8 @@ def embed_segments(
     elapsed = time.perf_counter() - started
 
     utterances = _utterance_table(utt_sums, utt_meta, encoder)
-    atomic.write_table(layout.utterance_embeddings, utterances)
-    atomic.write_table(layout.embeddings / "rejects.parquet", pa.Table.from_pylist(rejects, schema=schema.REJECTS))
+    atomic.write_table(out_dir / layout.utterance_embeddings.name, utterances)
+    atomic.write_table(out_dir / "rejects.parquet", pa.Table.from_pylist(rejects, schema=schema.REJECTS))
     audio_s = float(durations.sum())
     return {
         "segments": n - len(rejects),

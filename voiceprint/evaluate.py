@@ -286,6 +286,7 @@ def evaluate(
     *,
     out_metrics: str | Path | None = None,
     out_plots: str | Path | None = None,
+    embeddings: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compute verification and identification metrics; write metrics.json and plots.
 
@@ -297,7 +298,7 @@ def evaluate(
     out_metrics = Path(out_metrics) if out_metrics is not None else layout.metrics
     out_plots = Path(out_plots) if out_plots is not None else layout.plots
 
-    path = layout.utterance_embeddings
+    path = Path(embeddings) if embeddings is not None else layout.utterance_embeddings
     if not path.exists():
         raise FileNotFoundError(f"{path}: utterance embeddings not found; run the embed stage first")
     table = pq.read_table(path, columns=["utterance_id", "speaker_id", "split", "model_id", "embedding"])

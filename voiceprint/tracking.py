@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -149,6 +149,8 @@ def log_evaluation(
     *,
     run_name: str = "evaluate",
     extra_tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+    extra_artifacts: Sequence[str | Path] = (),
 ) -> str:
     """Log one evaluation as an MLflow run in experiment ``voiceprint``; returns the run id.
 
@@ -187,6 +189,8 @@ def log_evaluation(
     }
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # nests the run under its parent in the UI
     tags.update(extra_tags or {})
 
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
@@ -203,6 +207,8 @@ def log_evaluation(
             metrics_file = Path(tmp) / "metrics.json"
             metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
             client.log_artifact(run_id, str(metrics_file))
+        for artifact in extra_artifacts:
+            client.log_artifact(run_id, str(artifact))
         if plots_dir is not None and Path(plots_dir).is_dir():
             client.log_artifacts(run_id, str(plots_dir), artifact_path="plots")
         status = RunStatus.to_string(RunStatus.FINISHED)

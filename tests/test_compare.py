@@ -1,0 +1,73 @@
+"""The comparison stage on a small real subset: per-encoder metrics, the table, MLflow nesting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.stages import run_stage
+from voiceprint.compare import COLUMNS, compare_dir
+from voiceprint.config import set_dotted
+from voiceprint.layout import Layout
+
+
+@pytest.fixture(scope="module")
+def compared(small_project: Layout, monkeypatch_module) -> Layout:
+    import yaml
+
+    raw = yaml.safe_load(small_project.params.read_text())
+    # The pipeline's own model twice: once by name, once through the generic SpeechBrain-dir spec.
+    set_dotted(raw, "compare.encoders", {"ecapa": "ecapa", "sbdir": f"speechbrain:{small_project.model_dir}"})
+    small_project.params.write_text(yaml.safe_dump(raw))
+    monkeypatch_module.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{small_project.root / 'mlflow-compare.db'}")
+    for name in ("ecapa", "sbdir"):
+        run_stage("compare-encoder", small_project.root, item=name)
+    run_stage("compare", small_project.root)
+    return small_project
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_each_encoder_gets_metrics_and_plots(compared: Layout):
+    rows = json.loads((compared.root / "compare.json").read_text())
+    assert list(rows) == ["ecapa", "sbdir"]
+    for name, m in rows.items():
+        out = compare_dir(compared, name)
+        for plot in ("umap.png", "oiidd_cos.png", "oiidd_euc_umap.png", "det.png"):
+            assert (out / "plots" / plot).stat().st_size > 1000, (name, plot)
+        assert 0 <= m["eer"] <= 1 and 0 <= m["eer_snorm"] <= 1 and 0 <= m["cos_oiidd"] <= 1
+        assert 0 <= m["cos_ccr"] <= m["n_eval_utterances"] and m["cos_ccr_rate"] == m["cos_ccr"] / m["n_eval_utterances"]
+        assert -1 <= m["cos_silhouette"] <= 1 and -1 <= m["euc_silhouette_umap"] <= 1
+        assert m["num_parameters"] > 0 and m["realtime_factor"] > 0 and m["embedding_dim"] == 192
+    # Same weights through two loaders: the same embeddings, hence the same verification numbers.
+    assert rows["ecapa"]["model_id"] == rows["sbdir"]["model_id"]
+    assert rows["ecapa"]["eer"] == pytest.approx(rows["sbdir"]["eer"], abs=1e-6)
+
+
+def test_markdown_table_has_every_column(compared: Layout):
+    text = (compared.root / "compare.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| encoder"))
+    assert all(h in header for _, h, _ in COLUMNS)
+    assert sum(line.startswith("| ecapa") or line.startswith("| sbdir") for line in text.splitlines()) == 2
+
+
+def test_mlflow_parent_with_child_per_encoder(compared: Layout):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{compared.root / 'mlflow-compare.db'}")
+    exp = client.get_experiment_by_name("voiceprint")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "compare"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["encoder"] for r in children) == ["ecapa", "sbdir"]
+    rows = json.loads((compared.root / "compare.json").read_text())
+    for child in children:
+        assert child.data.metrics["eer"] == pytest.approx(rows[child.data.tags["encoder"]]["eer"])
+        assert any(a.path == "plots" for a in client.list_artifacts(child.info.run_id))

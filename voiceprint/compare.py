@@ -1,0 +1,195 @@
+"""Encoder comparison: the same VAD segments through several speaker encoders, one table out.
+
+``compare_encoder`` (DVC ``compare-encoder@NAME``, one per encoder) embeds ``data/segments.parquet``
+with one encoder into ``data/compare/NAME/`` and measures it there: verification (EER, minDCF,
+with and without adaptive s-norm against a train-split impostor cohort), closed-set
+identification, cluster separation (OIIDD, CCR, silhouette on cosine distance and on Euclidean
+distance after UMAP to 2-D), dimension, parameter count and throughput in the same run.
+``compare_report`` (DVC ``compare``) gathers them into ``compare.json``/``compare.md`` and one
+MLflow parent run with a child run per encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from voiceprint import atomic
+from voiceprint.config import Params
+from voiceprint.layout import Layout
+from voiceprint.schema import embeddings_matrix, l2_normalise
+
+log = logging.getLogger(__name__)
+
+#: Table columns: (metrics key, header, format). Lower is better for EER/minDCF/OIIDD/CCR.
+COLUMNS: list[tuple[str, str, str]] = [
+    ("eer", "EER %", "pct"),
+    ("eer_snorm", "EER % (s-norm)", "pct"),
+    ("min_dcf_p0.01", "minDCF 0.01", "f3"),
+    ("min_dcf_p0.01_snorm", "minDCF 0.01 (s-norm)", "f3"),
+    ("top1", "top-1 %", "pct"),
+    ("top5", "top-5 %", "pct"),
+    ("cos_oiidd", "cos OIIDD", "f3"),
+    ("cos_ccr", "cos CCR", "int"),
+    ("cos_ccr_rate", "cos CCR rate %", "pct"),
+    ("cos_silhouette", "cos silhouette", "f3"),
+    ("euc_oiidd_umap", "euc OIIDD (UMAP)", "f3"),
+    ("euc_ccr_umap", "euc CCR (UMAP)", "int"),
+    ("euc_ccr_rate_umap", "euc CCR rate % (UMAP)", "pct"),
+    ("euc_silhouette_umap", "euc silhouette (UMAP)", "f3"),
+    ("embedding_dim", "dim", "int"),
+    ("num_parameters", "params (M)", "mparams"),
+    ("realtime_factor", "throughput (audio s/s)", "f0"),
+]
+
+
+def compare_dir(layout: Layout, name: str) -> Path:
+    return layout.data / "compare" / name
+
+
+def _eval_matrix(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    table = pq.read_table(path, columns=["utterance_id", "speaker_id", "split", "embedding"])
+    table = table.sort_by([("speaker_id", "ascending"), ("utterance_id", "ascending")])
+    x = l2_normalise(embeddings_matrix(table))
+    speakers = np.asarray(table.column("speaker_id").to_pylist(), dtype=object).astype(str)
+    split = np.asarray(table.column("split").to_pylist(), dtype=object).astype(str)
+    return x, speakers, split
+
+
+def snorm_metrics(x: np.ndarray, speakers: np.ndarray, split: np.ndarray, params: Params) -> dict[str, Any]:
+    """EER/minDCF after adaptive s-norm; the cohort is every train-split utterance (disjoint speakers)."""
+    from voiceprint.evaluate import dcf_key
+    from voiceprint.metrics import eer, min_dcf
+    from voiceprint.snorm import as_norm_pairs
+
+    is_eval = split == "eval"
+    cohort = x[~is_eval]
+    if len(cohort) == 0:
+        log.warning("no train-split utterances: s-norm needs an impostor cohort, skipped")
+        return {"eer_snorm": None, "n_cohort": 0}
+    scores, labels = as_norm_pairs(x[is_eval], speakers[is_eval], cohort, top_k=params.compare.snorm_top_k)
+    out: dict[str, Any] = {"eer_snorm": float(eer(scores, labels)[0]), "n_cohort": int(len(cohort))}
+    for p in params.evaluate.p_targets:
+        out[f"{dcf_key(p)}_snorm"] = float(
+            min_dcf(scores, labels, p, params.evaluate.c_miss, params.evaluate.c_fa)[0]
+        )
+    return out
+
+
+def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool = True) -> dict[str, Any]:
+    from voiceprint.cluster_metrics import cluster_analysis
+    from voiceprint.compare_plots import plot_oiidd, plot_umap_scatter
+    from voiceprint.embed import embed_segments, pick_device
+    from voiceprint.encoders.registry import load_encoder
+    from voiceprint.evaluate import evaluate
+
+    if name not in params.compare.encoders:
+        raise ValueError(f"unknown encoder {name!r}; compare.encoders has {sorted(params.compare.encoders)}")
+    spec = params.compare.encoders[name]
+    out = compare_dir(layout, name)
+    plots = out / "plots"
+    device = pick_device(params.embed.device)
+    encoder = load_encoder(spec, model_dir=layout.model_dir, device=str(device))
+
+    embedded = embed_segments(layout, params.embed, encoder=encoder, progress=progress, out_dir=out)
+    utterances = out / layout.utterance_embeddings.name
+    metrics = evaluate(layout, params, out_metrics=out / "evaluate.json", out_plots=plots, embeddings=utterances)
+
+    x, speakers, split = _eval_matrix(utterances)
+    metrics.update(snorm_metrics(x, speakers, split, params))
+    is_eval = split == "eval"
+    detail = cluster_analysis(
+        x[is_eval], speakers[is_eval], seed=params.compare.seed, n_neighbors=params.compare.umap_neighbors
+    )
+    metrics.update(detail.metrics)
+    plot_umap_scatter(detail.umap_coords, speakers[is_eval], plots / "umap.png", f"{name}: UMAP of eval utterances")
+    plot_oiidd(detail.cos_own, detail.cos_other, plots / "oiidd_cos.png", f"{name}: cosine distance", "1 - cos")
+    plot_oiidd(detail.euc_own, detail.euc_other, plots / "oiidd_euc_umap.png", f"{name}: Euclidean after UMAP",
+               "Euclidean (UMAP 2-D)")
+    metrics.update(
+        encoder=name,
+        spec=spec,
+        model_id=encoder.model_id,
+        num_parameters=int(encoder.num_parameters()),
+        realtime_factor=embedded["realtime_factor"],
+        embed_seconds=embedded["seconds"],
+        device=str(device),
+    )
+    atomic.write_json(out / "metrics.json", _jsonable(metrics))
+    return metrics
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    def fix(v: Any) -> Any:
+        if isinstance(v, (np.floating, float)):
+            return None if not math.isfinite(float(v)) else float(v)
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+
+    return {k: fix(v) for k, v in metrics.items()}
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    if fmt == "pct":
+        return f"{100 * value:.2f}"
+    if fmt == "int":
+        return f"{int(value)}"
+    if fmt == "mparams":
+        return f"{value / 1e6:.2f}"
+    if fmt == "f0":
+        return f"{value:.0f}"
+    return f"{value:.3f}"
+
+
+def render_markdown(rows: dict[str, dict[str, Any]]) -> str:
+    header = "| encoder | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    rule = "|---|" + "---|" * len(COLUMNS)
+    lines = [header, rule]
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(m.get(k), f) for k, _, f in COLUMNS) + " |")
+    any_row = next(iter(rows.values()), {})
+    notes = (
+        f"\n{any_row.get('n_eval_speakers', '?')} eval speakers, {any_row.get('n_eval_utterances', '?')} utterances, "
+        f"{any_row.get('n_trials', '?')} trials; identification: {any_row.get('n_queries', '?')} queries against "
+        f"{any_row.get('n_gallery_speakers', '?')} speakers; s-norm cohort: {any_row.get('n_cohort', '?')} train-split "
+        "utterances. Lower is better for EER, minDCF, OIIDD and CCR; higher for silhouette, top-k, throughput.\n"
+    )
+    return "\n".join(lines) + "\n" + notes
+
+
+def compare_report(layout: Layout, params: Params, *, log_mlflow: bool = True) -> dict[str, Any]:
+    from voiceprint.tracking import log_evaluation
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name in params.compare.encoders:
+        path = compare_dir(layout, name) / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; run `dvc repro compare-encoder@{name}` first")
+        rows[name] = json.loads(path.read_text())
+    table_json = layout.root / "compare.json"
+    table_md = layout.root / "compare.md"
+    atomic.write_json(table_json, rows)
+    atomic.write_text(table_md, "# Encoder comparison\n\n" + render_markdown(rows))
+
+    run_ids: dict[str, str] = {}
+    if log_mlflow:
+        parent = log_evaluation(
+            layout, params, {"n_encoders": len(rows)}, None, run_name="compare",
+            extra_artifacts=[table_json, table_md], extra_tags={"voiceprint.kind": "compare"},
+        )
+        run_ids["parent"] = parent
+        for name, metrics in rows.items():
+            run_ids[name] = log_evaluation(
+                layout, params, metrics, compare_dir(layout, name) / "plots", run_name=f"compare:{name}",
+                parent_run_id=parent, extra_tags={"encoder": name, "encoder_spec": str(metrics.get("spec"))},
+            )
+    return {"encoders": list(rows), "table": str(table_md), "mlflow_run_ids": run_ids}

