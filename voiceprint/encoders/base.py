@@ -40,3 +40,30 @@ class SpeakerEncoder(ABC):
 
     def num_parameters(self) -> int:
         return 0
+
+
+class ModuleEncoder(SpeakerEncoder):
+    """Device and size plumbing shared by encoders that wrap ``torch.nn.Module`` s.
+
+    Subclasses set ``self.model`` and ``self._device`` and list any extra modules (feature front
+    ends with buffers) in :meth:`_modules`, so ``to()`` moves everything the forward pass touches.
+    """
+
+    model: torch.nn.Module
+    _device: torch.device
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device: str | torch.device) -> "ModuleEncoder":
+        self._device = torch.device(device)
+        for module in self._modules():
+            module.to(self._device)
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())

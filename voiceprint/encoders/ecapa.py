@@ -41,7 +41,7 @@ from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 from speechbrain.processing.features import InputNormalization
 
 from voiceprint.atomic import atomic_dir
-from voiceprint.encoders.base import SpeakerEncoder
+from voiceprint.encoders.base import ModuleEncoder
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class EcapaConfig:
 # Encoder
 
 
-class EcapaEncoder(SpeakerEncoder):
+class EcapaEncoder(ModuleEncoder):
     """ECAPA-TDNN behind the :class:`SpeakerEncoder` interface.
 
     The front end reproduces ``EncoderClassifier.encode_batch`` step for step (Fbank, sentence mean
@@ -168,19 +168,8 @@ class EcapaEncoder(SpeakerEncoder):
     def model_id(self) -> str:
         return f"ecapa-c{self.cfg.width}-{self.weights_sha256[:12]}"
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def to(self, device: str | torch.device) -> "EcapaEncoder":
-        self._device = torch.device(device)
-        self.model.to(self._device)
-        self.fbank.to(self._device)
-        self.norm.to(self._device)
-        return self
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+    def _modules(self) -> list[torch.nn.Module]:
+        return [self.model, self.fbank, self.norm]
 
     def features(self, wavs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Fbank + sentence mean normalisation, ``(B, T) -> (B, frames, n_mels)``."""

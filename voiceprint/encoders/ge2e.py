@@ -20,7 +20,6 @@ present (Resemblyzer itself loads with ``strict=False`` because the file also ho
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ import numpy as np
 import torch
 
 from voiceprint.encoders.base import SpeakerEncoder
-from voiceprint.encoders.campplus import MissingExtraError, absolute_lengths, sha256_file
+from voiceprint.encoders.bundled import package_file
+from voiceprint.encoders.campplus import absolute_lengths, sha256_file
 
 __all__ = ["GE2EEncoder", "ge2e_weights_path", "load_ge2e"]
 
@@ -36,22 +36,9 @@ GE2E_DIM = 256
 _VAD_WINDOW = 480  # resemblyzer's 30 ms WebRTC VAD window: shorter input is trimmed to nothing
 
 
-def _resemblyzer_dir() -> Path:
-    spec = importlib.util.find_spec("resemblyzer")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingExtraError(
-            "the GE2E encoder needs the 'resemblyzer' package (it ships the pretrained weights): "
-            "pip install -e '.[baselines]'"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def ge2e_weights_path() -> Path:
     """``pretrained.pt`` inside the installed resemblyzer package."""
-    path = _resemblyzer_dir() / "pretrained.pt"
-    if not path.is_file():
-        raise MissingExtraError(f"{path}: not found; the installed resemblyzer does not ship its weights")
-    return path
+    return package_file("resemblyzer", "pretrained.pt", "GE2E encoder")
 
 
 class GE2EEncoder(SpeakerEncoder):
