@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 run: install
 	dvc repro
-	@echo "--- metrics (dvc metrics show) ---"
-	dvc metrics show
+	@echo "--- evaluation (dvc metrics show metrics.json) ---"
+	dvc metrics show metrics.json
+	@echo "--- encoder comparison (compare.md) ---"
+	@cat compare.md
 	@echo "--- dvc status ---"
 	dvc status
 
