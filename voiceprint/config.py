@@ -58,7 +58,7 @@ class VadParams(_Section):
 
 
 class ModelParams(_Section):
-    init: Literal["scratch", "pretrained"] = "scratch"
+    init: Literal["scratch", "pretrained", "distill"] = "scratch"
     # Hugging Face repo id or local directory in SpeechBrain's layout (used when init=pretrained).
     source: str = "speechbrain/spkrec-ecapa-voxceleb"
     channels: int = Field(default=128, ge=8)
@@ -73,6 +73,10 @@ class ModelParams(_Section):
     aam_scale: float = Field(default=30.0, gt=0.0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # init=distill: fixed crops per train segment whose CAM++ (teacher) embeddings are cached, and
+    # the weight of the AAM-softmax speaker loss added to the student-teacher cosine loss (0: none).
+    distill_crops_per_segment: int = Field(default=4, ge=1)
+    distill_aam_weight: float = Field(default=0.0, ge=0.0)
 
 
 class EmbedParams(_Section):

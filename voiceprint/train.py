@@ -53,11 +53,18 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainingData:
-    """Decoded training audio: ``clips[i]`` are the 16 kHz segments of speaker ``labels[i]``."""
+    """Decoded training audio: ``clips[i]`` are the 16 kHz segments of speaker ``labels[i]``.
+
+    ``segment_ids[i][j]`` / ``segment_starts[i][j]`` name ``clips[i][j]`` and its start time in its
+    file (filled by :func:`load_training_data`; empty for hand-built data), so that distillation
+    can key cached teacher embeddings by segment.
+    """
 
     labels: list[str]
     clips: list[list[np.ndarray]]
     skipped: list[str] = field(default_factory=list)
+    segment_ids: list[list[str]] = field(default_factory=list)
+    segment_starts: list[list[float]] = field(default_factory=list)
 
     @property
     def num_segments(self) -> int:
@@ -76,6 +83,10 @@ def build_model(params: ModelParams, layout: Layout, *, progress: bool = True) -
     """Produce ``layout.model_dir`` according to ``params.init`` and return stats for metrics/logs."""
     if params.init == "scratch":
         return train_scratch(params, layout, progress=progress)
+    if params.init == "distill":
+        from voiceprint.distill import train_distill  # imported lazily: it pulls in the CAM++ teacher
+
+        return train_distill(params, layout, progress=progress)
     t0 = time.perf_counter()
     encoder = load_ecapa(params.source, device="cpu")
     encoder.export(layout.model_dir, extra_card={"init": "pretrained", "source": params.source})
@@ -179,11 +190,13 @@ def load_training_data(
         splits = sorted({str(s) for s in table.column("split").to_pylist()})
         raise TrainingError(
             f"{path}: no rows with split='train' (found splits: {splits or 'none'}); a train split is "
-            "required for model.init=scratch (or use model.init=pretrained)"
+            "required for model.init=scratch or distill (or use model.init=pretrained)"
         )
     rows = _cap_hours(rows, max_hours, seed)
 
     by_speaker: dict[str, list[np.ndarray]] = {}
+    ids: dict[str, list[str]] = {}
+    starts: dict[str, list[float]] = {}
     skipped: list[str] = []
     for row in tqdm(rows, desc="decode train", unit="seg", disable=not progress, leave=False):
         file = Path(row["path"])
@@ -195,11 +208,20 @@ def load_training_data(
             skipped.append(row["segment_id"])
             continue
         if len(wav) >= audio.TARGET_SR // 10:  # under 0.1 s there is nothing to crop
-            by_speaker.setdefault(str(row["speaker_id"]), []).append(wav)
+            speaker = str(row["speaker_id"])
+            by_speaker.setdefault(speaker, []).append(wav)
+            ids.setdefault(speaker, []).append(str(row["segment_id"]))
+            starts.setdefault(speaker, []).append(float(row["start_s"]))
     labels = sorted(by_speaker)
     if len(labels) < 2:
         raise TrainingError(f"{path}: need at least 2 training speakers with usable audio, found {len(labels)}")
-    return TrainingData(labels=labels, clips=[by_speaker[s] for s in labels], skipped=skipped)
+    return TrainingData(
+        labels=labels,
+        clips=[by_speaker[s] for s in labels],
+        skipped=skipped,
+        segment_ids=[ids[s] for s in labels],
+        segment_starts=[starts[s] for s in labels],
+    )
 
 
 def _cap_hours(rows: list[dict[str, Any]], max_hours: float, seed: int) -> list[dict[str, Any]]:
