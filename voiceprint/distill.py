@@ -41,7 +41,7 @@ from voiceprint.atomic import write_table
 from voiceprint.config import ModelParams
 from voiceprint.encoders.aam import AAMHead
 from voiceprint.encoders.campplus import campplus_weights_path, load_campplus, sha256_file
-from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
+from voiceprint.encoders.ecapa import EcapaConfig
 from voiceprint.layout import Layout
 from voiceprint.train import (
     GRAD_CLIP,
@@ -53,6 +53,8 @@ from voiceprint.train import (
     load_training_data,
     lr_factor,
     resolve_device,
+    save_trained_model,
+    summarise_training,
 )
 
 log = logging.getLogger(__name__)
@@ -232,25 +234,8 @@ def train_distill(params: ModelParams, layout: Layout, *, progress: bool = True)
     model, head, history = _fit(data, cache, params, cfg, device=device, progress=progress)
     train_s = time.perf_counter() - t0 - decode_s - teacher_s
 
-    window = min(20, max(1, len(history["loss"]) // 4))
-    stats: dict[str, Any] = {
-        "init": "distill",
-        "steps": params.steps,
-        "loss_window": window,
-        "loss_initial": _mean(history["loss"][:window]),
-        "loss_final": _mean(history["loss"][-window:]),
-        "cosine_initial": _mean(history["cosine"][:window]),
-        "cosine_final": _mean(history["cosine"][-window:]),
-        "train_accuracy": _mean(history["acc"][-window:]),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "num_speakers": len(data.labels),
-        "num_segments": data.num_segments,
-        "skipped_segments": len(data.skipped),
-        "audio_seconds": round(data.audio_seconds, 1),
-        "channels": cfg.channels,
-        "teacher_model_id": cache.teacher_model_id,
-        "teacher_crops": len(cache),
-    }
+    stats = summarise_training("distill", params, cfg, model, data, history)
+    stats.update(teacher_model_id=cache.teacher_model_id, teacher_crops=len(cache))
     card_stats = dict(stats)
     stats.update(
         device=str(device),
@@ -261,15 +246,7 @@ def train_distill(params: ModelParams, layout: Layout, *, progress: bool = True)
         train_seconds=round(train_s, 2),
         seconds_per_step=round(train_s / params.steps, 4) if params.steps else None,
     )
-    model_dir = save_speechbrain_checkpoint(
-        layout.model_dir,
-        model.cpu().eval(),
-        cfg,
-        classifier=head.classifier.cpu().eval(),
-        labels=data.labels,
-        extra_card={"training": card_stats, "params": params.model_dump()},
-    )
-    stats["model_id"] = load_ecapa(model_dir).model_id  # also proves the written directory loads
+    stats["model_id"] = save_trained_model(layout, params, cfg, model, head, data, card_stats)
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     log.info(
         "distilled %s from %s: %d steps, cosine %.3f -> %.3f, %.1f s (teacher %.1f s%s)",

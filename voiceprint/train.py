@@ -118,15 +118,36 @@ def train_scratch(params: ModelParams, layout: Layout, *, progress: bool = True)
     model, head, history = fit(data, params, cfg, device=device, progress=progress)
     train_s = time.perf_counter() - t0 - decode_s
 
+    stats = summarise_training("scratch", params, cfg, model, data, history)
+    card_stats = dict(stats)
+    stats.update(
+        device=str(device),
+        decode_seconds=round(decode_s, 2),
+        seconds_per_step=round(train_s / params.steps, 4) if params.steps else None,
+    )
+    stats["model_id"] = save_trained_model(layout, params, cfg, model, head, data, card_stats)
+    stats["seconds"] = round(time.perf_counter() - t0, 2)
+    log.info(
+        "trained %s: %d steps, loss %.3f -> %.3f, train acc %.3f, %.1f s",
+        stats["model_id"], params.steps, stats["loss_initial"] or 0.0, stats["loss_final"] or 0.0,
+        stats["train_accuracy"] or 0.0, stats["seconds"],
+    )
+    return stats
+
+
+def summarise_training(
+    init: str, params: ModelParams, cfg: EcapaConfig, model: torch.nn.Module, data: "TrainingData",
+    history: dict[str, list[float]],
+) -> dict[str, Any]:
+    """Loss/accuracy (and distillation cosine) averaged over the first and last steps, plus data sizes."""
     window = min(20, max(1, len(history["loss"]) // 4))
-    losses, accs = history["loss"], history["acc"]
     stats: dict[str, Any] = {
-        "init": "scratch",
+        "init": init,
         "steps": params.steps,
         "loss_window": window,
-        "loss_initial": _mean(losses[:window]),
-        "loss_final": _mean(losses[-window:]),
-        "train_accuracy": _mean(accs[-window:]),
+        "loss_initial": _mean(history["loss"][:window]),
+        "loss_final": _mean(history["loss"][-window:]),
+        "train_accuracy": _mean(history["acc"][-window:]),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "num_speakers": len(data.labels),
         "num_segments": data.num_segments,
@@ -134,12 +155,17 @@ def train_scratch(params: ModelParams, layout: Layout, *, progress: bool = True)
         "audio_seconds": round(data.audio_seconds, 1),
         "channels": cfg.channels,
     }
-    card_stats = dict(stats)
-    stats.update(
-        device=str(device),
-        decode_seconds=round(decode_s, 2),
-        seconds_per_step=round(train_s / params.steps, 4) if params.steps else None,
-    )
+    if "cosine" in history:
+        stats["cosine_initial"] = _mean(history["cosine"][:window])
+        stats["cosine_final"] = _mean(history["cosine"][-window:])
+    return stats
+
+
+def save_trained_model(
+    layout: Layout, params: ModelParams, cfg: EcapaConfig, model: torch.nn.Module, head: Any,
+    data: "TrainingData", card_stats: dict[str, Any],
+) -> str:
+    """Write the trained encoder (+ AAM classifier and labels) in SpeechBrain's layout; its model id."""
     model_dir = save_speechbrain_checkpoint(
         layout.model_dir,
         model.cpu().eval(),
@@ -148,14 +174,7 @@ def train_scratch(params: ModelParams, layout: Layout, *, progress: bool = True)
         labels=data.labels,
         extra_card={"training": card_stats, "params": params.model_dump()},
     )
-    stats["model_id"] = load_ecapa(model_dir).model_id  # also proves the written directory loads
-    stats["seconds"] = round(time.perf_counter() - t0, 2)
-    log.info(
-        "trained %s: %d steps, loss %.3f -> %.3f, train acc %.3f, %.1f s",
-        stats["model_id"], params.steps, stats["loss_initial"] or 0.0, stats["loss_final"] or 0.0,
-        stats["train_accuracy"] or 0.0, stats["seconds"],
-    )
-    return stats
+    return load_ecapa(model_dir).model_id  # loading it back proves the written directory is usable
 
 
 def resolve_device(choice: str) -> torch.device:

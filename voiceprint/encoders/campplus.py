@@ -28,7 +28,6 @@ scaling; no ``* 32768``), then per-utterance mean normalisation ``feat - feat.me
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import sys
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 
+from voiceprint.datasets.checksums import sha256_file
 from voiceprint.encoders.base import ModuleEncoder
 from voiceprint.encoders.bundled import MissingExtraError, package_dir, package_file
 
@@ -72,15 +72,6 @@ def absolute_lengths(lengths: torch.Tensor, total: int) -> list[int]:
     """
     counts = torch.round(lengths.detach().float().cpu() * total).long().clamp_(1, total)
     return counts.tolist()
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (the weights fingerprint in every ``model_id``)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

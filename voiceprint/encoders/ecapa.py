@@ -22,7 +22,6 @@ that would import or call anything.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import logging
 import operator
@@ -41,6 +40,7 @@ from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 from speechbrain.processing.features import InputNormalization
 
 from voiceprint.atomic import atomic_dir
+from voiceprint.datasets.checksums import sha256_file
 from voiceprint.encoders.base import ModuleEncoder
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ def _write_model_dir(
             ),
             encoding="utf-8",
         )
-        sha = _sha256(tmp / EMBEDDING_CKPT)
+        sha = sha256_file(tmp / EMBEDDING_CKPT)
         import speechbrain  # local: only for the version string
 
         card: dict[str, Any] = {
@@ -466,14 +466,6 @@ def _write_label_encoder(path: Path, labels: list[str]) -> None:
     enc.save(path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------
 # Loading
 
@@ -498,7 +490,7 @@ def load_ecapa(
     state = _load_state_dict(emb_path)
     _check_state_dict(state, model, emb_path, cfg)
     model.load_state_dict(state, strict=True)
-    encoder = EcapaEncoder(model, cfg, weights_sha256=_sha256(emb_path), files=files)
+    encoder = EcapaEncoder(model, cfg, weights_sha256=sha256_file(emb_path), files=files)
     return encoder.to(device)
 
 
