@@ -31,6 +31,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 
+from voiceprint.config import flatten_dotted
+
 #: How many trailing output lines a failure message carries (the traceback of the stage, usually).
 TAIL_LINES = 30
 #: A progress bar that never prints a newline (a long training loop) still shows up in the run log
@@ -311,18 +313,6 @@ _HEADLINES: tuple[tuple[str, re.Pattern[str], bool], ...] = (
 )
 
 
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and other leaves are kept as values."""
-    flat: dict[str, Any] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _fmt(value: Any, *, rate: bool = False) -> str:
     if value is None:
         return "n/a"  # the evaluate stage writes null for metrics a tiny subset cannot support
@@ -336,7 +326,7 @@ def _fmt(value: Any, *, rate: bool = False) -> str:
 
 def metrics_markdown(metrics: Mapping[str, Any]) -> str:
     """A headline table (EER, minDCF, top-1/5) followed by every scalar in ``metrics.json``."""
-    flat = flatten_metrics(metrics)
+    flat = flatten_dotted(metrics)
     scalars = {k: v for k, v in flat.items() if v is None or isinstance(v, (int, float, str, bool))}
     lines = ["# voiceprint evaluation", "", "| Metric | Key | Value |", "|---|---|---:|"]
     found = 0
@@ -374,5 +364,5 @@ def publish_metrics(project_dir: str) -> dict[str, Any]:
         key=METRICS_ARTIFACT_KEY,
         description=f"metrics.json of {project_dir}",
     )
-    _run_logger().info("published %s (%d values)", METRICS_ARTIFACT_KEY, len(flatten_metrics(metrics)))
+    _run_logger().info("published %s (%d values)", METRICS_ARTIFACT_KEY, len(flatten_dotted(metrics)))
     return metrics

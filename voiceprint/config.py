@@ -8,6 +8,7 @@ reported *before* any work starts, naming the key and the allowed values (pydant
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,6 +183,18 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     return params_from_dict(raw, str(path))
+
+
+def flatten_dotted(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, the inverse of :func:`set_dotted`; other leaves kept as is."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_dotted(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from voiceprint.config import Params
+from voiceprint.config import Params, flatten_dotted
 from voiceprint.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,10 @@ def _artifact_location(layout: Layout, uri: str) -> str | None:
 def flatten_params(params: Params | Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"data": {"dataset": "x"}}`` -> ``{"data.dataset": "x"}``; values as MLflow strings."""
     raw = params.model_dump() if isinstance(params, Params) else params
-    flat: dict[str, str] = {}
-    for key, value in raw.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return flat
+    return {
+        name: json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+        for name, value in flatten_dotted(raw, prefix).items()
+    }
 
 
 def git_commit(root: Path) -> str:
