@@ -8,7 +8,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-fast prefect-server serve mlflow-ui clean
+.PHONY: install run test test-fast bench prefect-server serve mlflow-ui clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,17 @@ test: install
 
 test-fast: install
 	python -m pytest -q -m 'not slow'
+
+# Peer vs ours, one JSON line per measurement, then benchmarks/RESULTS.md (~12 min on 2 CPU cores).
+# Run it on an otherwise idle machine: contention distorts the ratios.
+BENCH_OUT := benchmarks/results.jsonl
+bench: install
+	rm -f $(BENCH_OUT)
+	python benchmarks/bench_embed.py --out $(BENCH_OUT)
+	python benchmarks/bench_verify.py --out $(BENCH_OUT)
+	python benchmarks/bench_pipeline.py --out $(BENCH_OUT)
+	python benchmarks/bench_index.py --out $(BENCH_OUT)
+	python benchmarks/report.py $(BENCH_OUT) benchmarks/RESULTS.md
 
 # Prefect UI at http://127.0.0.1:4200 ; MLflow UI at http://127.0.0.1:5000
 prefect-server: install

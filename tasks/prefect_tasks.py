@@ -45,7 +45,9 @@ DRAIN_GRACE_S = 2.0
 METRICS_ARTIFACT_KEY = "voiceprint-metrics"
 
 _SKIPPED_RE = re.compile(r"Stage '(?P<stage>[^']+)' didn't change, skipping")
-_LOCK_MARKER = "Unable to acquire lock"
+# DVC's repository lock ("Unable to acquire lock"), its per-output lock taken while another repro
+# runs a stage ("is busy, it is being blocked by"), and the project stage lock of tasks/stages.py.
+_LOCK_MARKERS = ("Unable to acquire lock", "is busy, it is being blocked by", "is busy, not starting stage")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 _fallback_log = logging.getLogger("voiceprint.prefect")
@@ -66,7 +68,7 @@ class StageFailed(RuntimeError):
 
 
 class DvcRepoLocked(StageFailed):
-    """Another DVC process holds the repository lock, so DVC refused to start the stage."""
+    """Another DVC process (or a stage run outside DVC) holds the project, so the stage was not started."""
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -250,7 +252,7 @@ def run_stage(stage: str, project_dir: str) -> dict[str, Any]:
         match = _SKIPPED_RE.search(line)
         if match and match["stage"] == stage:
             seen["skipped"] = True
-        if _LOCK_MARKER in line:
+        if any(marker in line for marker in _LOCK_MARKERS):
             seen["locked"] = True
         log.info("%s", line)
 
@@ -285,10 +287,10 @@ def run_stage(stage: str, project_dir: str) -> dict[str, Any]:
                 returncode,
                 list(tail),
                 reason=(
-                    f"stage {stage!r} not started: the DVC repository at {project_dir} is locked by "
-                    "another DVC process (a `dvc repro`/`dvc status`/`dvc exp` running in a "
-                    "terminal, or another flow run on the same project). Wait for it to finish, "
-                    "then run this again"
+                    f"stage {stage!r} not started: the project at {project_dir} is locked by "
+                    "another process (a `dvc repro`/`dvc status`/`dvc exp` or `voiceprint stage` "
+                    "running in a terminal, or another flow run on the same project). Wait for it "
+                    "to finish, then run this again"
                 ),
             )
         raise StageFailed(stage, returncode, list(tail))

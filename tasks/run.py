@@ -7,7 +7,7 @@ import logging
 import sys
 
 from voiceprint.config import ConfigError
-from tasks.stages import ITEM_STAGES, STAGES, run_stage
+from tasks.stages import ITEM_STAGES, STAGES, ProjectBusyError, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader narrates every SIMD probe at INFO
     try:
         summary = run_stage(argv[0], ".", item=item)
-    except ConfigError as err:
+    except (ConfigError, ProjectBusyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({"stage": argv[0], **({"item": item} if item else {}), **summary}, default=str))

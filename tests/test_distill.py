@@ -127,3 +127,34 @@ def test_distilled_checkpoint_loads_through_load_ecapa(runs: dict) -> None:
     assert encoder.model_id.startswith("ecapa-c32-") and encoder.dim == 192
     emb = encoder.embed(torch.randn(2, 16_000) * 0.1, torch.ones(2))
     assert emb.shape == (2, 192) and torch.isfinite(emb).all()
+
+
+def test_distillation_resumes_from_its_snapshot(runs: dict, tmp_path: Path) -> None:
+    """A distillation run that dies after a snapshot, rerun, ends with the uninterrupted run's weights.
+
+    The "crash" is an exception from ``on_step`` at step 30, right after the snapshot of that step
+    (snapshots come first, so a failing callback loses no work); the teacher cache is copied, so the
+    rerun needs no teacher.
+    """
+    layout = Layout.at(tmp_path)
+    (layout.data / "teacher_cache").mkdir(parents=True)
+    shutil.copy(runs["layout"].segments, layout.segments)
+    cache = Path(runs["trained"]["teacher_cache"])
+    shutil.copy(cache, layout.data / "teacher_cache" / cache.name)
+    params = ModelParams(**{**PARAMS, "checkpoint_every": 30, "log_every": 30})
+
+    class Crash(Exception):
+        pass
+
+    def crash(step: int, metrics: dict) -> None:
+        raise Crash(step)
+
+    with pytest.raises(Crash):  # same thread count as the fixture's run: CPU sums depend on it
+        build_model(params, layout, progress=False, on_step=crash)
+    state = layout.data / "train_state" / "model.pt"
+    assert torch.load(state, weights_only=True)["step"] == 30 and not layout.model_dir.exists()
+
+    resumed = build_model(params, layout, progress=False)
+    assert resumed["resumed_from_step"] == 30 and resumed["teacher_cache_reused"] and not state.exists()
+    assert resumed["model_id"] == runs["trained"]["model_id"]  # sha256 of embedding_model.ckpt
+    assert resumed["cosine_final"] == runs["trained"]["cosine_final"]

@@ -88,3 +88,44 @@ def test_utterance_file_embedding_is_normalised_and_speaker_consistent(encoder, 
     a = embed_utterance_file(encoder, test_other_files[0])
     assert a.shape == (encoder.dim,) and abs(np.linalg.norm(a) - 1) < 1e-5
     assert float(a @ embed_utterance_file(encoder, test_other_files[0])) > 0.9999
+
+
+def test_cpu_engine_precision_and_batching_agree_with_float32(tmp_path: Path, encoder, test_other_files: list[Path]):
+    """bf16 on CPUs with native bf16, one segment per call: embeddings match float32 padded batches."""
+    from voiceprint.embed import autocast_dtype
+
+    layout = Layout.at(tmp_path)
+    files = test_other_files[1::10][:5]
+    _segments(layout, files)
+    fast = embed_segments(layout, EmbedParams(max_batch_s=20.0), encoder=encoder, progress=False)
+    fast_table = pq.read_table(layout.segment_embeddings)
+    exact = embed_segments(layout, EmbedParams(max_batch_s=20.0, amp=False, cpu_batching=True), encoder=encoder,
+                           progress=False)
+    exact_table = pq.read_table(layout.segment_embeddings)
+
+    native = autocast_dtype(torch.device("cpu"), amp=True)
+    assert fast["precision"] == ("bfloat16" if native == torch.bfloat16 else "float32")
+    assert exact["precision"] == "float32"
+    assert fast["model_id"] == exact["model_id"] == encoder.model_id
+    assert fast_table.column("segment_id").to_pylist() == exact_table.column("segment_id").to_pylist()
+    cos = np.sum(schema.embeddings_matrix(fast_table) * schema.embeddings_matrix(exact_table), axis=1)
+    assert cos.min() > 0.999, cos.min()
+
+
+def test_batch_plan_is_per_segment_on_cpu_and_bucketed_elsewhere():
+    from voiceprint.embed import batch_plan
+
+    durations = np.array([3.0, 1.0, 2.0, 8.0])
+    cpu = batch_plan(durations, EmbedParams(max_batch_s=6.0), torch.device("cpu"))
+    assert [b.tolist() for b in cpu] == [[1], [2], [0], [3]]
+    bucketed = batch_plan(durations, EmbedParams(max_batch_s=6.0, cpu_batching=True), torch.device("cpu"))
+    assert [b.tolist() for b in bucketed] == [b.tolist() for b in length_buckets(durations, 6.0)]
+    assert len(bucketed) < len(cpu)
+
+
+def test_only_autocast_safe_encoders_run_in_reduced_precision(encoder):
+    from voiceprint.embed import engine_dtype
+    from voiceprint.encoders.base import SpeakerEncoder
+
+    assert encoder.autocast_safe and SpeakerEncoder.autocast_safe is False
+    assert engine_dtype(encoder, EmbedParams(amp=False)) is None

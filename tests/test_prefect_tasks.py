@@ -157,7 +157,7 @@ def test_run_stage_reports_a_held_dvc_lock(fake_project: Path) -> None:
     finally:
         lock.close()
     message = str(excinfo.value)
-    assert "locked by another DVC process" in message
+    assert "is locked by another process" in message
     assert "Unable to acquire lock" in message  # DVC's own words are kept in the tail
     assert not (fake_project / "out/first.txt").exists()
 

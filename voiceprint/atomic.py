@@ -2,11 +2,16 @@
 
 Every stage writes through these helpers so a crash or SIGKILL mid-write cannot leave a truncated
 Parquet file or checkpoint that a later stage (or DuckDB) would read as valid.
+
+A SIGKILL skips ``finally`` blocks, so the temporary itself can be left behind. Temporaries carry
+the writer's PID in their name (``.<target>.<pid>.<random>.tmp``); the next write of the same
+target removes those whose writer is gone, and leaves a live concurrent writer's alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -24,7 +29,8 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    _remove_orphans(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=suffix + ".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -41,12 +47,13 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name and swap it in whole."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _remove_orphans(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
+            old = target.with_name(f".{target.name}.{os.getpid()}.old.tmp")
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:
@@ -54,6 +61,35 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_orphans(target: Path) -> None:
+    """Delete temporaries of ``target`` left by writers that no longer run (killed mid-write)."""
+    prefix = f".{target.name}."
+    for entry in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = entry.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if entry.name.endswith(".old.tmp") and not target.exists():
+            os.replace(entry, target)  # killed between the two renames of atomic_dir: restore
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _fsync(path: Path) -> None:

@@ -26,25 +26,25 @@ def _layout(args: argparse.Namespace) -> Layout:
     return Layout.at(args.project)
 
 
-def _load_encoder(layout: Layout):
-    from voiceprint.embed import load_pipeline_encoder, pick_device
+def _verifier(layout: Layout, threshold: float | None = None):
+    from voiceprint.verify import Verifier, VerifyError
 
-    if not (layout.model_dir / "embedding_model.ckpt").exists():
-        raise CliError(f"no model at {layout.model_dir}: run `dvc repro` (or `make run`) first")
-    params = load_params(layout.params)
-    return load_pipeline_encoder(layout, pick_device(params.embed.device)), params
+    try:
+        return Verifier(layout, threshold=threshold)
+    except VerifyError as err:
+        raise CliError(str(err)) from None
 
 
 def _embed_files(layout: Layout, files: list[str]):
     import numpy as np
 
-    from voiceprint.embed import embed_utterance_file
+    from voiceprint.verify import VerifyError
 
-    encoder, params = _load_encoder(layout)
-    for f in files:
-        if not Path(f).is_file():
-            raise CliError(f"{f}: no such file")
-    return np.stack([embed_utterance_file(encoder, f, params.vad) for f in files]), encoder
+    verifier = _verifier(layout)
+    try:
+        return np.stack([verifier.embed(f) for f in files]), verifier.encoder
+    except VerifyError as err:
+        raise CliError(str(err)) from None
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -56,17 +56,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    layout = _layout(args)
-    vectors, _ = _embed_files(layout, [args.a, args.b])
-    score = float(vectors[0] @ vectors[1])
-    threshold = args.threshold
-    if threshold is None:
-        if not layout.metrics.exists():
-            raise CliError(f"no {layout.metrics}: run the evaluate stage first or pass --threshold")
-        threshold = float(json.loads(layout.metrics.read_text())["eer_threshold"])
-    same = score >= threshold
-    print(json.dumps({"score": round(score, 4), "threshold": round(threshold, 4), "same_speaker": same}))
-    return 0 if same else 1
+    from voiceprint.verify import VerifyError
+
+    verifier = _verifier(_layout(args), args.threshold)
+    try:
+        verdict = verifier.verify(args.a, args.b)
+    except VerifyError as err:
+        raise CliError(str(err)) from None
+    print(json.dumps(verdict.as_dict()))
+    return 0 if verdict.same_speaker else 1
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
@@ -125,7 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
         raise CliError(f"{folder}: not a directory")
-    encoder, _ = _load_encoder(project)
+    encoder = _verifier(project).encoder
     overrides: dict[str, Any] = {"data.dataset": "folder", "data.path": str(folder), "data.train_subset": None}
     params = load_params(project.params, overrides)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="voiceprint-eval-"))
@@ -206,11 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from tasks.stages import ProjectBusyError
     from voiceprint.audio import AudioError
 
     try:
         return args.func(args)
-    except (CliError, ConfigError, AudioError) as err:
+    except (CliError, ConfigError, AudioError, ProjectBusyError) as err:
         print(f"voiceprint: error: {err}", file=sys.stderr)
         return 2
 

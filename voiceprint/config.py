@@ -78,6 +78,13 @@ class ModelParams(_Section):
     # the weight of the AAM-softmax speaker loss added to the student-teacher cosine loss (0: none).
     distill_crops_per_segment: int = Field(default=4, ge=1)
     distill_aam_weight: float = Field(default=0.0, ge=0.0)
+    # Operational: they never change the trained weights (so they are left out of the model card and
+    # of the resume key). Snapshot the training state to data/train_state/ every N steps and resume
+    # from it after a kill (0: never); log loss/accuracy/lr to MLflow every N steps (0: summary only);
+    # register the result in the MLflow model registry as a pyfunc (voiceprint-ecapa).
+    checkpoint_every: int = Field(default=100, ge=0)
+    log_every: int = Field(default=10, ge=0)
+    register_model: bool = True
 
 
 class EmbedParams(_Section):
@@ -85,6 +92,8 @@ class EmbedParams(_Section):
     # Length-bucketed batches are capped by total audio seconds rather than item count.
     max_batch_s: float = Field(default=120.0, gt=0.0)
     amp: bool = True
+    # CPU: padded batches (capped by max_batch_s) instead of one segment per call (slower, measured).
+    cpu_batching: bool = False
 
 
 class IndexParams(_Section):
@@ -137,18 +146,28 @@ class Params(_Section):
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
-    lines = [f"{source}: invalid parameters"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            section = _section_for(e["loc"][:-1])
-            allowed = ", ".join(sorted(section.model_fields)) if section else "?"
-            msg = f"unknown key (allowed: {allowed})"
-        elif e["type"] == "literal_error":
-            msg = f"{msg}, got {e.get('input')!r}"
-        lines.append(f"  - {key}: {msg}")
-    return "\n".join(lines)
+    """All problems on one line (``key: reason; key: reason``), each naming the allowed values.
+
+    One line because the entry points print it as ``error: ...`` and exit: a typo should read like
+    a compiler error, not like a traceback.
+    """
+    problems = [_describe_error(e) for e in err.errors()]
+    return f"{source}: invalid parameters: " + "; ".join(problems)
+
+
+def _describe_error(e: Mapping[str, Any]) -> str:
+    key = ".".join(str(p) for p in e["loc"]) or "<root>"
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        section = _section_for(e["loc"][:-1])
+        allowed = ", ".join(sorted(section.model_fields)) if section else "?"
+        return f"{key}: unknown key (allowed: {allowed})"
+    if kind == "value_error":
+        # Our own validators' messages already name the key; drop pydantic's "Value error, " prefix.
+        return f"{key}: {e.get('ctx', {}).get('error', e['msg'])}"
+    if kind == "missing":
+        return f"{key}: {e['msg']}"
+    return f"{key}: {e['msg']}, got {e.get('input')!r}"
 
 
 def _section_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -170,19 +189,45 @@ def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Read and validate ``params.yaml``; ``overrides`` uses dotted keys (``{"index.type": "hnsw"}``)."""
+    """Read and validate ``params.yaml``; ``overrides`` uses dotted keys (``{"index.type": "hnsw"}``).
+
+    Beyond the schema, paths that must exist are checked here too (``data.path`` of a ``folder``
+    dataset, resolved against the directory holding the file, i.e. the project root), so a wrong
+    path fails before any stage starts rather than after earlier stages have rewritten outputs.
+    """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: parameter file not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        # PyYAML's message spans lines (with a caret under the column): keep it on one.
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"{path}: not valid YAML: {detail}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
-    return params_from_dict(raw, str(path))
+    params = params_from_dict(raw, str(path))
+    _check_dataset_path(params.data, path)
+    return params
+
+
+def _check_dataset_path(data: DataParams, source: Path) -> None:
+    """A ``folder`` dataset's ``data.path`` must be an existing directory (relative: to the project)."""
+    if data.dataset != "folder" or not data.path:
+        return
+    root = source.resolve().parent
+    folder = Path(data.path).expanduser()
+    folder = folder if folder.is_absolute() else root / folder
+    if folder.is_dir():
+        return
+    reason = "is not a directory" if folder.exists() else "does not exist"
+    raise ConfigError(
+        f"{source}: invalid parameters: data.path: {folder} {reason} "
+        f"(data.path={data.path!r}, relative paths are resolved against {root}; "
+        "it must hold <speaker>/<utterance>.wav|flac, optionally under train/ and test/)"
+    )
 
 
 def flatten_dotted(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -46,12 +46,16 @@ from voiceprint.layout import Layout
 from voiceprint.train import (
     GRAD_CLIP,
     WARMUP_FRACTION,
+    Resumable,
+    StepCallback,
     TrainingData,
+    TrainState,
     _mean,
     _seed_everything,
     augment,
     load_training_data,
     lr_factor,
+    report_step,
     resolve_device,
     save_trained_model,
     summarise_training,
@@ -214,13 +218,16 @@ def build_teacher_cache(
 # Training
 
 
-def train_distill(params: ModelParams, layout: Layout, *, progress: bool = True) -> dict[str, Any]:
+def train_distill(
+    params: ModelParams, layout: Layout, *, progress: bool = True, on_step: StepCallback | None = None
+) -> dict[str, Any]:
     """Distil CAM++ into an ECAPA-TDNN (``channels=[C,C,C,C,3C]``) on the train split's crops.
 
     Returns train_scratch's stats (``loss_*`` is the combined loss) plus ``teacher_model_id``,
     ``teacher_cache`` (path), ``teacher_cache_reused``, ``teacher_seconds`` and
     ``cosine_initial``/``cosine_final``: the mean student-teacher cosine over the first/last window
-    of steps (on augmented student input).
+    of steps (on augmented student input). Snapshots and resuming work as in scratch training
+    (:class:`voiceprint.train.TrainState`; the teacher cache is part of the resume key).
     """
     t0 = time.perf_counter()
     _seed_everything(params.seed)
@@ -231,7 +238,10 @@ def train_distill(params: ModelParams, layout: Layout, *, progress: bool = True)
     teacher_s = time.perf_counter() - t0 - decode_s
 
     cfg = EcapaConfig.from_channels(params.channels, lin_neurons=params.lin_neurons, n_mels=params.n_mels)
-    model, head, history = _fit(data, cache, params, cfg, device=device, progress=progress)
+    state = TrainState.for_run(layout, params, data, device, init="distill", extra={"teacher_cache": cache.path.name})
+    model, head, history = _fit(
+        data, cache, params, cfg, device=device, progress=progress, on_step=on_step, state=state
+    )
     train_s = time.perf_counter() - t0 - decode_s - teacher_s
 
     stats = summarise_training("distill", params, cfg, model, data, history)
@@ -245,8 +255,10 @@ def train_distill(params: ModelParams, layout: Layout, *, progress: bool = True)
         teacher_seconds=round(teacher_s, 2),
         train_seconds=round(train_s, 2),
         seconds_per_step=round(train_s / params.steps, 4) if params.steps else None,
+        resumed_from_step=state.resumed_from,
     )
     stats["model_id"] = save_trained_model(layout, params, cfg, model, head, data, card_stats)
+    state.clear()  # the model is written: nothing left to resume
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     log.info(
         "distilled %s from %s: %d steps, cosine %.3f -> %.3f, %.1f s (teacher %.1f s%s)",
@@ -264,6 +276,8 @@ def _fit(
     *,
     device: torch.device,
     progress: bool = True,
+    on_step: StepCallback | None = None,
+    state: TrainState | None = None,
 ) -> tuple[torch.nn.Module, AAMHead, dict[str, list[float]]]:
     """``params.steps`` steps of ``(1 - cos(student, teacher)) + distill_aam_weight * AAM``.
 
@@ -297,9 +311,25 @@ def _fit(
     use_amp = device.type == "cuda"
     queue: list[int] = []
     history: dict[str, list[float]] = {"loss": [], "cosine": [], "acc": []}
+    modules = {"model": model, "head": head, **({"project": project} if project is not None else {})}
+    parts = Resumable(
+        modules=modules,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generators={"rows": rng},
+        torch_generators={"noise": noise_gen},
+        history=history,
+    )
+    start = 0
+    if state is not None:
+        start, extra = state.resume(parts)
+        if start:
+            queue = [int(i) for i in extra["queue"]]
 
-    bar = tqdm(range(params.steps), desc="distill ecapa", unit="step", disable=not progress)
-    for _ in bar:
+    bar = tqdm(range(start, params.steps), initial=start, total=params.steps, desc="distill ecapa", unit="step",
+               disable=not progress)
+    for step in bar:
+        lr = optimizer.param_groups[0]["lr"]
         while len(queue) < params.batch_size:
             queue.extend(rng.permutation(len(data.labels)).tolist())
         speakers, queue = queue[: params.batch_size], queue[params.batch_size :]
@@ -332,6 +362,9 @@ def _fit(
         history["loss"].append(float(loss.detach()))
         history["cosine"].append(float(cosine.detach()))
         history["acc"].append(float((cosines.argmax(dim=1) == labels).float().mean()))
+        if state is not None:
+            state.step_done(step + 1, params.steps, parts, extra=lambda: {"queue": list(queue)})
+        report_step(on_step, step + 1, params, history, lr, loss="loss", cosine="cosine", acc="acc")
         if progress:
             bar.set_postfix(
                 cos=f"{_mean(history['cosine'][-10:]):.3f}",

@@ -11,6 +11,10 @@ utterances are the queries, and the gallery optionally also holds one centroid p
 speaker as distractors, which is what a deployed gallery looks like (many known voices, few of
 them the one asked about).
 
+``metrics.json`` also carries how many input files the pipeline rejected (``rejects_total`` and
+``rejects_<stage>``), so a run that silently lost half its audio to bad files cannot report a
+good EER without saying so; the numbers reach MLflow with the other numeric metrics.
+
 Outputs: ``metrics.json`` (flat, for ``dvc metrics``), ``det.png``, ``scores.png`` and ``det.csv``
 (``fpr``/``fnr`` columns, for ``dvc plots``), each written atomically.
 """
@@ -38,11 +42,12 @@ from voiceprint.schema import embeddings_matrix, l2_normalise
 
 log = logging.getLogger(__name__)
 
-__all__ = ["all_pairs_scores", "dcf_key", "evaluate"]
+__all__ = ["all_pairs_scores", "dcf_key", "evaluate", "reject_counts"]
 
 TOP_KS = (1, 5)
 DET_CSV_POINTS = 600  # DET rows kept for dvc plots; millions of trials would make it unusable
 _PAIR_BLOCK = 1024
+REJECT_STAGES = ("prepare", "segment", "embed")  # always reported, 0 when clean: stable metric keys
 
 
 def dcf_key(p_target: float) -> str:
@@ -70,6 +75,20 @@ def all_pairs_scores(vectors: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     if not scores:
         return np.zeros(0, np.float32), np.zeros(0, bool)
     return np.concatenate(scores).astype(np.float32), np.concatenate(same)
+
+
+def reject_counts(layout: Layout) -> dict[str, int]:
+    """``rejects_total`` and ``rejects_<stage>`` over every rejects table the stages wrote.
+
+    The files are the ones the DuckDB ``rejects`` view unions (:meth:`Layout.reject_tables`):
+    ``data/rejects/*.parquet`` plus the embed stage's ``data/embeddings/rejects.parquet``. Rows are
+    counted by their ``stage`` column, so the numbers match ``SELECT stage, count(*) FROM rejects``.
+    """
+    counts = dict.fromkeys(REJECT_STAGES, 0)
+    for path in layout.reject_tables():
+        for stage in pq.read_table(path, columns=["stage"]).column("stage").to_pylist():
+            counts[str(stage)] = counts.get(str(stage), 0) + 1
+    return {"rejects_total": sum(counts.values()), **{f"rejects_{stage}": n for stage, n in counts.items()}}
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -325,6 +344,7 @@ def evaluate(
         "n_train_speakers": len(set(speakers[~is_eval])),
         "embedding_dim": int(x.shape[1]),
         "model_id": model_ids[0] if model_ids else "unknown",
+        **reject_counts(layout),
     }
     metrics = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in metrics.items()}
 

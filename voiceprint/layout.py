@@ -54,6 +54,11 @@ class Layout:
         """One rejects table per stage (DVC outputs cannot be shared); DuckDB unions them."""
         return self.data / "rejects" / f"{stage}.parquet"
 
+    def reject_tables(self) -> list[Path]:
+        """Every rejects table the stages write (those that exist): the union is "the" rejects table."""
+        files = sorted((self.data / "rejects").glob("*.parquet")) + [self.embeddings / "rejects.parquet"]
+        return [f for f in files if f.exists()]
+
     @property
     def model_dir(self) -> Path:
         return self.root / "models" / "ecapa"

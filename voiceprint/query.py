@@ -47,7 +47,8 @@ the DVC output (verified on DuckDB 2.0). So DuckDB is given **no** file access a
    pushdown) and registered with ``con.register``, so DuckDB scans Arrow streams, never paths;
 2. ``temp_directory`` is pointed at a private, throw-away directory (DuckDB always allows its temp
    directory, by default ``./.tmp`` in the current directory, i.e. possibly the project);
-3. ``autoinstall_known_extensions``/``autoload_known_extensions`` are off;
+3. ``autoinstall_known_extensions``/``autoload_known_extensions``, ``allow_community_extensions``
+   and ``allow_persistent_secrets`` are off;
 4. ``SET enable_external_access = false`` blocks ``COPY ... TO``, ``EXPORT DATABASE``,
    ``ATTACH``, ``INSTALL``/``LOAD``, ``read_csv``/``read_parquet``/``glob`` on any path and
    Python replacement scans; ``allowed_paths`` stays empty;
@@ -83,6 +84,17 @@ VIEWS: dict[str, tuple[str, bool, str]] = {
 }
 
 
+#: Set when the connection is created (before any SQL runs); see the module doc for why.
+_LOCKED_DOWN: dict[str, Any] = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    # Defence in depth behind enable_external_access=false (which already blocks INSTALL/LOAD and
+    # the secrets directory): no third-party extensions, no secrets written to ~/.duckdb.
+    "allow_community_extensions": False,
+    "allow_persistent_secrets": False,
+}
+
+
 def view_paths(layout: Layout) -> dict[str, Path]:
     return {name: getattr(layout, attr) for name, (attr, _, _) in VIEWS.items()}
 
@@ -97,10 +109,7 @@ def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
     A required table whose file does not exist yet becomes a view that fails with a message naming
     the missing file and the stage that writes it; ``manifest`` is simply absent then.
     """
-    con = duckdb.connect(
-        ":memory:",
-        config={"autoinstall_known_extensions": False, "autoload_known_extensions": False},
-    )
+    con = duckdb.connect(":memory:", config=_LOCKED_DOWN)
     scratch = tempfile.mkdtemp(prefix="voiceprint-duckdb-")
     weakref.finalize(con, shutil.rmtree, scratch, True)
     con.execute(f"SET temp_directory = {_sql_string(scratch)}")
@@ -127,8 +136,7 @@ def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
 
 def _reject_tables(layout: Layout) -> list[pa.Table]:
     """Every stage writes its own rejects table (DVC outputs cannot overlap); one view shows them all."""
-    files = sorted((layout.data / "rejects").glob("*.parquet")) + [layout.embeddings / "rejects.parquet"]
-    return [ds.dataset(str(f), format="parquet").to_table() for f in files if f.exists()]
+    return [ds.dataset(str(f), format="parquet").to_table() for f in layout.reject_tables()]
 
 
 def run_query(layout: Layout, sql: str) -> pa.Table:

@@ -12,10 +12,18 @@ server. ``MLFLOW_TRACKING_URI`` overrides it (a shared server, or a test's tempo
 The client API (``MlflowClient``) is used instead of ``mlflow.start_run``: it touches no
 process-global "active run" or tracking URI, so logging from a Prefect task or a test cannot leak
 state into other code in the same process.
+
+The model stage logs through :func:`training_run`: one run named ``model`` with the ``model``
+parameters, training loss/accuracy/lr every ``model.log_every`` steps (the training loop calls
+:meth:`TrainingRun.on_step`), the final training statistics, and, with ``model.register_model``,
+the trained encoder as a pyfunc (:mod:`voiceprint.registry_model`) registered as
+``voiceprint-ecapa`` with the model id as a version tag. The run is created before training starts,
+so a misconfigured ``MLFLOW_TRACKING_URI`` fails the stage at once, not after the training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -37,12 +45,14 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EXPERIMENT",
+    "TrainingRun",
     "dvc_data_hash",
     "flatten_params",
     "git_commit",
     "log_evaluation",
     "prefect_flow_run_id",
     "tracking_uri",
+    "training_run",
 ]
 
 EXPERIMENT = "voiceprint"
@@ -137,6 +147,21 @@ def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _experiment_id(client: Any, layout: Layout, uri: str) -> str:
+    """Id of experiment ``voiceprint``, created (artifacts beside the project) if missing."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(layout, uri))
+    except Exception:
+        # Another process created it between our lookup and create: use theirs.
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 def log_evaluation(
     layout: Layout,
     params: Params,
@@ -161,19 +186,7 @@ def log_evaluation(
 
     uri = tracking_uri(layout)
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        location = _artifact_location(layout, uri)
-        try:
-            experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
-        except Exception:
-            # Another process created it between our lookup and create: use theirs.
-            experiment = client.get_experiment_by_name(EXPERIMENT)
-            if experiment is None:
-                raise
-            experiment_id = experiment.experiment_id
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = _experiment_id(client, layout, uri)
 
     commit = git_commit(layout.root)
     tags = {
@@ -212,3 +225,113 @@ def log_evaluation(
         client.set_terminated(run_id, status=status)
     log.info("logged MLflow run %s to %s", run_id, uri)
     return run_id
+
+
+# --------------------------------------------------------------------------------------------------
+# Model stage: training curves and the model registry
+
+
+class TrainingRun:
+    """The model stage's MLflow run; :meth:`on_step` is the training loop's ``on_step`` callback."""
+
+    def __init__(self, client: Any, run_id: str, uri: str):
+        self.client = client
+        self.run_id = run_id
+        self.uri = uri
+        self.registered: dict[str, str] | None = None
+
+    def on_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Log one point of each training curve (``train_loss``, ``train_acc``, ``lr``, ...) at ``step``."""
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in _numeric_metrics(metrics).items()]
+        )
+
+    def log_summary(self, stats: Mapping[str, Any]) -> None:
+        """The stage's numeric statistics as metrics, its model id as a tag, the rest as ``training.json``."""
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        step = int(stats.get("steps") or 0)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, v, now, step) for k, v in _numeric_metrics(stats).items()]
+        )
+        if stats.get("model_id"):
+            self.client.set_tag(self.run_id, "model_id", str(stats["model_id"]))
+        with tempfile.TemporaryDirectory(prefix="voiceprint-mlflow-") as tmp:
+            path = Path(tmp) / "training.json"
+            path.write_text(json.dumps(dict(stats), indent=2, sort_keys=True, default=str) + "\n")
+            self.client.log_artifact(self.run_id, str(path))
+
+    def register_model(self, model_dir: str | Path, model_id: str, name: str | None = None) -> dict[str, str]:
+        """Log ``model_dir`` as a pyfunc under the run's ``model/`` artifacts and register a new version.
+
+        Returns ``{"name", "version", "uri"}`` (``uri`` is ``models:/<name>/<version>``); the version
+        carries tags ``model_id`` and ``run_id``.
+        """
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+        from voiceprint.registry_model import REGISTERED_MODEL, save_pyfunc
+
+        name = name or REGISTERED_MODEL
+        with tempfile.TemporaryDirectory(prefix="voiceprint-pyfunc-") as tmp:
+            local = save_pyfunc(model_dir, Path(tmp) / "model", model_id=model_id)
+            self.client.log_artifacts(self.run_id, str(local), artifact_path="model")
+        try:
+            self.client.create_registered_model(
+                name, description="voiceprint ECAPA-TDNN: 16 kHz waveforms -> L2-normalised speaker embeddings"
+            )
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/model"
+        version = self.client.create_model_version(
+            name, source=source, run_id=self.run_id, tags={"model_id": model_id, "run_id": self.run_id}
+        )
+        self.registered = {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}"}
+        self.client.set_tag(self.run_id, "registered_model", self.registered["uri"])
+        log.info("registered %s as %s", model_id, self.registered["uri"])
+        return self.registered
+
+
+@contextlib.contextmanager
+def training_run(layout: Layout, params: Params, *, run_name: str = "model") -> Iterator[TrainingRun]:
+    """An MLflow run for the model stage in experiment ``voiceprint``, ended FINISHED or FAILED.
+
+    Logs the ``model`` parameters and lineage tags (git commit, Prefect flow run, project root)
+    up front; the caller passes :meth:`TrainingRun.on_step` to the training and calls
+    :meth:`~TrainingRun.log_summary` / :meth:`~TrainingRun.register_model` at the end.
+    """
+    _quiet_mlflow()
+    from mlflow.entities import Param, RunStatus
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(layout)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = _experiment_id(client, layout, uri)
+    commit = git_commit(layout.root)
+    tags = {
+        "git_commit": commit,
+        "prefect_flow_run_id": prefect_flow_run_id(),
+        "project_root": str(layout.root),
+        "stage": "model",
+        "init": params.model.init,
+    }
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    tracked = TrainingRun(client, run.info.run_id, uri)
+    status = RunStatus.to_string(RunStatus.FAILED)
+    try:
+        model_params = flatten_params({"model": params.model.model_dump()})
+        client.log_batch(tracked.run_id, params=[Param(k, v) for k, v in model_params.items()])
+        yield tracked
+        status = RunStatus.to_string(RunStatus.FINISHED)
+    finally:
+        client.set_terminated(tracked.run_id, status=status)
+        log.info("logged MLflow run %s to %s", tracked.run_id, uri)

@@ -11,14 +11,26 @@ model can only learn speaker identity from different crops of the same recording
 (additive white/pink/brown noise at a random SNR, random gain) is what stops it from keying on
 recording conditions. The loss is SpeechBrain's AAM-softmax, the optimiser Adam with a linear
 warm-up and cosine decay.
+
+Every ``checkpoint_every`` steps the whole training state (weights, AAM head, optimiser, scheduler,
+every random generator, the sampler's queue, the loss history) is written atomically to
+``data/train_state/model.pt`` (:class:`TrainState`), outside the DVC output ``models/ecapa``. A run
+that was killed resumes from it when the config and the training data are the same (same
+:func:`training_fingerprint`), and finishes with exactly the checkpoint an uninterrupted run writes;
+a state of another config is ignored and replaced. Snapshots consume no randomness, so they do not
+change what a run computes. Progress reaches MLflow (or anything else) through ``on_step(step,
+metrics)``; the loop itself knows nothing about tracking.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from voiceprint import audio
+from voiceprint.atomic import atomic_path
 from voiceprint.config import ModelParams
 from voiceprint.encoders.aam import AAMHead
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
@@ -45,6 +58,14 @@ WARMUP_FRACTION = 0.1
 MIN_LR_FRACTION = 0.01
 # Gradient-norm clip: AAM with scale 30 gives large early gradients on a randomly initialised net.
 GRAD_CLIP = 5.0
+# Bump when the content of a training-state snapshot changes, so an old one is never misread.
+STATE_VERSION = 1
+# ModelParams fields that cannot change the trained weights: not part of the resume key, nor of the
+# model card (so models/ecapa stays byte-identical whatever they are set to).
+OPERATIONAL_PARAMS = frozenset({"checkpoint_every", "log_every", "register_model"})
+
+StepCallback = Callable[[int, dict[str, float]], None]
+"""``on_step(step, metrics)``: ``step`` counts completed steps (1-based), metrics are plain floats."""
 
 
 class TrainingError(RuntimeError):
@@ -79,14 +100,19 @@ class TrainingData:
 # Public entry points
 
 
-def build_model(params: ModelParams, layout: Layout, *, progress: bool = True) -> dict[str, Any]:
-    """Produce ``layout.model_dir`` according to ``params.init`` and return stats for metrics/logs."""
+def build_model(
+    params: ModelParams, layout: Layout, *, progress: bool = True, on_step: StepCallback | None = None
+) -> dict[str, Any]:
+    """Produce ``layout.model_dir`` according to ``params.init`` and return stats for metrics/logs.
+
+    ``on_step`` receives training metrics every ``params.log_every`` steps (scratch and distill).
+    """
     if params.init == "scratch":
-        return train_scratch(params, layout, progress=progress)
+        return train_scratch(params, layout, progress=progress, on_step=on_step)
     if params.init == "distill":
         from voiceprint.distill import train_distill  # imported lazily: it pulls in the CAM++ teacher
 
-        return train_distill(params, layout, progress=progress)
+        return train_distill(params, layout, progress=progress, on_step=on_step)
     t0 = time.perf_counter()
     encoder = load_ecapa(params.source, device="cpu")
     encoder.export(layout.model_dir, extra_card={"init": "pretrained", "source": params.source})
@@ -102,11 +128,14 @@ def build_model(params: ModelParams, layout: Layout, *, progress: bool = True) -
     }
 
 
-def train_scratch(params: ModelParams, layout: Layout, *, progress: bool = True) -> dict[str, Any]:
+def train_scratch(
+    params: ModelParams, layout: Layout, *, progress: bool = True, on_step: StepCallback | None = None
+) -> dict[str, Any]:
     """Train ECAPA-TDNN (``channels=[C,C,C,C,3C]``) on the train split of ``layout.segments``.
 
     Returns ``steps``, ``loss_initial``/``loss_final`` (mean over the first/last ``loss_window``
-    steps), ``train_accuracy`` (margin-free, last window), timings, sizes and ``model_id``.
+    steps), ``train_accuracy`` (margin-free, last window), timings, sizes, ``resumed_from_step``
+    (0 unless a snapshot of an interrupted run was picked up) and ``model_id``.
     """
     t0 = time.perf_counter()
     _seed_everything(params.seed)
@@ -115,7 +144,8 @@ def train_scratch(params: ModelParams, layout: Layout, *, progress: bool = True)
     decode_s = time.perf_counter() - t0
 
     cfg = EcapaConfig.from_channels(params.channels, lin_neurons=params.lin_neurons, n_mels=params.n_mels)
-    model, head, history = fit(data, params, cfg, device=device, progress=progress)
+    state = TrainState.for_run(layout, params, data, device, init="scratch")
+    model, head, history = fit(data, params, cfg, device=device, progress=progress, on_step=on_step, state=state)
     train_s = time.perf_counter() - t0 - decode_s
 
     stats = summarise_training("scratch", params, cfg, model, data, history)
@@ -124,8 +154,10 @@ def train_scratch(params: ModelParams, layout: Layout, *, progress: bool = True)
         device=str(device),
         decode_seconds=round(decode_s, 2),
         seconds_per_step=round(train_s / params.steps, 4) if params.steps else None,
+        resumed_from_step=state.resumed_from,
     )
     stats["model_id"] = save_trained_model(layout, params, cfg, model, head, data, card_stats)
+    state.clear()  # the model is written: nothing left to resume
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     log.info(
         "trained %s: %d steps, loss %.3f -> %.3f, train acc %.3f, %.1f s",
@@ -172,7 +204,7 @@ def save_trained_model(
         cfg,
         classifier=head.classifier.cpu().eval(),
         labels=data.labels,
-        extra_card={"training": card_stats, "params": params.model_dump()},
+        extra_card={"training": card_stats, "params": params.model_dump(exclude=set(OPERATIONAL_PARAMS))},
     )
     return load_ecapa(model_dir).model_id  # loading it back proves the written directory is usable
 
@@ -350,8 +382,16 @@ def fit(
     *,
     device: torch.device,
     progress: bool = True,
+    on_step: StepCallback | None = None,
+    state: "TrainState | None" = None,
 ) -> tuple[torch.nn.Module, AAMHead, dict[str, list[float]]]:
-    """Run ``params.steps`` AAM-softmax steps; returns the model, the head and per-step loss/acc."""
+    """Run ``params.steps`` AAM-softmax steps; returns the model, the head and per-step loss/acc.
+
+    With a ``state``, the run resumes from its snapshot (if any) and snapshots itself every
+    ``params.checkpoint_every`` steps. ``on_step(step, {"train_loss", "train_acc", "lr"})`` is
+    called every ``params.log_every`` steps and after the last one (loss/acc averaged since the
+    previous call, lr of the step).
+    """
     torch.manual_seed(params.seed)  # model init is part of the seeded run
     model = cfg.build().to(device).train()
     head = AAMHead(cfg.lin_neurons, len(data.labels), margin=params.aam_margin, scale=params.aam_scale)
@@ -368,9 +408,24 @@ def fit(
     noise_gen = torch.Generator().manual_seed(params.seed + 1)
     use_amp = device.type == "cuda"
     history: dict[str, list[float]] = {"loss": [], "acc": []}
+    parts = Resumable(
+        modules={"model": model, "head": head},
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generators={"sampler": sampler.rng},
+        torch_generators={"noise": noise_gen},
+        history=history,
+    )
+    start = 0
+    if state is not None:
+        start, extra = state.resume(parts)
+        if start:
+            sampler._queue = [int(i) for i in extra["queue"]]
 
-    bar = tqdm(range(params.steps), desc="train ecapa", unit="step", disable=not progress)
-    for _ in bar:
+    bar = tqdm(range(start, params.steps), initial=start, total=params.steps, desc="train ecapa", unit="step",
+               disable=not progress)
+    for step in bar:
+        lr = optimizer.param_groups[0]["lr"]
         wavs, targets = sampler.batch(params.batch_size)
         wavs = augment(wavs, noise_gen).to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -390,6 +445,9 @@ def fit(
         acc = (cosines.argmax(dim=1) == targets).float().mean()
         history["loss"].append(float(loss.detach()))
         history["acc"].append(float(acc))
+        if state is not None:
+            state.step_done(step + 1, params.steps, parts, extra=lambda: {"queue": list(sampler._queue)})
+        report_step(on_step, step + 1, params, history, lr, loss="loss", acc="acc")
         if progress:
             recent = slice(-10, None)
             bar.set_postfix(
@@ -398,6 +456,199 @@ def fit(
                 lr=f"{scheduler.get_last_lr()[0]:.1e}",
             )
     return model, head, history
+
+
+def report_step(
+    on_step: StepCallback | None, done: int, params: ModelParams, history: dict[str, list[float]], lr: float,
+    **series: str,
+) -> None:
+    """Call ``on_step`` every ``params.log_every`` steps and after the last one.
+
+    ``series`` maps metric name suffixes to history keys (``loss="loss"`` -> ``train_loss``): each is
+    averaged over the steps since the previous report.
+    """
+    if on_step is None or params.log_every <= 0 or (done % params.log_every and done != params.steps):
+        return
+    window = done - (done - 1) // params.log_every * params.log_every  # steps since the last report
+    metrics = {f"train_{name}": float(np.mean(history[key][-window:])) for name, key in series.items()}
+    metrics["lr"] = float(lr)
+    on_step(done, metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resumable training state
+
+
+@dataclass
+class Resumable:
+    """What a training loop mutates, gathered so that it can be snapshotted and restored."""
+
+    modules: dict[str, torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generators: dict[str, np.random.Generator]
+    torch_generators: dict[str, torch.Generator]
+    history: dict[str, list[float]]
+
+
+def training_fingerprint(
+    params: ModelParams, data: TrainingData, device: torch.device, extra: dict[str, Any] | None = None
+) -> str:
+    """Hash of everything a training run's result depends on: the parameters that affect training
+    (all but :data:`OPERATIONAL_PARAMS`; the resolved device instead of ``auto``), the decoded
+    training audio and its labels, the torch version and ``extra`` (e.g. the teacher cache)."""
+    key = {
+        "version": STATE_VERSION,
+        "params": params.model_dump(exclude={*OPERATIONAL_PARAMS, "device"}),
+        "device": device.type,
+        "torch": torch.__version__,
+        "labels": data.labels,
+        "segment_ids": data.segment_ids,
+        "extra": extra or {},
+    }
+    h = hashlib.blake2b(json.dumps(key, sort_keys=True, default=str).encode(), digest_size=16)
+    for clips in data.clips:
+        h.update(len(clips).to_bytes(8, "little"))
+        for clip in clips:
+            h.update(len(clip).to_bytes(8, "little"))
+            h.update(np.ascontiguousarray(clip, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+class TrainState:
+    """Periodic atomic snapshots of a training run in ``path``, and resuming from one.
+
+    A snapshot is a ``torch.save`` of tensors and plain containers only (numpy generator states as
+    their ``bit_generator.state`` dicts, Python's as ``random.getstate()``), so it is read back with
+    ``torch.load(weights_only=True)``. It is written through a temporary file and ``os.replace``: a
+    kill leaves the previous snapshot or the new one, never half of one. A snapshot whose
+    ``fingerprint`` differs (another config, other data) is ignored, and replaced by the next save.
+
+    A resumed run ends bit-identical to an uninterrupted one on the same device with the same torch
+    thread count (CPU reductions are split by thread, so the count is part of the arithmetic; it is
+    not part of the key, so a resume with another count still continues, just not bit for bit).
+    Nothing runs in DataLoader workers, so there are no worker seeds to restore.
+    """
+
+    def __init__(self, path: Path | None, fingerprint: str, every: int):
+        self.path = path
+        self.fingerprint = fingerprint
+        self.every = every if path is not None else 0
+        self.resumed_from = 0
+
+    @classmethod
+    def for_run(
+        cls, layout: Layout, params: ModelParams, data: TrainingData, device: torch.device, *, init: str,
+        extra: dict[str, Any] | None = None,
+    ) -> "TrainState":
+        """The state of ``layout`` (``data/train_state/model.pt``); disabled when ``checkpoint_every`` is 0."""
+        if params.checkpoint_every <= 0:
+            return cls(None, "", 0)
+        fingerprint = training_fingerprint(params, data, device, {"init": init, **(extra or {})})
+        return cls(layout.data / "train_state" / "model.pt", fingerprint, params.checkpoint_every)
+
+    def load(self) -> dict[str, Any] | None:
+        """The snapshot for this fingerprint, or None (none, unreadable, or another config's)."""
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            snap = torch.load(self.path, weights_only=True, map_location="cpu")
+        except Exception as err:  # truncated by a full disk, an older format: start afresh
+            log.warning("%s: unreadable training state, ignored (%s: %s)", self.path, type(err).__name__, err)
+            return None
+        if not isinstance(snap, dict) or (snap.get("version"), snap.get("fingerprint")) != (
+            STATE_VERSION,
+            self.fingerprint,
+        ):
+            log.info("%s: training state of another config or data; ignored (replaced by the next one)", self.path)
+            return None
+        return snap
+
+    def resume(self, parts: Resumable) -> tuple[int, dict[str, Any]]:
+        """Restore ``parts`` from the matching snapshot; (completed steps, extra) or (0, {})."""
+        snap = self.load()
+        if snap is None:
+            return 0, {}
+        for name, module in parts.modules.items():
+            module.load_state_dict(snap["modules"][name])
+        parts.optimizer.load_state_dict(snap["optimizer"])
+        parts.scheduler.load_state_dict(snap["scheduler"])
+        for name, gen in parts.generators.items():
+            gen.bit_generator.state = snap["generators"][name]
+        for name, tgen in parts.torch_generators.items():
+            tgen.set_state(snap["torch_generators"][name])
+        for key, values in snap["history"].items():
+            parts.history[key] = [float(v) for v in values]
+        _set_global_rng_state(snap["rng"])
+        self.resumed_from = int(snap["step"])
+        log.info("resuming training from %s at step %d", self.path, self.resumed_from)
+        return self.resumed_from, snap.get("extra", {})
+
+    def step_done(self, done: int, total: int, parts: Resumable, extra: Callable[[], dict[str, Any]]) -> None:
+        """Snapshot after every ``every``-th completed step but the last (the model is written next)."""
+        if self.every <= 0 or done % self.every or done >= total:
+            return
+        self.save(done, parts, extra())
+
+    def save(self, done: int, parts: Resumable, extra: dict[str, Any]) -> None:
+        assert self.path is not None
+        snap = {
+            "version": STATE_VERSION,
+            "fingerprint": self.fingerprint,
+            "step": done,
+            "modules": {name: _cpu_state(m.state_dict()) for name, m in parts.modules.items()},
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "generators": {name: g.bit_generator.state for name, g in parts.generators.items()},
+            "torch_generators": {name: g.get_state() for name, g in parts.torch_generators.items()},
+            "history": {k: list(v) for k, v in parts.history.items()},
+            "rng": _global_rng_state(),
+            "extra": extra,
+        }
+        with atomic_path(self.path, suffix=".pt") as tmp:
+            torch.save(snap, tmp)
+
+    def clear(self) -> None:
+        """Remove this run's snapshot (after the model is written); another config's is left alone."""
+        if self.path is not None and self.load() is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in state.items()}
+
+
+def _global_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_global_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    npst = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+            "has_gauss": npst["has_gauss"],
+            "gauss": npst["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _seed_everything(seed: int) -> None:

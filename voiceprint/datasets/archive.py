@@ -426,22 +426,33 @@ def _extract_tar(archive: Path, dest: Path, members: list[_Member], limits: _Lim
 def _extract_zip(archive: Path, dest: Path, members: list[_Member]) -> None:
     with zipfile.ZipFile(archive) as zf:
         for info, member in zip(zf.infolist(), members, strict=True):
-            out = dest / member.name
-            if member.kind == "dir":
-                out.mkdir(parents=True, exist_ok=True)
-                continue
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if member.kind == "symlink":
-                assert member.link is not None
-                rel = posixpath.relpath(member.link, posixpath.dirname(member.name) or ".")
-                if out.is_symlink() or out.exists():
-                    out.unlink()
-                os.symlink(rel, out)
-                continue
-            # ZipExtFile stops at the declared file_size and checks the CRC, so a lying header
-            # cannot write more than the validated total.
-            with zf.open(info) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, _COPY_CHUNK)
-            mode = info.external_attr >> 16 if info.create_system == 3 else 0
-            if mode & 0o111:
-                out.chmod(0o755)
+            try:
+                _extract_zip_member(zf, info, member, dest)
+            except (zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, NotImplementedError, RuntimeError) as err:
+                # A CRC mismatch here usually means the header understated the member's size (the
+                # copy stopped at the declared size): the archive is corrupt or lying, so refuse it.
+                # NotImplementedError/RuntimeError: unsupported compression, encrypted member.
+                raise ArchiveError(f"{archive}: refusing member {info.filename!r}: {err}") from None
+
+
+def _extract_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, member: _Member, dest: Path) -> None:
+    """Write one validated zip member below ``dest`` (the temporary directory of the extraction)."""
+    out = dest / member.name
+    if member.kind == "dir":
+        out.mkdir(parents=True, exist_ok=True)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if member.kind == "symlink":
+        assert member.link is not None
+        rel = posixpath.relpath(member.link, posixpath.dirname(member.name) or ".")
+        if out.is_symlink() or out.exists():
+            out.unlink()
+        os.symlink(rel, out)
+        return
+    # ZipExtFile stops at the declared file_size and checks the CRC, so a lying header
+    # cannot write more than the validated total.
+    with zf.open(info) as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst, _COPY_CHUNK)
+    mode = info.external_attr >> 16 if info.create_system == 3 else 0
+    if mode & 0o111:
+        out.chmod(0o755)

@@ -16,6 +16,15 @@ Design choices:
 * **Reruns are cheap.** A destination already holding the right bytes is not copied again.
 * **``data/raw`` mirrors the manifest.** Files left over from an earlier run with other caps or a
   different dataset are removed, so the DVC output never carries audio the manifest does not list.
+* **Every kept file decodes.** After the copy the whole file is decoded block by block
+  (:func:`voiceprint.audio.validate`, bounded memory for hour-long files): zero-byte, truncated or
+  undecodable files, text or random bytes with an audio name, NaN/Inf samples and digital silence
+  become rejects here, so later stages only see audio that decodes end to end. Odd but usable
+  audio (any rate, stereo, 24-bit or float samples, clipping) is kept; ``load`` resamples and
+  downmixes it. Too-short files are the segment stage's call (it knows ``vad.min_segment_s``).
+* **Folder scans terminate.** Symlinked sub-folders are followed (datasets are often symlink
+  farms) but never into a folder already visited; a link back to an enclosing folder, a symlink
+  loop and a dangling link are each one reject, not a hang, a crash or a silent omission.
 * **Caps are applied to the listing**, before verification: ``max_speakers`` keeps the first N
   speaker ids (sorted as strings) of each split and ``max_utterances_per_speaker`` the first N
   utterance ids, so a quick run always looks at the same files, and a reject is not silently
@@ -37,7 +46,7 @@ from tqdm import tqdm
 
 from voiceprint import schema
 from voiceprint.atomic import atomic_path, write_table
-from voiceprint.audio import AudioError, probe
+from voiceprint.audio import AudioError, os_reason, validate
 from voiceprint.config import DataParams
 from voiceprint.datasets import librispeech
 from voiceprint.datasets.checksums import CHUNK_SIZE, parse_checksum_file, sha256_file
@@ -101,14 +110,9 @@ def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> Pre
         candidates, splits = _librispeech_candidates(params, layout, progress=progress)
     elif params.dataset == "folder":
         candidates, splits, stray = _folder_candidates(params, layout)
-        for path in stray:
-            outcome.rejects.append(
-                {
-                    "path": _display(layout, path),
-                    "stage": STAGE,
-                    "reason": "audio file outside a speaker folder (expected <speaker>/<utterance>.{wav,flac})",
-                }
-            )
+        for path, problem in stray:
+            reason = problem or "audio file outside a speaker folder (expected <speaker>/<utterance>.{wav,flac})"
+            outcome.rejects.append({"path": _display(layout, path), "stage": STAGE, "reason": reason})
     else:  # pragma: no cover - DataParams validates the literal
         raise PrepareError(f"unknown dataset kind {params.dataset!r}")
 
@@ -226,8 +230,11 @@ def _librispeech_candidates(
     return candidates, splits
 
 
-def _folder_candidates(params: DataParams, layout: Layout) -> tuple[list[_Candidate], list[str], list[Path]]:
-    """Candidates, the splits present, and audio files lying outside any speaker folder."""
+def _folder_candidates(
+    params: DataParams, layout: Layout
+) -> tuple[list[_Candidate], list[str], list[tuple[Path, str | None]]]:
+    """Candidates, the splits present, and what lies outside any speaker folder: stray audio files
+    (problem None) and symlinks that cannot be followed (with the problem)."""
     assert params.path is not None  # DataParams requires it for dataset=folder
     root = _resolve(layout, params.path)
     if not root.is_dir():
@@ -244,13 +251,13 @@ def _folder_candidates(params: DataParams, layout: Layout) -> tuple[list[_Candid
         layout_by_split = {EVAL: root}
 
     candidates: list[_Candidate] = []
-    stray = sorted(p for p in root.iterdir() if p.is_file() and _is_audio(p))
+    bases = [root, *(base for base in layout_by_split.values() if base != root)]
+    stray: list[tuple[Path, str | None]] = [item for base in bases for item in _loose_entries(base)]
     for split, base in layout_by_split.items():
-        if base != root:
-            stray.extend(sorted(p for p in base.iterdir() if p.is_file() and _is_audio(p)))
-        for speaker in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for path in sorted(p for p in speaker.rglob("*") if p.is_file() and _is_audio(p)):
-                candidates.append(_Candidate(split, speaker.name, path.stem, path, path.suffix.lower()))
+        for speaker in _speaker_dirs(base):
+            for path, problem in _walk_audio(speaker):
+                suffix = path.suffix.lower()
+                candidates.append(_Candidate(split, speaker.name, path.stem, path, suffix, problem=problem))
     # Folder datasets often name files 001.wav per speaker; file stems are then not unique ids, so
     # the speaker becomes part of every id (and of the copied file's name, keeping id == stem).
     stems = defaultdict(set)
@@ -259,6 +266,78 @@ def _folder_candidates(params: DataParams, layout: Layout) -> tuple[list[_Candid
     if any(len(owners) > 1 for owners in stems.values()):
         candidates = [replace(c, utterance_id=f"{c.speaker_id}-{c.utterance_id}") for c in candidates]
     return candidates, list(layout_by_split), stray
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why a symlink cannot be followed (loop, dangling target), or None when it resolves."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except OSError as err:
+        return os_reason(path, err)
+    return None
+
+
+def _loose_entries(base: Path) -> list[tuple[Path, str | None]]:
+    """What lies directly in ``base`` that is no speaker folder but matters: audio files (strays) and
+    symlinks that cannot be followed, each with its problem (None for a plain stray file)."""
+    out: list[tuple[Path, str | None]] = []
+    for path in sorted(base.iterdir()):
+        if path.name.startswith("."):
+            continue
+        problem = _link_problem(path)
+        if problem or (path.is_file() and _is_audio(path)):
+            out.append((path, problem))
+    return out
+
+
+def _speaker_dirs(base: Path) -> list[Path]:
+    """Speaker folders of a split, symlinked ones included (broken links are _loose_entries' rows)."""
+    return [
+        path
+        for path in sorted(base.iterdir())
+        if not path.name.startswith(".") and _link_problem(path) is None and path.is_dir()
+    ]
+
+
+def _walk_audio(folder: Path) -> list[tuple[Path, str | None]]:
+    """Audio files under a speaker folder, sorted, each with a problem that makes it unusable (or None).
+
+    Written out instead of ``rglob`` so that links are decided explicitly: a symlinked sub-folder is
+    followed once; one that leads back to a folder on the current path is a symlink loop (reported,
+    not followed); a link that loops or dangles is reported whatever its name, since the scan
+    cannot tell whether it was meant to be a file or a folder (``rglob``/``is_file`` would silently
+    drop it). Hidden entries are skipped.
+    """
+    found: list[tuple[Path, str | None]] = []
+    visited: set[str] = set()
+
+    def visit(directory: Path, ancestors: tuple[str, ...]) -> None:
+        real = os.path.realpath(directory)
+        visited.add(real)
+        try:
+            entries = sorted(directory.iterdir())
+        except OSError as err:
+            found.append((directory, f"folder could not be listed ({err.strerror or err})"))
+            return
+        for path in entries:
+            if path.name.startswith("."):
+                continue
+            problem = _link_problem(path)
+            if problem:
+                found.append((path, problem))
+            elif path.is_dir():
+                target = os.path.realpath(path)
+                if target in ancestors or target == real:
+                    found.append((path, f"symlink loop: links back to the enclosing folder {target}; not followed"))
+                elif target not in visited:
+                    visit(path, (*ancestors, real))
+            elif path.is_file() and _is_audio(path):
+                found.append((path, None))
+
+    visit(folder, ())
+    return sorted(found, key=lambda item: item[0].as_posix())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,7 +402,7 @@ def _materialise(cand: _Candidate, layout: Layout, outcome: _Outcome) -> None:
         reject(f"could not be read or copied ({err.strerror or err})")
         return
     try:
-        info = probe(dest)
+        info = validate(dest)
     except AudioError as err:
         dest.unlink(missing_ok=True)
         reject(err.reason)

@@ -22,6 +22,10 @@ class SpeakerEncoder(ABC):
     name: str
     dim: int
     sample_rate: int = 16_000
+    #: Whether the engine may run ``embed`` under bf16/fp16 autocast. Only encoders that keep their
+    #: feature front end in float32 (log-mel of quiet frames suffers in 16 bits) and were checked
+    #: against float32 say yes.
+    autocast_safe: bool = False
 
     @abstractmethod
     def embed(self, wavs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor: ...

@@ -143,6 +143,7 @@ class EcapaEncoder(ModuleEncoder):
     """
 
     name = "ecapa"
+    autocast_safe = True  # features are computed in float32 (see embed); bf16 checked in tests/test_embed.py
 
     def __init__(
         self,
