@@ -32,7 +32,7 @@ test: install
 test-fast: install
 	python -m pytest -q -m 'not slow'
 
-# Peer vs ours, one JSON line per measurement, then benchmarks/RESULTS.md (~12 min on 2 CPU cores).
+# Peer vs ours, one JSON line per measurement, then benchmarks/RESULTS.md (~6 min on 2 CPU cores).
 # Run it on an otherwise idle machine: contention distorts the ratios.
 BENCH_OUT := benchmarks/results.jsonl
 bench: install

@@ -6,10 +6,11 @@ Peers (SpeechBrain's own inference class, ``EncoderClassifier.encode_batch``):
 * ``sb_padded16``: padded batches of 16 files in corpus order (no length bucketing).
 
 Ours: :func:`voiceprint.embed.run_encoder` as the ``embed`` stage runs it with the default
-``embed`` settings (decode in a worker process; on CPU one segment per call, in bf16 autocast where
-the CPU has native bf16). Two ablations show what each choice earns: ``ours_fp32`` (``amp:
-false``) and ``ours_fp32_batched`` (``amp: false, cpu_batching: true``: length-bucketed padded
-batches, the engine's GPU plan).
+``embed`` settings (on CPU, for this 20.8 M-parameter model: one segment per call, bf16 autocast
+where the CPU has native bf16, decoding in the main process when no core is free for a worker).
+Three ablations show what each choice earns: ``ours_fp32`` (``amp: false``), ``ours_fp32_batched``
+(``amp: false, cpu_batching: true``: length-bucketed padded batches, the engine's GPU plan) and
+``ours_decode_worker`` (defaults plus one decode worker process).
 
 Every method decodes the FLAC files itself inside the timed region. Repetitions are interleaved
 (round-robin, rotating order) and each method's median round is reported, so drift in machine load
@@ -107,7 +108,9 @@ class Peers:
 class Ours:
     """The embed stage's engine over whole files (each file one segment)."""
 
-    def __init__(self, model_dir: Path, files: list[tuple[Path, float]], params: EmbedParams, device: str = "cpu"):
+    def __init__(self, model_dir: Path, files: list[tuple[Path, float]], params: EmbedParams, device: str = "cpu",
+                 num_workers: int | None = None):
+        self.num_workers = num_workers
         self.items = [_Item(p, 0.0, d) for p, d in files]
         self.durations = np.array([d for _, d in files])
         self.params = params
@@ -116,7 +119,8 @@ class Ours:
 
     def run(self) -> np.ndarray:
         out = np.zeros((len(self.items), self.encoder.dim), dtype=np.float32)
-        for idx, vectors, bad in run_encoder(self.encoder, self.items, self.durations, self.params, progress=False):
+        for idx, vectors, bad in run_encoder(self.encoder, self.items, self.durations, self.params, progress=False,
+                                                 num_workers=self.num_workers):
             assert not bad, bad
             out[idx] = vectors
         return out
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         ablations = {
             "ours_fp32": Ours(model_dir, files, EmbedParams(device="cpu", amp=False)),
             "ours_fp32_batched": Ours(model_dir, files, EmbedParams(device="cpu", amp=False, cpu_batching=True)),
+            "ours_decode_worker": Ours(model_dir, files, EmbedParams(device="cpu"), num_workers=1),
         }
 
         methods: dict[str, Callable[[], np.ndarray]] = {
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "peer": "SpeechBrain EncoderClassifier.encode_batch, one file at a time",
             "peer_realtime_factor": round(rtf["sb_loop"], 1),
-            "ours": f"voiceprint embed engine, default settings ({ours.precision}, one segment per call on CPU)",
+            "ours": f"voiceprint embed engine, default settings ({ours.precision}, one segment per call, no decode worker on 2 cores)",
             "ours_realtime_factor": round(rtf["ours"], 1),
             "ratio_vs_sb_loop": round(rtf["ours"] / rtf["sb_loop"], 2),
             "min_cosine_vs_sb_fp32": round(float(cosines(outputs["ours"], reference).min()), 6),

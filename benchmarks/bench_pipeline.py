@@ -36,8 +36,8 @@ RSS_TARGET = 1.2
 
 DRIVER = """
 import json, resource, sys, time
-import torch
 from voiceprint.config import load_params
+import torch
 from voiceprint.embed import embed_segments, load_pipeline_encoder, pick_device
 from voiceprint.layout import Layout
 layout = Layout.at(sys.argv[1])
@@ -47,7 +47,7 @@ started = time.perf_counter()
 summary = embed_segments(layout, params.embed, encoder=encoder, progress=False)
 summary["stage_s"] = time.perf_counter() - started
 summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-summary["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+summary["children_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 summary["torch_threads"] = torch.get_num_threads()
 print(json.dumps(summary))
 """
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": "pipeline", "stage": "embed", "scale": scale, "segments": r["segments"],
                 "audio_s": r["audio_s"], "stage_s": round(r["stage_s"], 2), "wall_s": round(r["wall_s"], 2),
                 "audio_s_per_s": round(r["audio_s"] / r["stage_s"], 1),
-                "peak_rss_mb": round(r["peak_rss_mb"], 1), "worker_peak_rss_mb": round(r["worker_peak_rss_mb"], 1),
+                "peak_rss_mb": round(r["peak_rss_mb"], 1), "children_peak_rss_mb": round(r["children_peak_rss_mb"], 1),
                 "model": r["model_id"], "torch_threads": r["torch_threads"], "hardware": hardware(),
             }, args.out)
 

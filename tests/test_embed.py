@@ -91,7 +91,7 @@ def test_utterance_file_embedding_is_normalised_and_speaker_consistent(encoder, 
 
 
 def test_cpu_engine_precision_and_batching_agree_with_float32(tmp_path: Path, encoder, test_other_files: list[Path]):
-    """bf16 on CPUs with native bf16, one segment per call: embeddings match float32 padded batches."""
+    """bf16 on CPUs with native bf16, padded batches: embeddings match float32 one segment per call."""
     from voiceprint.embed import autocast_dtype
 
     layout = Layout.at(tmp_path)
@@ -99,7 +99,7 @@ def test_cpu_engine_precision_and_batching_agree_with_float32(tmp_path: Path, en
     _segments(layout, files)
     fast = embed_segments(layout, EmbedParams(max_batch_s=20.0), encoder=encoder, progress=False)
     fast_table = pq.read_table(layout.segment_embeddings)
-    exact = embed_segments(layout, EmbedParams(max_batch_s=20.0, amp=False, cpu_batching=True), encoder=encoder,
+    exact = embed_segments(layout, EmbedParams(max_batch_s=20.0, amp=False, cpu_batching=False), encoder=encoder,
                            progress=False)
     exact_table = pq.read_table(layout.segment_embeddings)
 
@@ -112,15 +112,19 @@ def test_cpu_engine_precision_and_batching_agree_with_float32(tmp_path: Path, en
     assert cos.min() > 0.999, cos.min()
 
 
-def test_batch_plan_is_per_segment_on_cpu_and_bucketed_elsewhere():
-    from voiceprint.embed import batch_plan
+def test_batch_plan_on_cpu_depends_on_model_size(encoder, monkeypatch: pytest.MonkeyPatch):
+    from voiceprint import embed
 
     durations = np.array([3.0, 1.0, 2.0, 8.0])
-    cpu = batch_plan(durations, EmbedParams(max_batch_s=6.0), torch.device("cpu"))
-    assert [b.tolist() for b in cpu] == [[1], [2], [0], [3]]
-    bucketed = batch_plan(durations, EmbedParams(max_batch_s=6.0, cpu_batching=True), torch.device("cpu"))
-    assert [b.tolist() for b in bucketed] == [b.tolist() for b in length_buckets(durations, 6.0)]
-    assert len(bucketed) < len(cpu)
+    buckets = [b.tolist() for b in length_buckets(durations, 6.0)]
+    per_segment = [[1], [2], [0], [3]]
+    plan = lambda **kw: [b.tolist() for b in embed.batch_plan(durations, EmbedParams(max_batch_s=6.0, **kw), encoder)]
+    assert plan() == buckets  # a small model batches
+    assert plan(cpu_batching=False) == per_segment
+    monkeypatch.setattr(embed, "CPU_PER_SEGMENT_MIN_PARAMS", encoder.num_parameters())
+    assert plan() == per_segment  # a large one does not
+    assert plan(cpu_batching=True) == buckets
+    assert len(buckets) < len(per_segment)
 
 
 def test_only_autocast_safe_encoders_run_in_reduced_precision(encoder):

@@ -92,8 +92,9 @@ class EmbedParams(_Section):
     # Length-bucketed batches are capped by total audio seconds rather than item count.
     max_batch_s: float = Field(default=120.0, gt=0.0)
     amp: bool = True
-    # CPU: padded batches (capped by max_batch_s) instead of one segment per call (slower, measured).
-    cpu_batching: bool = False
+    # CPU: length-bucketed batches (true) or one segment per call (false); auto: batches below 10 M
+    # parameters (measured: small models gain from batching on CPU, large ones lose).
+    cpu_batching: Literal["auto"] | bool = "auto"
 
 
 class IndexParams(_Section):

@@ -1,8 +1,9 @@
 """The ``embed`` stage: speech segments in, L2-normalised speaker embeddings out (Parquet).
 
-The engine sorts segments by duration; on CUDA it cuts batches by total padded audio seconds
-(``embed.max_batch_s``), so batches carry little padding, and copies them pinned and
-non-blocking; on CPU each segment is its own call (faster there than padded batches). Decoding and
+The engine sorts segments by duration and cuts batches by total padded audio seconds
+(``embed.max_batch_s``), so batches carry little padding; on CUDA they are copied pinned and
+non-blocking. On CPU a large model gets one segment per call instead (faster there, see
+:func:`batch_plan`). Decoding and
 resampling run in a DataLoader worker process while the model computes (on CPU only when a core is
 free for it). The model runs under bf16
 autocast where the hardware has native bf16 (CUDA; CPUs with AVX512-BF16/AMX), fp16 on older GPUs. Finished batches are staged as Parquet
@@ -32,7 +33,7 @@ from voiceprint import atomic, audio, schema
 from voiceprint.config import EmbedParams
 from voiceprint.encoders.base import SpeakerEncoder
 from voiceprint.layout import Layout
-from voiceprint.memory import bound_heap_growth
+from voiceprint.memory import release_free_heap
 from voiceprint.parts import PartStore, fingerprint
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,9 @@ def _cpu_has_native_bf16() -> bool:
 def decode_workers(device: torch.device) -> int:
     """One decode worker process, unless on CPU it would take a core from the model's threads.
 
-    Measured on 2 cores (ECAPA-TDNN C=1024): a decode worker beside two intra-op threads halved
-    throughput (33 vs 75 audio s/s), while decoding FLAC in the main process costs ~1 %.
+    Measured on 2 cores: a decode worker beside two intra-op threads cost ECAPA-TDNN C=1024 half
+    its throughput (33 vs 75 audio s/s) and C=128 a third (~350 vs ~500), while decoding FLAC in
+    the main process costs ~1 %.
     """
     if device.type != "cpu":
         return 1
@@ -145,14 +147,26 @@ def decode_workers(device: torch.device) -> int:
     return 1 if cores > torch.get_num_threads() else 0
 
 
-def batch_plan(durations: np.ndarray, params: EmbedParams, device: torch.device) -> list[np.ndarray]:
-    """Length-bucketed batches on accelerators; one segment per call on CPU (unless ``cpu_batching``).
+#: Seconds between returns of free heap pages to the kernel during a run.
+TRIM_EVERY_S = 2.0
 
-    On CPU a padded batch is slower than the same segments one by one (padding is wasted work and
-    large activations fall out of cache: see benchmarks/RESULTS.md), so CPU batches hold one
-    segment, still in duration order.
+#: On CPU, encoders at least this large get one segment per call (``embed.cpu_batching: auto``).
+CPU_PER_SEGMENT_MIN_PARAMS = 10_000_000
+
+
+def batch_plan(durations: np.ndarray, params: EmbedParams, encoder: SpeakerEncoder) -> list[np.ndarray]:
+    """Length-bucketed batches (``max_batch_s`` of padded audio each), or one segment per call.
+
+    Measured on 2 CPU cores (benchmarks/RESULTS.md): a large model (ECAPA-TDNN C=1024, 20.8 M
+    parameters) runs 1.8x faster one segment at a time than in padded batches (padding is wasted
+    work and its activations fall out of cache), while a small one (C=128, 0.76 M) runs 3x faster
+    in batches (per-call overhead dominates). ``cpu_batching: auto`` picks by parameter count;
+    accelerators always batch.
     """
-    if device.type == "cpu" and not params.cpu_batching:
+    choice = params.cpu_batching
+    if choice == "auto":
+        choice = encoder.num_parameters() < CPU_PER_SEGMENT_MIN_PARAMS
+    if encoder.device.type == "cpu" and not choice:
         return [np.asarray([i]) for i in np.argsort(durations, kind="stable")]
     return length_buckets(durations, params.max_batch_s)
 
@@ -177,7 +191,7 @@ def run_encoder(
     if num_workers is None:
         num_workers = decode_workers(device)
     if batches is None:
-        batches = batch_plan(durations, params, device)
+        batches = batch_plan(durations, params, encoder)
     if not batches:
         return
     loader = DataLoader(
@@ -193,6 +207,7 @@ def run_encoder(
     total = float(sum(durations[b].sum() for b in batches))
     bar = tqdm(total=total, desc="embed", unit="audio-s", disable=not progress or None,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, {rate_fmt}]")
+    trimmed = time.monotonic()
     with torch.inference_mode():
         for idx, wavs, lengths, bad in loader:
             if idx:
@@ -204,6 +219,9 @@ def run_encoder(
             else:
                 vectors = np.zeros((0, encoder.dim), dtype=np.float32)
             bar.update(float(durations[idx].sum()) + float(durations[[i for i, _ in bad]].sum()))
+            if time.monotonic() - trimmed >= TRIM_EVERY_S:
+                release_free_heap()  # keeps peak RSS independent of the batch count (voiceprint.memory)
+                trimmed = time.monotonic()
             yield idx, vectors, bad
     bar.close()
 
@@ -233,7 +251,6 @@ def embed_segments(
     every ``part_every_s`` seconds, so a killed run resumes where it stopped and loses at most that
     much work; the final files appear atomically once every batch is done.
     """
-    bound_heap_growth()
     out_dir = Path(out_dir) if out_dir is not None else layout.embeddings
     device = pick_device(params.device) if encoder is None else encoder.device
     encoder = encoder or load_pipeline_encoder(layout, device)
@@ -242,7 +259,7 @@ def embed_segments(
     n = segments.num_rows
     items = [_Item(layout.resolve(p), s, e) for p, s, e in zip(seg["path"], seg["start_s"], seg["end_s"])]
     durations = np.asarray(seg["end_s"], dtype=np.float64) - np.asarray(seg["start_s"], dtype=np.float64)
-    batches = batch_plan(durations, params, encoder.device)
+    batches = batch_plan(durations, params, encoder)
 
     store = PartStore.open(
         layout.data / "work",
