@@ -65,7 +65,10 @@ class ModelParams(_Section):
     channels: int = Field(default=128, ge=8)
     lin_neurons: int = Field(default=192, ge=8)
     n_mels: int = Field(default=80, ge=8)
-    steps: int = Field(default=800, ge=0)
+    steps: int = Field(default=1200, ge=0)
+    # init=pretrained: AAM-softmax steps adapting model.source to this dataset's train split (0: use
+    # it as is). Uses lr, batch_size, crop_s, augment, aam_* like scratch training.
+    finetune_steps: int = Field(default=0, ge=0)
     batch_size: int = Field(default=32, ge=1)
     crop_s: float = Field(default=2.0, gt=0.0)
     lr: float = Field(default=0.002, gt=0.0)
@@ -74,6 +77,11 @@ class ModelParams(_Section):
     aam_scale: float = Field(default=30.0, gt=0.0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Training augmentation (voiceprint.augment): coloured noise + gain, noise cut from the non-speech
+    # parts of the training files, synthetic reverberation, speed perturbation 0.9/1.0/1.1.
+    augment: list[Literal["noise", "nonspeech", "reverb", "speed"]] = Field(
+        default_factory=lambda: ["noise", "nonspeech", "reverb", "speed"]
+    )
     # init=distill: fixed crops per train segment whose CAM++ (teacher) embeddings are cached, and
     # the weight of the AAM-softmax speaker loss added to the student-teacher cosine loss (0: none).
     distill_crops_per_segment: int = Field(default=4, ge=1)

@@ -14,7 +14,7 @@ training segment ``distill_crops_per_segment`` crops of ``crop_s`` are drawn onc
 from the seed and the segment id, embedded once, and stored in Parquet under
 ``data/teacher_cache/``; a training step then costs student time only, and a rerun with the same
 data and crop settings skips the teacher altogether (it is not even loaded). Augmentation (noise,
-gain; :func:`voiceprint.train.augment`) is applied to the student's input only while the target
+gain, recorded non-speech, reverberation; :mod:`voiceprint.augment`) is applied to the student's input only while the target
 stays the clean teacher embedding: that is what teaches the student to ignore recording conditions.
 """
 
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from voiceprint import audio
 from voiceprint.atomic import write_table
+from voiceprint.augment import Augmenter
 from voiceprint.config import ModelParams
 from voiceprint.encoders.aam import AAMHead
 from voiceprint.encoders.campplus import campplus_weights_path, load_campplus, sha256_file
@@ -52,7 +53,6 @@ from voiceprint.train import (
     TrainState,
     _mean,
     _seed_everything,
-    augment,
     load_training_data,
     lr_factor,
     report_step,
@@ -117,6 +117,14 @@ def cache_path(layout: Layout, data: TrainingData, params: ModelParams, weights_
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return layout.data / "teacher_cache" / f"campplus-{weights_sha256[:12]}-{digest}.parquet"
+
+
+def student_augmentations(kinds: list[str]) -> list[str]:
+    """``model.augment`` minus ``speed``: a speed-perturbed crop moves pitch and formants, so the clean
+    teacher embedding of the unperturbed crop would no longer be the right target for it."""
+    if "speed" in kinds:
+        log.info("init=distill: 'speed' augmentation skipped (the cached teacher targets are of unperturbed crops)")
+    return [k for k in kinds if k != "speed"]
 
 
 def crop_offsets(segment_id: str, n_samples: int, crop: int, k: int, seed: int) -> list[int]:
@@ -232,7 +240,7 @@ def train_distill(
     t0 = time.perf_counter()
     _seed_everything(params.seed)
     device = resolve_device(params.device)
-    data = load_training_data(layout, seed=params.seed, progress=progress)
+    data = load_training_data(layout, seed=params.seed, progress=progress, nonspeech="nonspeech" in params.augment)
     decode_s = time.perf_counter() - t0
     cache = build_teacher_cache(layout, data, params, device=device, progress=progress)
     teacher_s = time.perf_counter() - t0 - decode_s
@@ -308,6 +316,7 @@ def _fit(
     rows_by_speaker = [np.flatnonzero(cache.speaker == s) for s in range(len(data.labels))]
     rng = np.random.default_rng(params.seed)
     noise_gen = torch.Generator().manual_seed(params.seed + 1)
+    augmenter = Augmenter(student_augmentations(params.augment), crop, data.nonspeech)
     use_amp = device.type == "cuda"
     queue: list[int] = []
     history: dict[str, list[float]] = {"loss": [], "cosine": [], "acc": []}
@@ -337,7 +346,7 @@ def _fit(
         wavs = torch.from_numpy(
             np.stack([crop_audio(data.clips[cache.speaker[r]][cache.segment[r]], int(cache.offset[r]), crop) for r in rows])
         )
-        wavs = augment(wavs, noise_gen).to(device, non_blocking=True)  # the teacher target stays clean
+        wavs = augmenter(wavs, noise_gen).to(device, non_blocking=True)  # the teacher target stays clean
         teacher = targets_all[rows].to(device, non_blocking=True)
         labels = torch.tensor(speakers, dtype=torch.long, device=device)
         lengths = torch.ones(wavs.shape[0], device=device)

@@ -8,8 +8,8 @@ Training is sized for a small CPU: the default train set (251 LibriSpeech speake
 utterance each, ~50 min of audio) is decoded once into memory, and every step draws one random
 ``crop_s`` crop per speaker for a speaker-balanced batch. With a single utterance per speaker the
 model can only learn speaker identity from different crops of the same recording, so augmentation
-(additive white/pink/brown noise at a random SNR, random gain) is what stops it from keying on
-recording conditions. The loss is SpeechBrain's AAM-softmax, the optimiser Adam with a linear
+(``model.augment``, :mod:`voiceprint.augment`: coloured or recorded non-speech noise, reverberation,
+speed perturbation, gain) is what stops it from keying on recording conditions. The loss is SpeechBrain's AAM-softmax, the optimiser Adam with a linear
 warm-up and cosine decay.
 
 Every ``checkpoint_every`` steps the whole training state (weights, AAM head, optimiser, scheduler,
@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from voiceprint import audio
 from voiceprint.atomic import atomic_path
+from voiceprint.augment import Augmenter
 from voiceprint.config import ModelParams
 from voiceprint.encoders.aam import AAMHead
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
@@ -58,6 +59,10 @@ WARMUP_FRACTION = 0.1
 MIN_LR_FRACTION = 0.01
 # Gradient-norm clip: AAM with scale 30 gives large early gradients on a randomly initialised net.
 GRAD_CLIP = 5.0
+# Non-speech noise bank for augmentation: gaps between speech segments at least this long, up to
+# this much audio in all.
+NONSPEECH_MIN_GAP_S = 0.2
+NONSPEECH_MAX_S = 600.0
 # Bump when the content of a training-state snapshot changes, so an old one is never misread.
 STATE_VERSION = 1
 # ModelParams fields that cannot change the trained weights: not part of the resume key, nor of the
@@ -86,6 +91,9 @@ class TrainingData:
     skipped: list[str] = field(default_factory=list)
     segment_ids: list[list[str]] = field(default_factory=list)
     segment_starts: list[list[float]] = field(default_factory=list)
+    #: Non-speech audio (the gaps VAD left between speech segments), concatenated; for
+    #: ``model.augment: [nonspeech]``. None when not requested or none was found.
+    nonspeech: np.ndarray | None = None
 
     @property
     def num_segments(self) -> int:
@@ -113,6 +121,8 @@ def build_model(
         from voiceprint.distill import train_distill  # imported lazily: it pulls in the CAM++ teacher
 
         return train_distill(params, layout, progress=progress, on_step=on_step)
+    if params.finetune_steps > 0:
+        return finetune(params, layout, progress=progress, on_step=on_step)
     t0 = time.perf_counter()
     encoder = load_ecapa(params.source, device="cpu")
     encoder.export(layout.model_dir, extra_card={"init": "pretrained", "source": params.source})
@@ -137,18 +147,46 @@ def train_scratch(
     steps), ``train_accuracy`` (margin-free, last window), timings, sizes, ``resumed_from_step``
     (0 unless a snapshot of an interrupted run was picked up) and ``model_id``.
     """
+    cfg = EcapaConfig.from_channels(params.channels, lin_neurons=params.lin_neurons, n_mels=params.n_mels)
+    return _train("scratch", params, layout, cfg, progress=progress, on_step=on_step)
+
+
+def finetune(
+    params: ModelParams, layout: Layout, *, progress: bool = True, on_step: StepCallback | None = None
+) -> dict[str, Any]:
+    """Adapt the pretrained ``params.source`` to this dataset: ``finetune_steps`` AAM-softmax steps.
+
+    The encoder starts from the source's weights (its architecture, whatever ``model.channels``
+    says); the AAM head is new, one row per train speaker, because the source's classes are other
+    people. Resuming after a kill works as for scratch training; the source's weights hash is
+    part of the resume key.
+    """
+    source = load_ecapa(params.source, device="cpu")
+    stats = _train(
+        "finetune", params.model_copy(update={"steps": params.finetune_steps}), layout, source.cfg,
+        progress=progress, on_step=on_step, initial=source.model, extra={"source_sha256": source.weights_sha256},
+    )
+    stats.update(source=params.source, source_model_id=source.model_id)
+    return stats
+
+
+def _train(
+    init: str, params: ModelParams, layout: Layout, cfg: EcapaConfig, *, progress: bool,
+    on_step: StepCallback | None, initial: torch.nn.Module | None = None, extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     _seed_everything(params.seed)
     device = resolve_device(params.device)
-    data = load_training_data(layout, seed=params.seed, progress=progress)
+    data = load_training_data(layout, seed=params.seed, progress=progress, nonspeech="nonspeech" in params.augment)
     decode_s = time.perf_counter() - t0
 
-    cfg = EcapaConfig.from_channels(params.channels, lin_neurons=params.lin_neurons, n_mels=params.n_mels)
-    state = TrainState.for_run(layout, params, data, device, init="scratch")
-    model, head, history = fit(data, params, cfg, device=device, progress=progress, on_step=on_step, state=state)
+    state = TrainState.for_run(layout, params, data, device, init=init, extra=extra)
+    model, head, history = fit(
+        data, params, cfg, device=device, progress=progress, on_step=on_step, state=state, initial=initial
+    )
     train_s = time.perf_counter() - t0 - decode_s
 
-    stats = summarise_training("scratch", params, cfg, model, data, history)
+    stats = summarise_training(init, params, cfg, model, data, history)
     card_stats = dict(stats)
     stats.update(
         device=str(device),
@@ -160,8 +198,8 @@ def train_scratch(
     state.clear()  # the model is written: nothing left to resume
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     log.info(
-        "trained %s: %d steps, loss %.3f -> %.3f, train acc %.3f, %.1f s",
-        stats["model_id"], params.steps, stats["loss_initial"] or 0.0, stats["loss_final"] or 0.0,
+        "trained %s (%s): %d steps, loss %.3f -> %.3f, train acc %.3f, %.1f s",
+        stats["model_id"], init, params.steps, stats["loss_initial"] or 0.0, stats["loss_final"] or 0.0,
         stats["train_accuracy"] or 0.0, stats["seconds"],
     )
     return stats
@@ -227,8 +265,13 @@ def load_training_data(
     seed: int = 0,
     progress: bool = True,
     max_hours: float = MAX_TRAIN_AUDIO_HOURS,
+    nonspeech: bool = False,
 ) -> TrainingData:
-    """Decode every train-split segment of ``layout.segments`` once, grouped by speaker."""
+    """Decode every train-split segment of ``layout.segments`` once, grouped by speaker.
+
+    With ``nonspeech`` the gaps between a file's speech segments are decoded too (see
+    :func:`load_nonspeech`).
+    """
     path = layout.segments
     if not path.exists():
         raise TrainingError(f"{path}: not found; init=scratch trains on the segments table (run the VAD stage)")
@@ -272,7 +315,50 @@ def load_training_data(
         skipped=skipped,
         segment_ids=[ids[s] for s in labels],
         segment_starts=[starts[s] for s in labels],
+        nonspeech=load_nonspeech(layout, rows) if nonspeech else None,
     )
+
+
+def nonspeech_gaps(rows: list[dict[str, Any]], min_gap_s: float = NONSPEECH_MIN_GAP_S) -> list[tuple[str, float, float]]:
+    """``(path, start_s, end_s)`` of every stretch of a file before or between its speech segments.
+
+    These are what VAD rejected: pauses, breaths, room tone (and speech too short to keep).
+    """
+    by_file: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        by_file.setdefault(str(r["path"]), []).append((float(r["start_s"]), float(r["end_s"])))
+    gaps = []
+    for path, spans in sorted(by_file.items()):
+        previous_end = 0.0
+        for start, end in sorted(spans):
+            if start - previous_end >= min_gap_s:
+                gaps.append((path, previous_end, start))
+            previous_end = max(previous_end, end)
+    return gaps
+
+
+def load_nonspeech(layout: Layout, rows: list[dict[str, Any]], max_s: float = NONSPEECH_MAX_S) -> np.ndarray | None:
+    """Decode up to ``max_s`` seconds of non-speech gaps (digitally silent ones skipped), concatenated."""
+    pieces, total = [], 0
+    for path, start, end in nonspeech_gaps(rows):
+        file = Path(path) if Path(path).is_absolute() else layout.root / path
+        try:
+            wav = audio.load(file, start, end)
+        except audio.AudioError as err:
+            log.warning("skipping non-speech gap %s [%.2f, %.2f] s: %s", file, start, end, err)
+            continue
+        if len(wav) == 0 or float(np.sqrt(np.mean(wav.astype(np.float64) ** 2))) < 1e-5:
+            continue
+        pieces.append(wav)
+        total += len(wav)
+        if total >= max_s * audio.TARGET_SR:
+            break
+    if not pieces:
+        log.warning("no non-speech audio between the training segments; 'nonspeech' augmentation is off")
+        return None
+    bank = np.concatenate(pieces).astype(np.float32)
+    log.info("non-speech noise bank: %.1f s from %d gaps", len(bank) / audio.TARGET_SR, len(pieces))
+    return bank
 
 
 def _cap_hours(rows: list[dict[str, Any]], max_hours: float, seed: int) -> list[dict[str, Any]]:
@@ -335,34 +421,6 @@ class CropSampler:
         return clip[start : start + self.crop]
 
 
-def augment(
-    wavs: torch.Tensor,
-    gen: torch.Generator,
-    *,
-    noise_prob: float = 0.6,
-    snr_db: tuple[float, float] = (5.0, 20.0),
-    gain_db: tuple[float, float] = (-6.0, 6.0),
-) -> torch.Tensor:
-    """Additive coloured noise at a random SNR, then a random gain; ``(B, T)`` in, ``(B, T)`` out.
-
-    Noise colour is drawn per item from white / pink / brown (power ∝ 1/f^k, k = 0, 1, 2), shaped in
-    the frequency domain. The gain mostly matters through its interaction with Fbank's log floor:
-    sentence mean normalisation removes a constant log-gain.
-    """
-    b, t = wavs.shape
-    apply = (torch.rand(b, generator=gen) < noise_prob).float()
-    exponent = torch.randint(0, 3, (b,), generator=gen).float()
-    spec = torch.fft.rfft(torch.randn(b, t, generator=gen), dim=1)
-    freqs = torch.arange(spec.shape[1], dtype=torch.float32).clamp(min=1.0)
-    noise = torch.fft.irfft(spec * freqs.pow(-exponent[:, None] / 2), n=t, dim=1)
-    snr = snr_db[0] + (snr_db[1] - snr_db[0]) * torch.rand(b, generator=gen)
-    p_signal = wavs.pow(2).mean(dim=1).clamp(min=1e-8)
-    p_noise = noise.pow(2).mean(dim=1).clamp(min=1e-12)
-    noise_scale = torch.sqrt(p_signal / (p_noise * 10.0 ** (snr / 10.0))) * apply
-    gain = 10.0 ** ((gain_db[0] + (gain_db[1] - gain_db[0]) * torch.rand(b, generator=gen)) / 20.0)
-    return (wavs + noise * noise_scale[:, None]) * gain[:, None]
-
-
 # --------------------------------------------------------------------------------------------------
 # Optimisation
 
@@ -384,16 +442,19 @@ def fit(
     progress: bool = True,
     on_step: StepCallback | None = None,
     state: "TrainState | None" = None,
+    initial: torch.nn.Module | None = None,
 ) -> tuple[torch.nn.Module, AAMHead, dict[str, list[float]]]:
     """Run ``params.steps`` AAM-softmax steps; returns the model, the head and per-step loss/acc.
 
     With a ``state``, the run resumes from its snapshot (if any) and snapshots itself every
     ``params.checkpoint_every`` steps. ``on_step(step, {"train_loss", "train_acc", "lr"})`` is
     called every ``params.log_every`` steps and after the last one (loss/acc averaged since the
-    previous call, lr of the step).
+    previous call, lr of the step). ``initial`` (fine-tuning) is trained in place of a fresh model.
     """
     torch.manual_seed(params.seed)  # model init is part of the seeded run
-    model = cfg.build().to(device).train()
+    model = (initial if initial is not None else cfg.build()).to(device).train()
+    for p in model.parameters():
+        p.requires_grad_(True)  # a loaded encoder is frozen for inference
     head = AAMHead(cfg.lin_neurons, len(data.labels), margin=params.aam_margin, scale=params.aam_scale)
     head = head.to(device).train()
     fbank = cfg.build_fbank().to(device)
@@ -404,7 +465,8 @@ def fit(
     warmup = max(1, round(WARMUP_FRACTION * params.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, params.steps, warmup))
 
-    sampler = CropSampler(data, int(round(params.crop_s * audio.TARGET_SR)), np.random.default_rng(params.seed))
+    augmenter = Augmenter(params.augment, int(round(params.crop_s * audio.TARGET_SR)), data.nonspeech)
+    sampler = CropSampler(data, augmenter.source_samples, np.random.default_rng(params.seed))
     noise_gen = torch.Generator().manual_seed(params.seed + 1)
     use_amp = device.type == "cuda"
     history: dict[str, list[float]] = {"loss": [], "acc": []}
@@ -427,7 +489,7 @@ def fit(
     for step in bar:
         lr = optimizer.param_groups[0]["lr"]
         wavs, targets = sampler.batch(params.batch_size)
-        wavs = augment(wavs, noise_gen).to(device, non_blocking=True)
+        wavs = augmenter(wavs, noise_gen).to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         lengths = torch.ones(wavs.shape[0], device=device)  # fixed-size crops: no padding
         with torch.no_grad():
@@ -512,6 +574,8 @@ def training_fingerprint(
         for clip in clips:
             h.update(len(clip).to_bytes(8, "little"))
             h.update(np.ascontiguousarray(clip, dtype=np.float32).tobytes())
+    if data.nonspeech is not None:
+        h.update(np.ascontiguousarray(data.nonspeech, dtype=np.float32).tobytes())
     return h.hexdigest()
 
 

@@ -1,0 +1,190 @@
+"""Training-time augmentation of fixed-length 16 kHz crops, batched and driven by one seeded generator.
+
+With one utterance per training speaker (the default data) a model can only learn speaker identity
+from different crops of the same recording, so every condition the crop does *not* vary is a
+shortcut it can key on. The augmentations here vary the conditions that change between recordings
+of the same person in the wild (``model.augment`` picks them):
+
+* ``noise``: additive white / pink / brown noise at a random SNR, and a random gain;
+* ``nonspeech``: additive noise cut from the parts of the training files that VAD rejected (room
+  tone, breaths, clicks: real recording noise rather than synthetic), at a random SNR;
+* ``reverb``: convolution with a synthetic room impulse response (a direct path plus exponentially
+  decaying Gaussian reverberation with a random RT60), the standard stand-in when no RIR corpus is
+  at hand; energy is restored afterwards;
+* ``speed``: speed perturbation by 0.9 / 1.0 / 1.1 (``torchaudio.functional.resample``), the
+  Kaldi/WeSpeaker recipe; crops are drawn ``MAX_SPEED`` times longer and cut back after resampling.
+
+Every random draw comes from the ``torch.Generator`` passed in, never from the global RNGs, so a
+training run resumed from a snapshot (which saves that generator) replays the same augmentations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+
+from voiceprint.audio import TARGET_SR
+
+KINDS = ("noise", "nonspeech", "reverb", "speed")
+SPEEDS = (0.9, 1.0, 1.1)
+MAX_SPEED = max(SPEEDS)
+RT60_S = (0.2, 0.8)
+RIR_MAX_S = 0.5
+
+
+def coloured_noise(b: int, t: int, gen: torch.Generator) -> torch.Tensor:
+    """``(b, t)`` noise with power ∝ 1/f^k, k drawn per row from 0, 1, 2 (white, pink, brown)."""
+    exponent = torch.randint(0, 3, (b,), generator=gen).float()
+    spec = torch.fft.rfft(torch.randn(b, t, generator=gen), dim=1)
+    freqs = torch.arange(spec.shape[1], dtype=torch.float32).clamp(min=1.0)
+    return torch.fft.irfft(spec * freqs.pow(-exponent[:, None] / 2), n=t, dim=1)
+
+
+def mix_at_snr(wavs: torch.Tensor, noise: torch.Tensor, snr_db: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """``wavs + noise`` scaled to ``snr_db`` per row, only where ``apply`` is 1."""
+    p_signal = wavs.pow(2).mean(dim=1).clamp(min=1e-8)
+    p_noise = noise.pow(2).mean(dim=1).clamp(min=1e-12)
+    scale = torch.sqrt(p_signal / (p_noise * 10.0 ** (snr_db / 10.0))) * apply
+    return wavs + noise * scale[:, None]
+
+
+def _uniform(b: int, low_high: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    low, high = low_high
+    return low + (high - low) * torch.rand(b, generator=gen)
+
+
+def add_noise(
+    wavs: torch.Tensor,
+    gen: torch.Generator,
+    *,
+    noise_prob: float = 0.6,
+    snr_db: tuple[float, float] = (5.0, 20.0),
+    gain_db: tuple[float, float] = (-6.0, 6.0),
+) -> torch.Tensor:
+    """Coloured noise at a random SNR, then a random gain: ``(B, T)`` in, ``(B, T)`` out.
+
+    The gain mostly matters through its interaction with Fbank's log floor: sentence mean
+    normalisation removes a constant log-gain.
+    """
+    b, t = wavs.shape
+    apply = (torch.rand(b, generator=gen) < noise_prob).float()
+    noise = coloured_noise(b, t, gen)
+    mixed = mix_at_snr(wavs, noise, _uniform(b, snr_db, gen), apply)
+    return mixed * (10.0 ** (_uniform(b, gain_db, gen) / 20.0))[:, None]
+
+
+def bank_noise(bank: torch.Tensor, b: int, t: int, gen: torch.Generator) -> torch.Tensor:
+    """``b`` random ``t``-sample windows of the non-speech bank (tiled when the bank is shorter)."""
+    if len(bank) < t:
+        bank = bank.repeat(math.ceil(t / len(bank)) + 1)
+    starts = torch.randint(0, len(bank) - t + 1, (b,), generator=gen)
+    return torch.stack([bank[s : s + t] for s in starts.tolist()])
+
+
+def synthetic_rir(b: int, gen: torch.Generator, sr: int = TARGET_SR) -> torch.Tensor:
+    """``(b, L)`` room impulse responses: a unit direct path, then Gaussian noise decaying 60 dB in RT60.
+
+    The reverberant tail starts 2.5 ms after the direct path and carries a random share of the
+    energy (direct-to-reverberant ratio 0-12 dB), so both dry and very wet rooms occur.
+    """
+    n = int(RIR_MAX_S * sr)
+    rt60 = _uniform(b, RT60_S, gen)
+    time_s = torch.arange(n, dtype=torch.float32) / sr
+    tail = torch.randn(b, n, generator=gen) * torch.exp(-math.log(1000.0) * time_s[None, :] / rt60[:, None])
+    tail[:, : int(0.0025 * sr)] = 0.0
+    drr = 10.0 ** (_uniform(b, (0.0, 12.0), gen) / 10.0)
+    tail = tail * torch.sqrt(1.0 / (drr * tail.pow(2).sum(dim=1).clamp(min=1e-12)))[:, None]
+    tail[:, 0] = 1.0
+    return tail
+
+
+def reverberate(wavs: torch.Tensor, gen: torch.Generator, *, prob: float = 0.4) -> torch.Tensor:
+    """Convolve a random ``prob`` share of rows with a synthetic RIR, keeping length and energy."""
+    b, t = wavs.shape
+    apply = torch.rand(b, generator=gen) < prob
+    rirs = synthetic_rir(b, gen)
+    if not bool(apply.any()):
+        return wavs
+    wet = AF.fftconvolve(wavs[apply], rirs[apply])[:, :t]
+    energy = wavs[apply].pow(2).sum(dim=1) / wet.pow(2).sum(dim=1).clamp(min=1e-12)
+    out = wavs.clone()
+    out[apply] = wet * energy.sqrt()[:, None]
+    return out
+
+
+def speed_perturb(wavs: torch.Tensor, gen: torch.Generator, out_samples: int) -> torch.Tensor:
+    """Resample each row by a speed drawn from :data:`SPEEDS`, then cut a random ``out_samples`` window.
+
+    Rows must hold at least ``out_samples * MAX_SPEED`` samples, so even the fastest speed fills the
+    window without padding.
+    """
+    b, t = wavs.shape
+    if t < math.ceil(out_samples * MAX_SPEED):
+        raise ValueError(f"speed_perturb needs rows of >= {math.ceil(out_samples * MAX_SPEED)} samples, got {t}")
+    choice = torch.randint(0, len(SPEEDS), (b,), generator=gen)
+    offsets = torch.rand(b, generator=gen)
+    out = torch.empty(b, out_samples)
+    for k, speed in enumerate(SPEEDS):
+        rows = torch.nonzero(choice == k).flatten()
+        if rows.numel() == 0:
+            continue
+        # Resampling from 100*speed to 100 shortens the signal by 1/speed: played at 16 kHz it is
+        # `speed` times faster, and pitch and formants move with it, as in Kaldi's recipe.
+        fast = AF.resample(wavs[rows], orig_freq=round(100 * speed), new_freq=100) if speed != 1.0 else wavs[rows]
+        slack = fast.shape[1] - out_samples
+        for i, row in enumerate(rows.tolist()):
+            start = int(offsets[row] * (slack + 1)) if slack > 0 else 0
+            out[row] = fast[i, start : start + out_samples]
+    return out
+
+
+class Augmenter:
+    """The ``model.augment`` chain: speed, then reverb, then additive noise (synthetic or recorded), then gain.
+
+    ``source_samples`` is the crop length to draw from the data: longer than the output when speed
+    perturbation needs the slack. With ``kinds == ["noise"]`` it reproduces :func:`add_noise`
+    draw for draw (the models trained before the other kinds existed keep their ids).
+    """
+
+    def __init__(self, kinds: Iterable[str], crop_samples: int, nonspeech: np.ndarray | None = None):
+        self.kinds = frozenset(kinds)
+        unknown = self.kinds - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown augmentation(s) {sorted(unknown)}; allowed: {list(KINDS)}")
+        self.crop = crop_samples
+        bank = torch.from_numpy(np.ascontiguousarray(nonspeech, dtype=np.float32)) if nonspeech is not None else None
+        self.bank = bank if bank is not None and len(bank) >= TARGET_SR // 10 else None
+
+    @property
+    def source_samples(self) -> int:
+        return math.ceil(self.crop * MAX_SPEED) if "speed" in self.kinds else self.crop
+
+    def __call__(self, wavs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.kinds == {"noise"}:
+            return add_noise(wavs[:, : self.crop], gen)
+        if "speed" in self.kinds:
+            wavs = speed_perturb(wavs, gen, self.crop)
+        else:
+            wavs = wavs[:, : self.crop]
+        if "reverb" in self.kinds:
+            wavs = reverberate(wavs, gen)
+        synthetic = "noise" in self.kinds
+        recorded = "nonspeech" in self.kinds and self.bank is not None
+        if synthetic or recorded:
+            b, t = wavs.shape
+            apply = (torch.rand(b, generator=gen) < 0.6).float()
+            snr = _uniform(b, (5.0, 20.0), gen)
+            if synthetic and recorded:
+                use_bank = torch.rand(b, generator=gen) < 0.5
+                noise = torch.where(use_bank[:, None], bank_noise(self.bank, b, t, gen), coloured_noise(b, t, gen))
+            elif recorded:
+                noise = bank_noise(self.bank, b, t, gen)
+            else:
+                noise = coloured_noise(b, t, gen)
+            wavs = mix_at_snr(wavs, noise, snr, apply)
+        gain = 10.0 ** (_uniform(wavs.shape[0], (-6.0, 6.0), gen) / 20.0)
+        return wavs * gain[:, None]
