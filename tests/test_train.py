@@ -108,7 +108,7 @@ def test_finetune_starts_from_the_source_and_adapts_to_new_speakers(
     assert stats["model_id"] != source_stats["model_id"] and stats["model_id"].startswith("ecapa-c32-")  # source's width
     assert stats["loss_final"] < stats["loss_initial"], stats
 
-    weights = lambda m: dict(m.named_parameters())  # noqa: E731  (BatchNorm running stats move in any training)
+    weights = lambda m: {k: p.detach() for k, p in m.named_parameters()}  # noqa: E731  (not BN running stats: they move in any training)
     source = weights(load_ecapa(source_layout.model_dir).model)
     tuned = weights(load_ecapa(layout.model_dir).model)
     torch.manual_seed(1)  # not the source's own init seed (0): an independent random start
