@@ -48,6 +48,7 @@ from voiceprint.train import (
     GRAD_CLIP,
     WARMUP_FRACTION,
     Resumable,
+    SpeakerQueue,
     StepCallback,
     TrainingData,
     TrainState,
@@ -57,6 +58,7 @@ from voiceprint.train import (
     lr_factor,
     report_step,
     resolve_device,
+    resume_run,
     save_trained_model,
     summarise_training,
 )
@@ -318,7 +320,7 @@ def _fit(
     noise_gen = torch.Generator().manual_seed(params.seed + 1)
     augmenter = Augmenter(student_augmentations(params.augment), crop, data.nonspeech)
     use_amp = device.type == "cuda"
-    queue: list[int] = []
+    queue = SpeakerQueue(len(data.labels), rng)
     history: dict[str, list[float]] = {"loss": [], "cosine": [], "acc": []}
     modules = {"model": model, "head": head, **({"project": project} if project is not None else {})}
     parts = Resumable(
@@ -329,19 +331,13 @@ def _fit(
         torch_generators={"noise": noise_gen},
         history=history,
     )
-    start = 0
-    if state is not None:
-        start, extra = state.resume(parts)
-        if start:
-            queue = [int(i) for i in extra["queue"]]
+    start = resume_run(state, parts, queue)
 
     bar = tqdm(range(start, params.steps), initial=start, total=params.steps, desc="distill ecapa", unit="step",
                disable=not progress)
     for step in bar:
         lr = optimizer.param_groups[0]["lr"]
-        while len(queue) < params.batch_size:
-            queue.extend(rng.permutation(len(data.labels)).tolist())
-        speakers, queue = queue[: params.batch_size], queue[params.batch_size :]
+        speakers = queue.take(params.batch_size)
         rows = [int(rng.choice(rows_by_speaker[s])) for s in speakers]
         wavs = torch.from_numpy(
             np.stack([crop_audio(data.clips[cache.speaker[r]][cache.segment[r]], int(cache.offset[r]), crop) for r in rows])
@@ -372,7 +368,7 @@ def _fit(
         history["cosine"].append(float(cosine.detach()))
         history["acc"].append(float((cosines.argmax(dim=1) == labels).float().mean()))
         if state is not None:
-            state.step_done(step + 1, params.steps, parts, extra=lambda: {"queue": list(queue)})
+            state.step_done(step + 1, params.steps, parts, extra=lambda: {"queue": list(queue.pending)})
         report_step(on_step, step + 1, params, history, lr, loss="loss", cosine="cosine", acc="acc")
         if progress:
             bar.set_postfix(

@@ -386,6 +386,25 @@ def _cap_hours(rows: list[dict[str, Any]], max_hours: float, seed: int) -> list[
     return kept
 
 
+class SpeakerQueue:
+    """Speaker indices for balanced batches: every speaker once per pass, each pass in a new order.
+
+    ``pending`` is part of a training snapshot (:func:`resume_run`), so a resumed run continues the
+    interrupted pass instead of starting a new one.
+    """
+
+    def __init__(self, n_speakers: int, rng: np.random.Generator):
+        self.n_speakers = n_speakers
+        self.rng = rng
+        self.pending: list[int] = []
+
+    def take(self, k: int) -> list[int]:
+        while len(self.pending) < k:
+            self.pending.extend(self.rng.permutation(self.n_speakers).tolist())
+        taken, self.pending = self.pending[:k], self.pending[k:]
+        return taken
+
+
 class CropSampler:
     """Speaker-balanced random crops: every speaker appears once per pass, in shuffled order.
 
@@ -402,12 +421,10 @@ class CropSampler:
         for clips in data.clips:
             lengths = np.array([len(c) for c in clips], dtype=np.float64)
             self._weights.append(lengths / lengths.sum())
-        self._queue: list[int] = []
+        self.speakers = SpeakerQueue(len(data.labels), rng)
 
     def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        while len(self._queue) < batch_size:
-            self._queue.extend(self.rng.permutation(len(self.data.labels)).tolist())
-        speakers, self._queue = self._queue[:batch_size], self._queue[batch_size:]
+        speakers = self.speakers.take(batch_size)
         wavs = np.stack([self._crop(s) for s in speakers])
         return torch.from_numpy(wavs), torch.tensor(speakers, dtype=torch.long)
 
@@ -478,11 +495,7 @@ def fit(
         torch_generators={"noise": noise_gen},
         history=history,
     )
-    start = 0
-    if state is not None:
-        start, extra = state.resume(parts)
-        if start:
-            sampler._queue = [int(i) for i in extra["queue"]]
+    start = resume_run(state, parts, sampler.speakers)
 
     bar = tqdm(range(start, params.steps), initial=start, total=params.steps, desc="train ecapa", unit="step",
                disable=not progress)
@@ -508,7 +521,7 @@ def fit(
         history["loss"].append(float(loss.detach()))
         history["acc"].append(float(acc))
         if state is not None:
-            state.step_done(step + 1, params.steps, parts, extra=lambda: {"queue": list(sampler._queue)})
+            state.step_done(step + 1, params.steps, parts, extra=lambda: {"queue": list(sampler.speakers.pending)})
         report_step(on_step, step + 1, params, history, lr, loss="loss", acc="acc")
         if progress:
             recent = slice(-10, None)
@@ -518,6 +531,16 @@ def fit(
                 lr=f"{scheduler.get_last_lr()[0]:.1e}",
             )
     return model, head, history
+
+
+def resume_run(state: "TrainState | None", parts: "Resumable", queue: SpeakerQueue) -> int:
+    """Restore ``parts`` and ``queue`` from ``state``'s snapshot; the number of steps already done."""
+    if state is None:
+        return 0
+    start, extra = state.resume(parts)
+    if start:
+        queue.pending = [int(i) for i in extra["queue"]]
+    return start
 
 
 def report_step(
