@@ -25,6 +25,7 @@ import gc
 import math
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -148,28 +149,27 @@ def time_batch1(index: faiss.Index, q: np.ndarray, k: int, max_queries: int, cap
     """Seconds per single-query search, over up to ``max_queries`` queries or ``cap_s`` seconds."""
     for i in range(min(5, len(q))):  # warm-up: thread pool, caches, lazily allocated buffers
         index.search(q[i : i + 1], k)
-    samples: list[float] = []
-    started = time.perf_counter()
-    for i in range(min(max_queries, len(q))):
-        row = q[i : i + 1]
-        t0 = time.perf_counter()
-        index.search(row, k)
-        samples.append(time.perf_counter() - t0)
-        if len(samples) >= 20 and time.perf_counter() - started > cap_s:
-            break
-    return samples
+    queries = (q[i : i + 1] for i in range(min(max_queries, len(q))))
+    return _time_searches(index, queries, k, min_samples=20, cap_s=cap_s)
 
 
 def time_batches(index: faiss.Index, qb: np.ndarray, k: int, reps: int, cap_s: float) -> list[float]:
     """Seconds per search of the whole batch ``qb``, ``reps`` times (at least 2, at most ``cap_s``)."""
     index.search(qb[:8], k)  # warm-up
+    return _time_searches(index, (qb for _ in range(reps)), k, min_samples=2, cap_s=cap_s)
+
+
+def _time_searches(index: faiss.Index, queries: Iterable[np.ndarray], k: int, *, min_samples: int,
+                   cap_s: float) -> list[float]:
+    """Seconds per ``index.search`` of each query array; stops early past ``cap_s`` once
+    ``min_samples`` are in."""
     samples: list[float] = []
     started = time.perf_counter()
-    for _ in range(reps):
+    for query in queries:
         t0 = time.perf_counter()
-        index.search(qb, k)
+        index.search(query, k)
         samples.append(time.perf_counter() - t0)
-        if len(samples) >= 2 and time.perf_counter() - started > cap_s:
+        if len(samples) >= min_samples and time.perf_counter() - started > cap_s:
             break
     return samples
 

@@ -147,6 +147,25 @@ def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _create_run(layout: Layout, run_name: str, tags: Mapping[str, str]) -> tuple[Any, str, str]:
+    """A new run in experiment ``voiceprint``: ``(client, run id, tracking URI)``.
+
+    Every run carries the same lineage tags (git commit, Prefect flow run, project root); ``tags``
+    add to them and win on a clash.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(layout)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = _experiment_id(client, layout, uri)
+    commit = git_commit(layout.root)
+    lineage = {"git_commit": commit, "prefect_flow_run_id": prefect_flow_run_id(), "project_root": str(layout.root)}
+    if commit != "unknown":
+        lineage["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name=run_name, tags={**lineage, **tags})
+    return client, run.info.run_id, uri
+
+
 def _experiment_id(client: Any, layout: Layout, uri: str) -> str:
     """Id of experiment ``voiceprint``, created (artifacts beside the project) if missing."""
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -181,29 +200,13 @@ def log_evaluation(
     """
     _quiet_mlflow()
     from mlflow.entities import Metric, Param, RunStatus
-    from mlflow.tracking import MlflowClient
     from mlflow.utils.time import get_current_time_millis
 
-    uri = tracking_uri(layout)
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = _experiment_id(client, layout, uri)
-
-    commit = git_commit(layout.root)
-    tags = {
-        "git_commit": commit,
-        "dvc_data_hash": dvc_data_hash(layout.root),
-        "prefect_flow_run_id": prefect_flow_run_id(),
-        "model_id": str(metrics.get("model_id", "unknown")),
-        "project_root": str(layout.root),
-    }
-    if commit != "unknown":
-        tags["mlflow.source.git.commit"] = commit
+    tags = {"dvc_data_hash": dvc_data_hash(layout.root), "model_id": str(metrics.get("model_id", "unknown"))}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # nests the run under its parent in the UI
     tags.update(extra_tags or {})
-
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    run_id = run.info.run_id
+    client, run_id, uri = _create_run(layout, run_name, tags)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         now = get_current_time_millis()
@@ -309,23 +312,9 @@ def training_run(layout: Layout, params: Params, *, run_name: str = "model") -> 
     """
     _quiet_mlflow()
     from mlflow.entities import Param, RunStatus
-    from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(layout)
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = _experiment_id(client, layout, uri)
-    commit = git_commit(layout.root)
-    tags = {
-        "git_commit": commit,
-        "prefect_flow_run_id": prefect_flow_run_id(),
-        "project_root": str(layout.root),
-        "stage": "model",
-        "init": params.model.init,
-    }
-    if commit != "unknown":
-        tags["mlflow.source.git.commit"] = commit
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    tracked = TrainingRun(client, run.info.run_id, uri)
+    client, run_id, uri = _create_run(layout, run_name, {"stage": "model", "init": params.model.init})
+    tracked = TrainingRun(client, run_id, uri)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         model_params = flatten_params({"model": params.model.model_dump()})
