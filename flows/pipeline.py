@@ -23,7 +23,8 @@ from tasks.prefect_tasks import publish_metrics, run_stage
 PROJECT_DIR_ENV = "VOICEPRINT_PROJECT_DIR"
 
 Dataset = Literal["librispeech-excerpts", "librispeech", "folder"]
-ModelInit = Literal["scratch", "pretrained"]
+ModelInit = Literal["scratch", "pretrained", "distill"]
+ModelArch = Literal["ecapa", "moe"]
 IndexType = Literal["flat", "ivf", "hnsw"]
 
 
@@ -151,6 +152,7 @@ def voiceprint_pipeline(
     dataset: Dataset | None = None,
     dataset_path: str | None = None,
     model_init: ModelInit | None = None,
+    model_arch: ModelArch | None = None,
     model_source: str | None = None,
     index_type: IndexType | None = None,
     max_speakers: int | None = None,
@@ -165,11 +167,14 @@ def voiceprint_pipeline(
     Args:
         dataset: Which data to use (data.dataset). "folder" needs dataset_path.
         dataset_path: Root of a <speaker>/<utterance>.{wav,flac} tree for dataset "folder" (data.path).
-        model_init: Train the ECAPA-TDNN encoder from scratch or use a pretrained one (model.init).
+        model_init: Train the ECAPA-TDNN encoder from scratch, use a pretrained one, or distil the
+            bundled CAM++ into it (model.init).
+        model_arch: One ECAPA-TDNN, or a gated mixture of ECAPA-TDNN experts (model.arch; moe
+            trains from scratch or by distillation).
         model_source: Hugging Face repo id or local directory of the pretrained model (model.source).
         index_type: FAISS index: flat (exact cosine), ivf or hnsw (index.type).
         max_speakers: Keep only the first N speakers per split, for quick runs (data.max_speakers).
-        model_steps: Training steps when model_init is "scratch" (model.steps).
+        model_steps: Training steps when model_init is "scratch" or "distill" (model.steps).
         project_dir: DVC project directory; default: $VOICEPRINT_PROJECT_DIR, else the working directory.
     """
     root = str(resolve_project_dir(project_dir))
@@ -179,6 +184,7 @@ def voiceprint_pipeline(
             "data.dataset": dataset,
             "data.path": dataset_path,
             "model.init": model_init,
+            "model.arch": model_arch,
             "model.source": model_source,
             "index.type": index_type,
             "data.max_speakers": max_speakers,

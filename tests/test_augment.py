@@ -10,7 +10,9 @@ import torch
 from voiceprint import audio
 from voiceprint.augment import (
     KINDS,
+    MAX_FREQ_MASK,
     MAX_SPEED,
+    MAX_TIME_MASK,
     Augmenter,
     add_noise,
     reverberate,
@@ -77,6 +79,23 @@ def test_full_chain_shape_replay_and_unknown_kind() -> None:
     assert torch.equal(a, b)  # the generator alone decides: a resumed run replays it
     with pytest.raises(ValueError, match="unknown augmentation.*allowed"):
         Augmenter(["noise", "babble"], SR)
+
+
+def test_specaug_masks_whole_frame_and_bin_bands_only_when_asked() -> None:
+    feats = torch.randn(16, 200, 80) + 3.0  # no cell is 0 before masking
+    aug = Augmenter(["noise", "specaug"], SR)
+    out = aug.features(feats, torch.Generator().manual_seed(0))
+    again = aug.features(feats, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and out.shape == feats.shape
+    zero = out == 0
+    kept = ~zero
+    assert torch.equal(out[kept], feats[kept])  # masking only ever sets cells to the mean (0)
+    frames = zero.all(dim=2)  # whole frames hidden
+    bins = zero.all(dim=1)  # whole mel bins hidden
+    assert bool(frames.any()) and bool(bins.any())
+    assert torch.equal(zero, frames[:, :, None] | bins[:, None, :])  # nothing but those bands
+    assert int(frames.sum(dim=1).max()) <= 2 * MAX_TIME_MASK and int(bins.sum(dim=1).max()) <= 2 * MAX_FREQ_MASK
+    assert torch.equal(Augmenter(["noise"], SR).features(feats, torch.Generator()), feats)
 
 
 def test_nonspeech_gaps_are_the_complement_of_speech() -> None:

@@ -158,3 +158,21 @@ def test_distillation_resumes_from_its_snapshot(runs: dict, tmp_path: Path) -> N
     assert resumed["resumed_from_step"] == 30 and resumed["teacher_cache_reused"] and not state.exists()
     assert resumed["model_id"] == runs["trained"]["model_id"]  # sha256 of embedding_model.ckpt
     assert resumed["cosine_final"] == runs["trained"]["cosine_final"]
+
+
+def test_a_mixture_of_ecapa_experts_can_be_distilled(runs: dict, tmp_path: Path) -> None:
+    """``arch: moe`` with ``init: distill``: the same cached teacher, the mixture as the student."""
+    from voiceprint.encoders.moe import MoeEncoder
+    from voiceprint.encoders.registry import load_model_dir
+
+    layout = Layout.at(tmp_path)
+    (layout.data / "teacher_cache").mkdir(parents=True)
+    shutil.copy(runs["layout"].segments, layout.segments)
+    cache = Path(runs["trained"]["teacher_cache"])
+    shutil.copy(cache, layout.data / "teacher_cache" / cache.name)
+    params = ModelParams(**{**PARAMS, "arch": "moe", "moe_experts": 2, "moe_expert_channels": 16,
+                            "moe_gate_channels": 8, "steps": 40})
+    stats = build_model(params, layout, progress=False)
+    assert stats["teacher_cache_reused"] and stats["arch"] == "moe" and stats["experts"] == 2
+    assert stats["cosine_final"] > stats["cosine_initial"] + 0.1, stats
+    assert isinstance(load_model_dir(layout.model_dir), MoeEncoder)

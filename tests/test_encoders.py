@@ -237,7 +237,8 @@ def test_registry_resolves_every_spec(
     onnx = load_encoder(f"onnx:{onnx_path}")
     assert isinstance(onnx, OnnxEncoder) and onnx.dim == 48
     assert onnx.model_id.startswith("onnx-tiny_ecapa-")
-    specs = {"ecapa", "campplus", "ge2e", "speechbrain:PATH", "onnx:PATH"}
+    assert load_encoder(f"model:{tiny_ecapa_dir}").model_id == ecapa.model_id
+    specs = {"ecapa", "campplus", "ge2e", "speechbrain:PATH", "model:DIR", "onnx:PATH"}
     assert set(ENCODER_SPECS) == specs
 
 

@@ -351,10 +351,11 @@ def test_pipeline_parameters_render_as_enums_with_descriptions() -> None:
     props = voiceprint_pipeline.parameters.properties
     assert props["index_type"]["anyOf"][0]["enum"] == ["flat", "ivf", "hnsw"]
     assert props["dataset"]["anyOf"][0]["enum"] == ["librispeech-excerpts", "librispeech", "folder"]
-    assert props["model_init"]["anyOf"][0]["enum"] == ["scratch", "pretrained"]
+    assert props["model_init"]["anyOf"][0]["enum"] == ["scratch", "pretrained", "distill"]
+    assert props["model_arch"]["anyOf"][0]["enum"] == ["ecapa", "moe"]
     assert all(p.get("description") for p in props.values())
     assert list(props) == [
-        "dataset", "dataset_path", "model_init", "model_source", "index_type",
+        "dataset", "dataset_path", "model_init", "model_arch", "model_source", "index_type",
         "max_speakers", "model_steps", "project_dir",
     ]  # fmt: skip
 

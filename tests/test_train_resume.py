@@ -65,11 +65,17 @@ def _tensors(model_dir: Path, name: str) -> dict[str, torch.Tensor]:
     return torch.load(model_dir / name, weights_only=True, map_location="cpu")
 
 
+MOE = {"arch": "moe", "moe_experts": 2, "moe_expert_channels": 16, "moe_gate_channels": 8}
+
+
 @pytest.mark.timeout(240)
-def test_resume_after_kill_gives_the_uninterrupted_checkpoint(tmp_path: Path, excerpts_dir: Path) -> None:
+@pytest.mark.parametrize("arch", [{}, MOE], ids=["ecapa", "moe"])
+def test_resume_after_kill_gives_the_uninterrupted_checkpoint(
+    tmp_path: Path, excerpts_dir: Path, arch: dict[str, object]
+) -> None:
     # The run that gets killed starts first, so the uninterrupted one overlaps its wait.
     killed = _project(tmp_path / "killed", excerpts_dir)
-    proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_train_cmd(killed, **arch), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -86,12 +92,12 @@ def test_resume_after_kill_gives_the_uninterrupted_checkpoint(tmp_path: Path, ex
     snap = torch.load(_state_path(killed), weights_only=True, map_location="cpu")  # tensors + plain containers only
     assert snap["step"] % PARAMS["checkpoint_every"] == 0 and 0 < snap["step"] < PARAMS["steps"]
 
-    resumed = _run(killed)
+    resumed = _run(killed, **arch)
     assert resumed["resumed_from_step"] >= PARAMS["checkpoint_every"]
     assert not _state_path(killed).exists()  # cleared once the model is written
 
     straight_layout = _project(tmp_path / "straight", excerpts_dir)
-    straight = _run(straight_layout)
+    straight = _run(straight_layout, **arch)
     assert straight["resumed_from_step"] == 0
 
     for name in (EMBEDDING_CKPT, CLASSIFIER_CKPT):
@@ -128,7 +134,7 @@ def test_fingerprint_covers_what_changes_training_and_nothing_else() -> None:
     fp = training_fingerprint(base, data, cpu)
     for operational in ({"checkpoint_every": 7}, {"log_every": 1}, {"register_model": False}):
         assert training_fingerprint(base.model_copy(update=operational), data, cpu) == fp
-    for change in ({"steps": 21}, {"seed": 4}, {"aam_scale": 16.0}, {"lr": 0.01}, {"channels": 16}):
+    for change in ({"steps": 21}, {"seed": 4}, {"aam_scale": 16.0}, {"lr": 0.01}, {"channels": 16}, {"arch": "moe"}):
         assert training_fingerprint(base.model_copy(update=change), data, cpu) != fp, change
     other = _tiny_data()
     other.clips[1][0] = other.clips[1][0] * 0.5

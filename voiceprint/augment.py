@@ -12,7 +12,10 @@ of the same person in the wild (``model.augment`` picks them):
   decaying Gaussian reverberation with a random RT60), the standard stand-in when no RIR corpus is
   at hand; energy is restored afterwards;
 * ``speed``: speed perturbation by 0.9 / 1.0 / 1.1 (``torchaudio.functional.resample``), the
-  Kaldi/WeSpeaker recipe; crops are drawn ``MAX_SPEED`` times longer and cut back after resampling.
+  Kaldi/WeSpeaker recipe; crops are drawn ``MAX_SPEED`` times longer and cut back after resampling;
+* ``specaug``: SpecAugment-style masking of the normalised log-mel features (a few bands of frames
+  and of mel bins set to the sentence mean), as NeMo's TitaNet recipe does; applied by
+  :meth:`Augmenter.features` after the front end, not to the waveform.
 
 Every random draw comes from the ``torch.Generator`` passed in, never from the global RNGs, so a
 training run resumed from a snapshot (which saves that generator) replays the same augmentations.
@@ -29,11 +32,16 @@ import torchaudio.functional as AF
 
 from voiceprint.audio import TARGET_SR
 
-KINDS = ("noise", "nonspeech", "reverb", "speed")
+KINDS = ("noise", "nonspeech", "reverb", "speed", "specaug")
 SPEEDS = (0.9, 1.0, 1.1)
 MAX_SPEED = max(SPEEDS)
 RT60_S = (0.2, 0.8)
 RIR_MAX_S = 0.5
+# specaug: per crop, this many masks along time (frames) and along frequency (mel bins), each of a
+# width drawn uniformly from 0 to the maximum. For a 2-s crop (200 frames, 80 bins) at most 10 %
+# of the frames and 20 % of the bins are hidden.
+TIME_MASKS, MAX_TIME_MASK = 2, 10
+FREQ_MASKS, MAX_FREQ_MASK = 2, 8
 
 
 def coloured_noise(b: int, t: int, gen: torch.Generator) -> torch.Tensor:
@@ -142,6 +150,24 @@ def speed_perturb(wavs: torch.Tensor, gen: torch.Generator, out_samples: int) ->
     return out
 
 
+def mask_features(feats: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """SpecAugment masks on ``(B, frames, bins)`` mean-normalised features: masked cells become 0 (the mean).
+
+    Written here rather than taken from SpeechBrain's ``SpectrogramDrop`` because that draws from the
+    global RNG, and every augmentation draw must come from ``gen`` (see the module docstring).
+    """
+    out = feats
+    for axis, count, widest in ((1, TIME_MASKS, MAX_TIME_MASK), (2, FREQ_MASKS, MAX_FREQ_MASK)):
+        b, n = feats.shape[0], feats.shape[axis]
+        widths = torch.randint(0, min(widest, n) + 1, (b, count), generator=gen)
+        starts = (torch.rand(b, count, generator=gen) * (n - widths + 1)).long()
+        idx = torch.arange(n)
+        hidden = ((idx >= starts[..., None]) & (idx < (starts + widths)[..., None])).any(dim=1)  # (B, n)
+        hidden = hidden[:, :, None] if axis == 1 else hidden[:, None, :]
+        out = out.masked_fill(hidden.to(feats.device), 0.0)
+    return out
+
+
 class Augmenter:
     """The ``model.augment`` chain: speed, then reverb, then additive noise (synthetic or recorded), then gain.
 
@@ -162,6 +188,10 @@ class Augmenter:
     @property
     def source_samples(self) -> int:
         return math.ceil(self.crop * MAX_SPEED) if "speed" in self.kinds else self.crop
+
+    def features(self, feats: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The feature-domain part of the chain (``specaug``); ``feats`` unchanged without it."""
+        return mask_features(feats, gen) if "specaug" in self.kinds else feats
 
     def __call__(self, wavs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.kinds == {"noise"}:

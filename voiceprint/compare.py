@@ -4,7 +4,9 @@
 with one encoder into ``data/compare/NAME/`` and measures it there: verification (EER, minDCF,
 with and without adaptive s-norm against a train-split impostor cohort), closed-set
 identification, cluster separation (OIIDD, CCR, silhouette on cosine distance and on Euclidean
-distance after UMAP to 2-D), dimension, parameter count and throughput in the same run.
+distance after UMAP to 2-D), dimension, parameter count and throughput in the same run. A mixture
+of ECAPA experts (``model.arch: moe``, or ``model:DIR``) also reports how its gate used the experts
+on those segments (:func:`voiceprint.encoders.moe.gate_usage_stats`).
 ``compare_report`` (DVC ``compare``) gathers them into ``compare.json``/``compare.md`` and one
 MLflow parent run with a child run per encoder.
 """
@@ -98,6 +100,7 @@ def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool
     encoder = load_encoder(spec, model_dir=layout.model_dir, device=str(device))
 
     embedded = embed_segments(layout, params.embed, encoder=encoder, progress=progress, out_dir=out)
+    gate_usage = encoder.gate_usage() if hasattr(encoder, "gate_usage") else {}
     utterances = out / layout.utterance_embeddings.name
     metrics = evaluate(layout, params, out_metrics=out / "evaluate.json", out_plots=plots, embeddings=utterances)
 
@@ -112,6 +115,7 @@ def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool
     plot_oiidd(detail.cos_own, detail.cos_other, plots / "oiidd_cos.png", f"{name}: cosine distance", "1 - cos")
     plot_oiidd(detail.euc_own, detail.euc_other, plots / "oiidd_euc_umap.png", f"{name}: Euclidean after UMAP",
                "Euclidean (UMAP 2-D)")
+    metrics.update(gate_usage)
     metrics.update(
         encoder=name,
         spec=spec,
@@ -163,7 +167,28 @@ def render_markdown(rows: dict[str, dict[str, Any]]) -> str:
         f"{any_row.get('n_gallery_speakers', '?')} speakers; s-norm cohort: {any_row.get('n_cohort', '?')} train-split "
         "utterances. Lower is better for EER, minDCF, OIIDD and CCR; higher for silhouette, top-k, throughput.\n"
     )
-    return "\n".join(lines) + "\n" + notes
+    return "\n".join(lines) + "\n" + notes + render_gate_usage(rows)
+
+
+def render_gate_usage(rows: dict[str, dict[str, Any]]) -> str:
+    """A second table for the mixtures of experts among ``rows`` (empty when there are none)."""
+    mixtures = {name: m for name, m in rows.items() if m.get("gate_experts")}
+    if not mixtures:
+        return ""
+    lines = [
+        "\n## Mixture-of-experts gate usage\n",
+        "| encoder | experts | mean gate weight per expert | share of segments led by each expert "
+        "| balance (1 = even) | sharpness (0 = uniform mix, 1 = one expert per segment) | segments |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in mixtures.items():
+        importance = " / ".join(f"{v:.2f}" for v in m["gate_importance"])
+        load = " / ".join(f"{100 * v:.0f} %" for v in m["gate_load"])
+        lines.append(
+            f"| {name} | {m['gate_experts']} | {importance} | {load} | {m['gate_balance']:.3f} "
+            f"| {m['gate_sharpness']:.3f} | {m['gate_inputs']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def compare_report(layout: Layout, params: Params, *, log_mlflow: bool = True) -> dict[str, Any]:

@@ -60,6 +60,10 @@ class VadParams(_Section):
 
 class ModelParams(_Section):
     init: Literal["scratch", "pretrained", "distill"] = "scratch"
+    # ecapa: one ECAPA-TDNN of `channels`. moe: a CNN gate mixing `moe_experts` ECAPA-TDNNs of
+    # `moe_expert_channels` each (voiceprint.encoders.moe); trained by scratch or distill. The
+    # defaults (4 x C=40 + gate: 0.77 M parameters) match the default single ECAPA (C=128: 0.76 M).
+    arch: Literal["ecapa", "moe"] = "ecapa"
     # Hugging Face repo id or local directory in SpeechBrain's layout (used when init=pretrained).
     source: str = "speechbrain/spkrec-ecapa-voxceleb"
     channels: int = Field(default=128, ge=8)
@@ -79,13 +83,19 @@ class ModelParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Training augmentation (voiceprint.augment): coloured noise + gain, noise cut from the non-speech
     # parts of the training files, synthetic reverberation, speed perturbation 0.9/1.0/1.1.
-    augment: list[Literal["noise", "nonspeech", "reverb", "speed"]] = Field(
+    augment: list[Literal["noise", "nonspeech", "reverb", "speed", "specaug"]] = Field(
         default_factory=lambda: ["noise", "nonspeech", "reverb", "speed"]
     )
     # init=distill: fixed crops per train segment whose CAM++ (teacher) embeddings are cached, and
     # the weight of the AAM-softmax speaker loss added to the student-teacher cosine loss (0: none).
     distill_crops_per_segment: int = Field(default=4, ge=1)
     distill_aam_weight: float = Field(default=0.0, ge=0.0)
+    # arch=moe: experts, their width C, the gate's conv width, and the weight of the load-balancing
+    # loss that keeps the batch-average gate from collapsing onto one expert.
+    moe_experts: int = Field(default=4, ge=2)
+    moe_expert_channels: int = Field(default=40, ge=8)
+    moe_gate_channels: int = Field(default=64, ge=4)
+    moe_balance: float = Field(default=0.01, ge=0.0)
     # Operational: they never change the trained weights (so they are left out of the model card and
     # of the resume key). Snapshot the training state to data/train_state/ every N steps and resume
     # from it after a kill (0: never); log loss/accuracy/lr to MLflow every N steps (0: summary only);
@@ -93,6 +103,15 @@ class ModelParams(_Section):
     checkpoint_every: int = Field(default=100, ge=0)
     log_every: int = Field(default=10, ge=0)
     register_model: bool = True
+
+    @model_validator(mode="after")
+    def _moe_is_trained_here(self) -> "ModelParams":
+        if self.arch == "moe" and self.init == "pretrained":
+            raise ValueError(
+                "model.arch 'moe' needs model.init 'scratch' or 'distill': the experts are trained here "
+                "(a pretrained SpeechBrain checkpoint is a single ECAPA-TDNN; use arch 'ecapa' for it)"
+            )
+        return self
 
 
 class EmbedParams(_Section):

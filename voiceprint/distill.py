@@ -43,6 +43,7 @@ from voiceprint.config import ModelParams
 from voiceprint.encoders.aam import AAMHead
 from voiceprint.encoders.campplus import campplus_weights_path, load_campplus, sha256_file
 from voiceprint.encoders.ecapa import EcapaConfig
+from voiceprint.encoders.moe import MoeConfig
 from voiceprint.layout import Layout
 from voiceprint.train import (
     GRAD_CLIP,
@@ -54,8 +55,10 @@ from voiceprint.train import (
     TrainState,
     _mean,
     _seed_everything,
+    architecture,
     load_training_data,
     lr_factor,
+    moe_penalty,
     report_step,
     resolve_device,
     resume_run,
@@ -247,7 +250,7 @@ def train_distill(
     cache = build_teacher_cache(layout, data, params, device=device, progress=progress)
     teacher_s = time.perf_counter() - t0 - decode_s
 
-    cfg = EcapaConfig.from_channels(params.channels, lin_neurons=params.lin_neurons, n_mels=params.n_mels)
+    cfg = architecture(params)
     state = TrainState.for_run(layout, params, data, device, init="distill", extra={"teacher_cache": cache.path.name})
     model, head, history = _fit(
         data, cache, params, cfg, device=device, progress=progress, on_step=on_step, state=state
@@ -282,7 +285,7 @@ def _fit(
     data: TrainingData,
     cache: TeacherCache,
     params: ModelParams,
-    cfg: EcapaConfig,
+    cfg: EcapaConfig | MoeConfig,
     *,
     device: torch.device,
     progress: bool = True,
@@ -347,7 +350,7 @@ def _fit(
         labels = torch.tensor(speakers, dtype=torch.long, device=device)
         lengths = torch.ones(wavs.shape[0], device=device)
         with torch.no_grad():
-            feats = norm(fbank(wavs), lengths)
+            feats = augmenter.features(norm(fbank(wavs), lengths), noise_gen)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             emb = model(feats, lengths).squeeze(1)
         emb = emb.float()
@@ -355,7 +358,7 @@ def _fit(
         cosine = F.cosine_similarity(student, teacher, dim=1).mean()
         loss = 1.0 - cosine
         aam, cosines = head(emb if use_aam else emb.detach(), labels)
-        loss = loss + params.distill_aam_weight * aam  # the student's objective (what is logged)
+        loss = loss + params.distill_aam_weight * aam + moe_penalty(model, params)  # the student's objective (logged)
         total = loss if use_aam else loss + aam  # with weight 0, AAM reaches the head only
 
         optimizer.zero_grad(set_to_none=True)

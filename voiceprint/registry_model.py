@@ -54,12 +54,12 @@ mlflow.models.set_model(EcapaEmbeddingModel())
 
 
 class EcapaEmbeddingModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper of :class:`~voiceprint.encoders.ecapa.EcapaEncoder` (CPU)."""
+    """pyfunc wrapper of the model stage's encoder (ECAPA-TDNN or mixture of ECAPA experts, CPU)."""
 
     def load_context(self, context) -> None:  # noqa: ANN001 (mlflow's PythonModelContext)
-        from voiceprint.encoders.ecapa import load_ecapa
+        from voiceprint.encoders.registry import load_model_dir
 
-        self.encoder = load_ecapa(context.artifacts[ARTIFACT], device="cpu")
+        self.encoder = load_model_dir(context.artifacts[ARTIFACT], device="cpu")
 
     # The DataFrame hint is one MLflow infers no schema from (so it validates nothing); arrays, lists
     # and dicts are accepted as well (see the module docstring).

