@@ -13,6 +13,7 @@ from voiceprint.augment import (
     MAX_FREQ_MASK,
     MAX_SPEED,
     MAX_TIME_MASK,
+    SPEEDS,
     Augmenter,
     add_noise,
     reverberate,
@@ -32,10 +33,12 @@ def _dominant_hz(x: torch.Tensor) -> float:
 def test_speed_perturbation_scales_frequency_by_the_speed() -> None:
     t = torch.arange(int(2 * SR * MAX_SPEED) + 10) / SR
     tone = torch.sin(2 * torch.pi * 1000.0 * t).repeat(64, 1)
-    out = speed_perturb(tone, torch.Generator().manual_seed(0), out_samples=2 * SR)
+    out, speeds = speed_perturb(tone, torch.Generator().manual_seed(0), out_samples=2 * SR)
     assert out.shape == (64, 2 * SR) and torch.isfinite(out).all()
-    freqs = sorted({round(_dominant_hz(row) / 10) * 10 for row in out})
-    assert freqs == [900, 1000, 1100]  # every speed drawn over 64 rows; 1 kHz moved by 0.9 / 1.0 / 1.1
+    freqs = [round(_dominant_hz(row) / 10) * 10 for row in out]
+    assert sorted(set(freqs)) == [900, 1000, 1100]  # every speed drawn over 64 rows; 1 kHz moved by 0.9 / 1.0 / 1.1
+    # The returned index names each row's speed (training may count it as another speaker).
+    assert freqs == [round(1000 * SPEEDS[k]) for k in speeds.tolist()]
 
 
 def test_speed_perturbation_refuses_rows_without_slack() -> None:

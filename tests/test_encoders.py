@@ -160,6 +160,17 @@ def test_campplus_masking_is_exact_for_equal_and_tiny_inputs(campplus: CamPlusPl
     assert out.shape == (2, 192) and torch.isfinite(out).all()
 
 
+def test_ge2e_batched_lstm_matches_resemblyzer_embed_utterance(ge2e: GE2EEncoder, clips) -> None:
+    """All partials of a batch go through one LSTM call; each item must still get exactly what
+    Resemblyzer's own one-utterance-at-a-time ``embed_utterance`` gives it."""
+    wavs, _ = clips
+    host = [w.numpy() for w in wavs] + [wavs[0].numpy()[:4000]]  # + a clip shorter than one partial
+    expected = np.stack([ge2e.model.embed_utterance(ge2e.preprocess(w)) for w in host])
+    counts = [len(ge2e.partial_mels(w)) for w in host]
+    assert min(counts) == 1 and max(counts) > 1  # items of one and of several partials are mixed
+    np.testing.assert_allclose(ge2e.embed_waveforms(host), expected, atol=1e-5)
+
+
 def test_ge2e_edge_cases(ge2e: GE2EEncoder) -> None:
     silence_and_click = torch.zeros(2, 8000)
     silence_and_click[1, :100] = 0.1

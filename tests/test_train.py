@@ -22,9 +22,10 @@ from voiceprint.encoders.aam import AAMHead, aam_softmax_loss
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa
 from voiceprint.layout import Layout
 from voiceprint.schema import SEGMENTS
-from voiceprint.augment import add_noise
+from voiceprint.augment import SPEEDS, UNPERTURBED, add_noise
 from voiceprint.train import (
     CropSampler,
+    SpeedClasses,
     TrainingData,
     TrainingError,
     build_model,
@@ -90,6 +91,46 @@ def test_trained_checkpoint_loads_both_ways(trained: tuple[Layout, dict], tmp_pa
     _, _, _, labels = sb.classify_batch(wav)
     speakers = {Path(p).parent.name for p in _train_paths(layout)}
     assert labels[0] in speakers
+
+
+def test_speed_classes_map_each_speed_to_its_own_block_of_speakers() -> None:
+    speakers = torch.tensor([0, 1, 2, 3])
+    slow, fast = SPEEDS.index(0.9), SPEEDS.index(1.1)
+    speeds = torch.tensor([UNPERTURBED, slow, fast, UNPERTURBED])
+    on = SpeedClasses(5, enabled=True)
+    assert on.count == 15
+    targets = on.targets(speakers, speeds).tolist()
+    assert targets[0] == 0 and targets[3] == 3  # unperturbed crops keep their speaker's class (block 0)
+    assert sorted({targets[1] // 5, targets[2] // 5}) == [1, 2] and [t % 5 for t in targets] == [0, 1, 2, 3]
+    off = SpeedClasses(5, enabled=False)
+    assert off.count == 5 and torch.equal(off.targets(speakers, speeds), speakers)
+
+
+def test_speed_as_speakers_trains_3x_classes_and_saves_only_the_real_speakers(
+    excerpts_dir: Path, tmp_path: Path
+) -> None:
+    layout = Layout.at(tmp_path / "project")
+    write_table(layout.segments, _segments_table(excerpts_dir))
+    params = ModelParams(
+        channels=32, steps=20, batch_size=12, crop_s=1.0, seed=0, device="cpu", speed_as_speakers=True,
+        register_model=False,
+    )
+    stats = build_model(params, layout, progress=False)
+    assert stats["aam_classes"] == 3 * N_SPEAKERS and stats["num_speakers"] == N_SPEAKERS
+    assert stats["loss_final"] < stats["loss_initial"] - 1.0, stats
+    classifier = torch.load(layout.model_dir / "classifier.ckpt", weights_only=True)
+    assert classifier["weight"].shape[0] == N_SPEAKERS  # pseudo-speaker rows are training-only
+    sb = EncoderClassifier.from_hparams(source=str(layout.model_dir), savedir=str(tmp_path / "sb"))
+    wav = torch.from_numpy(audio.load(_train_paths(layout)[0], 0.0, 3.0)).unsqueeze(0)
+    assert sb.classify_batch(wav)[3][0] in {Path(p).parent.name for p in _train_paths(layout)}
+
+
+def test_aam_head_keeps_its_first_classes() -> None:
+    head = AAMHead(16, 9, margin=0.2, scale=30.0)
+    cut = head.first_classes(3)
+    assert torch.equal(cut.weight, head.classifier.weight[:3]) and head.first_classes(9) is head.classifier
+    with pytest.raises(ValueError, match="cannot keep 10 of 9"):
+        head.first_classes(10)
 
 
 def test_finetune_starts_from_the_source_and_adapts_to_new_speakers(

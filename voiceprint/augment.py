@@ -35,6 +35,7 @@ from voiceprint.audio import TARGET_SR
 KINDS = ("noise", "nonspeech", "reverb", "speed", "specaug")
 SPEEDS = (0.9, 1.0, 1.1)
 MAX_SPEED = max(SPEEDS)
+UNPERTURBED = SPEEDS.index(1.0)
 RT60_S = (0.2, 0.8)
 RIR_MAX_S = 0.5
 # specaug: per crop, this many masks along time (frames) and along frequency (mel bins), each of a
@@ -124,11 +125,12 @@ def reverberate(wavs: torch.Tensor, gen: torch.Generator, *, prob: float = 0.4) 
     return out
 
 
-def speed_perturb(wavs: torch.Tensor, gen: torch.Generator, out_samples: int) -> torch.Tensor:
+def speed_perturb(wavs: torch.Tensor, gen: torch.Generator, out_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample each row by a speed drawn from :data:`SPEEDS`, then cut a random ``out_samples`` window.
 
-    Rows must hold at least ``out_samples * MAX_SPEED`` samples, so even the fastest speed fills the
-    window without padding.
+    Returns the windows and each row's index into :data:`SPEEDS` (training may count a changed
+    speed as another speaker). Rows must hold at least ``out_samples * MAX_SPEED`` samples, so even
+    the fastest speed fills the window without padding.
     """
     b, t = wavs.shape
     if t < math.ceil(out_samples * MAX_SPEED):
@@ -147,7 +149,7 @@ def speed_perturb(wavs: torch.Tensor, gen: torch.Generator, out_samples: int) ->
         for i, row in enumerate(rows.tolist()):
             start = int(offsets[row] * (slack + 1)) if slack > 0 else 0
             out[row] = fast[i, start : start + out_samples]
-    return out
+    return out, choice
 
 
 def mask_features(feats: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -194,10 +196,15 @@ class Augmenter:
         return mask_features(feats, gen) if "specaug" in self.kinds else feats
 
     def __call__(self, wavs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.apply(wavs, gen)[0]
+
+    def apply(self, wavs: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented crops and each row's index into :data:`SPEEDS` (:data:`UNPERTURBED` without ``speed``)."""
+        speeds = torch.full((wavs.shape[0],), UNPERTURBED, dtype=torch.long)
         if self.kinds == {"noise"}:
-            return add_noise(wavs[:, : self.crop], gen)
+            return add_noise(wavs[:, : self.crop], gen), speeds
         if "speed" in self.kinds:
-            wavs = speed_perturb(wavs, gen, self.crop)
+            wavs, speeds = speed_perturb(wavs, gen, self.crop)
         else:
             wavs = wavs[:, : self.crop]
         if "reverb" in self.kinds:
@@ -217,4 +224,4 @@ class Augmenter:
                 noise = coloured_noise(b, t, gen)
             wavs = mix_at_snr(wavs, noise, snr, apply)
         gain = 10.0 ** (_uniform(wavs.shape[0], (-6.0, 6.0), gen) / 20.0)
-        return wavs * gain[:, None]
+        return wavs * gain[:, None], speeds

@@ -86,6 +86,10 @@ class ModelParams(_Section):
     augment: list[Literal["noise", "nonspeech", "reverb", "speed", "specaug"]] = Field(
         default_factory=lambda: ["noise", "nonspeech", "reverb", "speed"]
     )
+    # WeSpeaker's recipe: a crop played 0.9x or 1.1x counts as another speaker in AAM-softmax (3x the
+    # classes). Acts where AAM trains on speed-perturbed crops (scratch, fine-tuning, with `speed`
+    # in augment); distillation never speed-perturbs, so there it does nothing.
+    speed_as_speakers: bool = True
     # init=distill: fixed crops per train segment whose CAM++ (teacher) embeddings are cached, and
     # the weight of the AAM-softmax speaker loss added to the student-teacher cosine loss (0: none).
     distill_crops_per_segment: int = Field(default=4, ge=1)

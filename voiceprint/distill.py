@@ -55,10 +55,10 @@ from voiceprint.train import (
     TrainState,
     _mean,
     _seed_everything,
+    add_gate_balance,
     architecture,
     load_training_data,
     lr_factor,
-    moe_penalty,
     report_step,
     resolve_device,
     resume_run,
@@ -358,7 +358,7 @@ def _fit(
         cosine = F.cosine_similarity(student, teacher, dim=1).mean()
         loss = 1.0 - cosine
         aam, cosines = head(emb if use_aam else emb.detach(), labels)
-        loss = loss + params.distill_aam_weight * aam + moe_penalty(model, params)  # the student's objective (logged)
+        loss = add_gate_balance(loss + params.distill_aam_weight * aam, model, params, history)  # the student's objective (logged)
         total = loss if use_aam else loss + aam  # with weight 0, AAM reaches the head only
 
         optimizer.zero_grad(set_to_none=True)

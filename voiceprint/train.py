@@ -1,16 +1,19 @@
 """Model stage: train ECAPA-TDNN from scratch on the train split, or adopt a pretrained SpeechBrain model.
 
-Either way the result is a SpeechBrain-layout directory at ``layout.model_dir`` (see
-:mod:`voiceprint.encoders.ecapa`), written atomically, which the embedding stage loads with
-:func:`~voiceprint.encoders.ecapa.load_ecapa`.
+The result is a directory at ``layout.model_dir``, written atomically: SpeechBrain's layout for
+one ECAPA-TDNN (:mod:`voiceprint.encoders.ecapa`), or the mixture's own layout with ``model.arch:
+moe`` (:mod:`voiceprint.encoders.moe`, which SpeechBrain cannot build). The embedding stage loads
+either with :func:`~voiceprint.encoders.registry.load_model_dir`.
 
 Training is sized for a small CPU: the default train set (251 LibriSpeech speakers, one 10-15 s
 utterance each, ~50 min of audio) is decoded once into memory, and every step draws one random
 ``crop_s`` crop per speaker for a speaker-balanced batch. With a single utterance per speaker the
 model can only learn speaker identity from different crops of the same recording, so augmentation
 (``model.augment``, :mod:`voiceprint.augment`: coloured or recorded non-speech noise, reverberation,
-speed perturbation, gain) is what stops it from keying on recording conditions. The loss is SpeechBrain's AAM-softmax, the optimiser Adam with a linear
-warm-up and cosine decay.
+speed perturbation, gain) is what stops it from keying on recording conditions, and counting a
+speed-perturbed crop as another speaker (``model.speed_as_speakers``, :class:`SpeedClasses`)
+triples the voices it sees. The loss is SpeechBrain's AAM-softmax, the optimiser Adam with a
+linear warm-up and cosine decay.
 
 Every ``checkpoint_every`` steps the whole training state (weights, AAM head, optimiser, scheduler,
 every random generator, the sampler's queue, the loss history) is written atomically to
@@ -42,7 +45,7 @@ from tqdm.auto import tqdm
 
 from voiceprint import audio
 from voiceprint.atomic import atomic_path
-from voiceprint.augment import Augmenter
+from voiceprint.augment import SPEEDS, UNPERTURBED, Augmenter
 from voiceprint.config import ModelParams
 from voiceprint.encoders.aam import AAMHead
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
@@ -163,11 +166,16 @@ def architecture(params: ModelParams) -> EcapaConfig | MoeConfig:
     return EcapaConfig.from_channels(params.channels, lin_neurons=params.lin_neurons, n_mels=params.n_mels)
 
 
-def moe_penalty(model: torch.nn.Module, params: ModelParams) -> torch.Tensor | float:
-    """``moe_balance`` x the mixture's load-balancing loss of the last forward (0 for one ECAPA-TDNN)."""
-    if isinstance(model, EcapaMoE) and params.moe_balance > 0:
-        return params.moe_balance * model.balance_loss()
-    return 0.0
+def add_gate_balance(
+    loss: torch.Tensor, model: torch.nn.Module, params: ModelParams, history: dict[str, list[float]]
+) -> torch.Tensor:
+    """``loss`` + ``moe_balance`` x the mixture's load-balancing loss of the last forward, which is
+    also recorded in ``history["balance"]`` for the model card. One ECAPA-TDNN: ``loss`` unchanged."""
+    if not isinstance(model, EcapaMoE):
+        return loss
+    balance = model.balance_loss()
+    history.setdefault("balance", []).append(float(balance.detach()))
+    return loss + params.moe_balance * balance if params.moe_balance > 0 else loss
 
 
 def finetune(
@@ -194,6 +202,8 @@ def _train(
     on_step: StepCallback | None, initial: torch.nn.Module | None = None, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
+    if params.speed_as_speakers and "speed" not in params.augment:
+        log.warning("model.speed_as_speakers has no effect: 'speed' is not in model.augment %s", params.augment)
     _seed_everything(params.seed)
     device = resolve_device(params.device)
     data = load_training_data(layout, seed=params.seed, progress=progress, nonspeech="nonspeech" in params.augment)
@@ -206,6 +216,7 @@ def _train(
     train_s = time.perf_counter() - t0 - decode_s
 
     stats = summarise_training(init, params, cfg, model, data, history)
+    stats["aam_classes"] = int(head.classifier.weight.shape[0])  # x3 with speed_as_speakers
     card_stats = dict(stats)
     stats.update(
         device=str(device),
@@ -263,7 +274,8 @@ def save_trained_model(
     card = {"training": card_stats, "params": params.model_dump(exclude=set(OPERATIONAL_PARAMS))}
     save = save_moe_checkpoint if isinstance(cfg, MoeConfig) else save_speechbrain_checkpoint
     model_dir = save(
-        layout.model_dir, model.cpu().eval(), cfg, classifier=head.classifier.cpu().eval(), labels=data.labels,
+        layout.model_dir, model.cpu().eval(), cfg, classifier=head.first_classes(len(data.labels)).cpu().eval(),
+        labels=data.labels,
         extra_card=card,
     )
     return load_model_dir(model_dir).model_id  # loading it back proves the written directory is usable
@@ -427,6 +439,30 @@ class SpeakerQueue:
         return taken
 
 
+@dataclass(frozen=True)
+class SpeedClasses:
+    """AAM-softmax classes when a changed speed counts as another speaker (``model.speed_as_speakers``).
+
+    Pitch and formants move with the speed, so to a speaker encoder a crop played at 0.9x sounds
+    like someone else. WeSpeaker's recipe trains it as someone else, which triples the classes of a
+    set with few speakers. Class ``block * speakers + speaker``, block 0 being the unperturbed
+    speed: the first ``speakers`` rows of the head are the real speakers, the only ones saved.
+    """
+
+    speakers: int
+    enabled: bool
+
+    @property
+    def count(self) -> int:
+        return self.speakers * (len(SPEEDS) if self.enabled else 1)
+
+    def targets(self, speakers: torch.Tensor, speeds: torch.Tensor) -> torch.Tensor:
+        """Class of each crop from its speaker and its index into :data:`~voiceprint.augment.SPEEDS`."""
+        if not self.enabled:
+            return speakers
+        return speakers + self.speakers * ((speeds - UNPERTURBED) % len(SPEEDS))
+
+
 class CropSampler:
     """Speaker-balanced random crops: every speaker appears once per pass, in shuffled order.
 
@@ -494,7 +530,8 @@ def fit(
     model = (initial if initial is not None else cfg.build()).to(device).train()
     for p in model.parameters():
         p.requires_grad_(True)  # a loaded encoder is frozen for inference
-    head = AAMHead(cfg.lin_neurons, len(data.labels), margin=params.aam_margin, scale=params.aam_scale)
+    classes = SpeedClasses(len(data.labels), params.speed_as_speakers and "speed" in params.augment)
+    head = AAMHead(cfg.lin_neurons, classes.count, margin=params.aam_margin, scale=params.aam_scale)
     head = head.to(device).train()
     fbank = cfg.build_fbank().to(device)
     norm = cfg.build_norm().to(device)
@@ -508,7 +545,7 @@ def fit(
     sampler = CropSampler(data, augmenter.source_samples, np.random.default_rng(params.seed))
     noise_gen = torch.Generator().manual_seed(params.seed + 1)
     use_amp = device.type == "cuda"
-    history: dict[str, list[float]] = {"loss": [], "acc": [], **({"balance": []} if isinstance(cfg, MoeConfig) else {})}
+    history: dict[str, list[float]] = {"loss": [], "acc": []}
     parts = Resumable(
         modules={"model": model, "head": head},
         optimizer=optimizer,
@@ -524,15 +561,16 @@ def fit(
     for step in bar:
         lr = optimizer.param_groups[0]["lr"]
         wavs, targets = sampler.batch(params.batch_size)
-        wavs = augmenter(wavs, noise_gen).to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        wavs, speeds = augmenter.apply(wavs, noise_gen)
+        wavs = wavs.to(device, non_blocking=True)
+        targets = classes.targets(targets, speeds).to(device, non_blocking=True)
         lengths = torch.ones(wavs.shape[0], device=device)  # fixed-size crops: no padding
         with torch.no_grad():
             feats = augmenter.features(norm(fbank(wavs), lengths), noise_gen)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             emb = model(feats, lengths)
         loss, cosines = head(emb, targets)
-        loss = loss + moe_penalty(model, params)
+        loss = add_gate_balance(loss, model, params, history)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -543,8 +581,6 @@ def fit(
         acc = (cosines.argmax(dim=1) == targets).float().mean()
         history["loss"].append(float(loss.detach()))
         history["acc"].append(float(acc))
-        if "balance" in history:
-            history["balance"].append(float(model.balance_loss().detach()))
         if state is not None:
             state.step_done(step + 1, params.steps, parts, extra=lambda: {"queue": list(sampler.speakers.pending)})
         report_step(on_step, step + 1, params, history, lr, loss="loss", acc="acc")

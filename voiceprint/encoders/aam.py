@@ -46,3 +46,16 @@ class AAMHead(torch.nn.Module):
             cosines = self.classifier(embeddings.float())
             loss = self.loss_fn(cosines, targets.view(-1, 1))
         return loss, cosines.squeeze(1)
+
+    def first_classes(self, n: int) -> Classifier:
+        """The classifier cut to its first ``n`` rows, e.g. the real speakers when training added
+        pseudo-speaker classes that mean nothing outside training."""
+        weight = self.classifier.weight
+        if n == weight.shape[0]:
+            return self.classifier
+        if not 0 < n < weight.shape[0]:
+            raise ValueError(f"cannot keep {n} of {weight.shape[0]} classes")
+        cut = Classifier(input_size=weight.shape[1], out_neurons=n)
+        with torch.no_grad():
+            cut.weight.copy_(weight[:n])
+        return cut

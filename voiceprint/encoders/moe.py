@@ -164,8 +164,7 @@ class EcapaMoE(torch.nn.Module):
         self.cfg = cfg
         self.experts = torch.nn.ModuleList(cfg.expert.build() for _ in range(cfg.experts))
         self.gate = GateNet(cfg.n_mels, cfg.gate_channels, cfg.experts)
-        self.last_gates: torch.Tensor | None = None
-        self._gates: torch.Tensor | None = None
+        self._gates: torch.Tensor | None = None  # of the last forward, in the autograd graph
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         gates = torch.softmax(self.gate(feats, lengths).float(), dim=-1)  # (B, K)
@@ -174,8 +173,12 @@ class EcapaMoE(torch.nn.Module):
         )  # (B, K, D)
         mixed = F.normalize((gates.unsqueeze(-1) * embs).sum(dim=1), dim=-1)
         self._gates = gates
-        self.last_gates = gates.detach()
         return mixed.unsqueeze(1)
+
+    @property
+    def last_gates(self) -> torch.Tensor | None:
+        """``(B, K)`` gate weights of the last forward, detached (None before the first)."""
+        return None if self._gates is None else self._gates.detach()
 
     def balance_loss(self) -> torch.Tensor:
         """``K * sum_k mean_b(g_bk)^2 - 1``: 0 when the batch uses every expert equally, K-1 when one takes all.
