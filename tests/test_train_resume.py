@@ -66,20 +66,33 @@ def _tensors(model_dir: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 MOE = {"arch": "moe", "moe_experts": 2, "moe_expert_channels": 16, "moe_gate_channels": 8}
+# Weight averaging over steps 11-40 (snapshots at 20, 30, 40); killed only once the step-20
+# snapshot is in the saved state, so the resumed run must restore a running sum that is not empty.
+AVERAGED = {"steps": 40, "average_last": 0.75, "_kill_after_step": 20}
+
+
+def _snapshot_step(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True, map_location="cpu")["step"])
+    except (FileNotFoundError, EOFError, RuntimeError):  # not written yet
+        return 0
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("arch", [{}, MOE], ids=["ecapa", "moe"])
+@pytest.mark.parametrize("arch", [{}, MOE, AVERAGED], ids=["ecapa", "moe", "weight-average"])
 def test_resume_after_kill_gives_the_uninterrupted_checkpoint(
     tmp_path: Path, excerpts_dir: Path, arch: dict[str, object]
 ) -> None:
+    arch = dict(arch)
+    kill_after = int(arch.pop("_kill_after_step", 1))
+    steps = int(arch.get("steps", PARAMS["steps"]))
     # The run that gets killed starts first, so the uninterrupted one overlaps its wait.
     killed = _project(tmp_path / "killed", excerpts_dir)
     proc = subprocess.Popen(_train_cmd(killed, **arch), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
-        while not _state_path(killed).exists():
+        while _snapshot_step(_state_path(killed)) < kill_after:
             assert proc.poll() is None, f"training exited before its first snapshot: {proc.communicate()[1][-3000:]}"
             assert time.monotonic() < deadline, "no training state written within 180 s"
             time.sleep(0.02)
@@ -90,7 +103,7 @@ def test_resume_after_kill_gives_the_uninterrupted_checkpoint(
     assert proc.returncode == -signal.SIGKILL
     assert not killed.model_dir.exists(), "the run finished before it could be killed"
     snap = torch.load(_state_path(killed), weights_only=True, map_location="cpu")  # tensors + plain containers only
-    assert snap["step"] % PARAMS["checkpoint_every"] == 0 and 0 < snap["step"] < PARAMS["steps"]
+    assert snap["step"] % PARAMS["checkpoint_every"] == 0 and kill_after <= snap["step"] < steps
 
     resumed = _run(killed, **arch)
     assert resumed["resumed_from_step"] >= PARAMS["checkpoint_every"]

@@ -90,6 +90,9 @@ class ModelParams(_Section):
     # classes). Acts where AAM trains on speed-perturbed crops (scratch, fine-tuning, with `speed`
     # in augment); distillation never speed-perturbs, so there it does nothing.
     speed_as_speakers: bool = True
+    # Average the weights over this last fraction of the steps (a snapshot every 10 steps; WeSpeaker's
+    # model averaging) and save the average; 0: save the last step's weights. Scratch and fine-tuning.
+    average_last: float = Field(default=0.0, ge=0.0, lt=1.0)
     # init=distill: fixed crops per train segment whose CAM++ (teacher) embeddings are cached, and
     # the weight of the AAM-softmax speaker loss added to the student-teacher cosine loss (0: none).
     distill_crops_per_segment: int = Field(default=4, ge=1)

@@ -53,6 +53,7 @@ from voiceprint.encoders.moe import EcapaMoE, MoeConfig, save_moe_checkpoint
 from voiceprint.encoders.registry import load_model_dir
 from voiceprint.layout import Layout
 from voiceprint.schema import SEGMENTS
+from voiceprint.weight_average import WeightAverage
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ WARMUP_FRACTION = 0.1
 MIN_LR_FRACTION = 0.01
 # Gradient-norm clip: AAM with scale 30 gives large early gradients on a randomly initialised net.
 GRAD_CLIP = 5.0
+# model.average_last: a weight snapshot every this many steps enters the average.
+AVERAGE_EVERY = 10
 # Non-speech noise bank for augmentation: gaps between speech segments at least this long, up to
 # this much audio in all.
 NONSPEECH_MIN_GAP_S = 0.2
@@ -546,8 +549,9 @@ def fit(
     noise_gen = torch.Generator().manual_seed(params.seed + 1)
     use_amp = device.type == "cuda"
     history: dict[str, list[float]] = {"loss": [], "acc": []}
+    average = weight_average(model, params)
     parts = Resumable(
-        modules={"model": model, "head": head},
+        modules={"model": model, "head": head, **({"average": average} if average is not None else {})},
         optimizer=optimizer,
         scheduler=scheduler,
         generators={"sampler": sampler.rng},
@@ -577,6 +581,8 @@ def fit(
         torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
         optimizer.step()
         scheduler.step()
+        if average is not None and average.due(step + 1):
+            average.add(model)
 
         acc = (cosines.argmax(dim=1) == targets).float().mean()
         history["loss"].append(float(loss.detach()))
@@ -591,7 +597,17 @@ def fit(
                 acc=f"{_mean(history['acc'][recent]):.2f}",
                 lr=f"{scheduler.get_last_lr()[0]:.1e}",
             )
+    if average is not None:
+        model.load_state_dict(average.averaged_state(model))
     return model, head, history
+
+
+def weight_average(model: torch.nn.Module, params: ModelParams) -> WeightAverage | None:
+    """The averager of the last ``model.average_last`` of the steps (None when 0 or too few steps)."""
+    window = round(params.average_last * params.steps)
+    if window < AVERAGE_EVERY:
+        return None
+    return WeightAverage(model, start=params.steps - window, every=AVERAGE_EVERY)
 
 
 def resume_run(state: "TrainState | None", parts: "Resumable", queue: SpeakerQueue) -> int:
