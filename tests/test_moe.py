@@ -120,6 +120,7 @@ def trained_moe(tmp_path_factory: pytest.TempPathFactory, excerpts_dir: Path) ->
     params = ModelParams(
         arch="moe", moe_experts=2, moe_expert_channels=16, moe_gate_channels=8, moe_balance=0.1,
         steps=20, batch_size=12, crop_s=1.0, seed=0, device="cpu", augment=["noise"], register_model=False,
+        aam_margin_ramp=(0.0, 0.0),  # one objective throughout, so that the loss's fall is measured
     )
     return layout, build_model(params, layout, progress=False)
 

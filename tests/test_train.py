@@ -28,6 +28,7 @@ from voiceprint.train import (
     SpeedClasses,
     TrainingData,
     TrainingError,
+    aam_margin_at,
     build_model,
     fit,
     lr_factor,
@@ -35,6 +36,9 @@ from voiceprint.train import (
 )
 
 N_SPEAKERS = 6
+# Tests that compare the loss at the end of a run with its start need one objective throughout: under
+# the default margin ramp the first steps train at margin 0, a lower loss than the final margin's.
+FIXED_MARGIN = {"aam_margin_ramp": (0.0, 0.0)}
 
 
 def _segments_table(excerpts_dir: Path, first_speaker: int = 0) -> pa.Table:
@@ -64,7 +68,7 @@ def _segments_table(excerpts_dir: Path, first_speaker: int = 0) -> pa.Table:
 def trained(tmp_path_factory: pytest.TempPathFactory, excerpts_dir: Path) -> tuple[Layout, dict]:
     layout = Layout.at(tmp_path_factory.mktemp("project"))
     write_table(layout.segments, _segments_table(excerpts_dir))
-    params = ModelParams(channels=32, steps=20, batch_size=12, crop_s=1.0, seed=0, device="cpu")
+    params = ModelParams(channels=32, steps=20, batch_size=12, crop_s=1.0, seed=0, device="cpu", **FIXED_MARGIN)
     stats = build_model(params, layout, progress=False)
     return layout, stats
 
@@ -113,7 +117,7 @@ def test_speed_as_speakers_trains_3x_classes_and_saves_only_the_real_speakers(
     write_table(layout.segments, _segments_table(excerpts_dir))
     params = ModelParams(
         channels=32, steps=20, batch_size=12, crop_s=1.0, seed=0, device="cpu", speed_as_speakers=True,
-        register_model=False,
+        register_model=False, **FIXED_MARGIN,
     )
     stats = build_model(params, layout, progress=False)
     assert stats["aam_classes"] == 3 * N_SPEAKERS and stats["num_speakers"] == N_SPEAKERS
@@ -123,6 +127,58 @@ def test_speed_as_speakers_trains_3x_classes_and_saves_only_the_real_speakers(
     sb = EncoderClassifier.from_hparams(source=str(layout.model_dir), savedir=str(tmp_path / "sb"))
     wav = torch.from_numpy(audio.load(_train_paths(layout)[0], 0.0, 3.0)).unsqueeze(0)
     assert sb.classify_batch(wav)[3][0] in {Path(p).parent.name for p in _train_paths(layout)}
+
+
+def test_speed_as_speakers_acts_only_where_speed_perturbs() -> None:
+    assert ModelParams().speed_pseudo_speakers  # the default: speed in augment, pseudo-speakers on
+    assert not ModelParams(speed_as_speakers=False).speed_pseudo_speakers
+    assert not ModelParams(augment=["noise", "reverb"]).speed_pseudo_speakers
+
+
+def test_margin_ramp_schedule() -> None:
+    ramp = ModelParams(steps=100, aam_margin=0.2, aam_margin_ramp=[0.1, 0.4])
+    margins = [aam_margin_at(step, ramp) for step in range(100)]
+    assert margins[:11] == [0.0] * 11  # held at 0 through the start step
+    assert margins[25] == pytest.approx(0.1) and margins[39] == pytest.approx(0.2 * 29 / 30)
+    assert margins[40:] == [0.2] * 60
+    assert all(a <= b for a, b in zip(margins, margins[1:]))
+    off = ModelParams(steps=100, aam_margin=0.2, aam_margin_ramp=[0, 0])
+    assert {aam_margin_at(step, off) for step in range(100)} == {0.2}
+    assert aam_margin_at(0, ModelParams(steps=100, aam_margin_ramp=[0.5, 0.5])) == 0.0  # a step, not a ramp
+    assert aam_margin_at(50, ModelParams(steps=100, aam_margin=0.3, aam_margin_ramp=[0.5, 0.5])) == 0.3
+
+
+@pytest.mark.parametrize("ramp", [[0.5, 0.2], [-0.1, 0.2], [0.1, 1.5]])
+def test_margin_ramp_must_be_ordered_fractions(ramp: list[float]) -> None:
+    with pytest.raises(ValueError, match="aam_margin_ramp"):
+        ModelParams(aam_margin_ramp=ramp)
+
+
+def test_aam_head_set_margin_gives_the_loss_of_that_margin() -> None:
+    torch.manual_seed(0)
+    head = AAMHead(8, 4, margin=0.2, scale=30.0)
+    keys = set(head.state_dict())
+    emb, targets = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    for margin in (0.0, 0.07, 0.2):
+        head.set_margin(margin)
+        loss, cosines = head(emb, targets)
+        assert head.margin == margin
+        assert loss.item() == pytest.approx(_reference_aam_loss(cosines.detach(), targets, margin, 30.0), rel=1e-5)
+    assert set(head.state_dict()) == keys  # the schedule adds nothing to snapshots or checkpoints
+
+
+def test_training_follows_the_margin_ramp(excerpts_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = Layout.at(tmp_path / "project")
+    write_table(layout.segments, _segments_table(excerpts_dir))
+    seen: list[float] = []
+    set_margin = AAMHead.set_margin
+    monkeypatch.setattr(AAMHead, "set_margin", lambda head, m: (seen.append(m), set_margin(head, m))[1])
+    params = ModelParams(
+        channels=16, steps=8, batch_size=4, crop_s=0.5, seed=0, device="cpu", aam_margin=0.2,
+        aam_margin_ramp=[0.25, 0.75], checkpoint_every=0, register_model=False,
+    )
+    build_model(params, layout, progress=False)
+    assert seen == pytest.approx([0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2, 0.2])
 
 
 def test_aam_head_keeps_its_first_classes() -> None:
@@ -141,7 +197,7 @@ def test_finetune_starts_from_the_source_and_adapts_to_new_speakers(
     write_table(layout.segments, _segments_table(excerpts_dir, first_speaker=N_SPEAKERS))  # other people
     params = ModelParams(
         init="pretrained", source=str(source_layout.model_dir), finetune_steps=12, channels=64,
-        batch_size=12, crop_s=1.0, lr=0.001, seed=0, device="cpu",
+        batch_size=12, crop_s=1.0, lr=0.001, seed=0, device="cpu", **FIXED_MARGIN,
     )
     stats = build_model(params, layout, progress=False)
     assert stats["init"] == "finetune" and stats["steps"] == 12
@@ -282,7 +338,8 @@ def test_aam_scale_1_fails_to_train_where_30_works(excerpts_dir: Path) -> None:
     with _one_thread():
         for scale in (1.0, 30.0):
             params = ModelParams(  # noise only: the calibration above was measured with it
-                channels=32, steps=60, batch_size=8, crop_s=1.0, seed=0, aam_scale=scale, device="cpu", augment=["noise"]
+                channels=32, steps=60, batch_size=8, crop_s=1.0, seed=0, aam_scale=scale, device="cpu", augment=["noise"],
+                **FIXED_MARGIN,
             )
             _, _, history = fit(data, params, cfg, device=torch.device("cpu"), progress=False)
             loss, acc = np.array(history["loss"]), np.array(history["acc"])

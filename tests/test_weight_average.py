@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -56,9 +58,12 @@ def test_the_running_sum_travels_in_the_state_dict() -> None:
         assert torch.equal(value, second.averaged_state(net)[key])
 
 
-def test_window_from_params() -> None:
+def test_window_from_params(caplog: pytest.LogCaptureFixture) -> None:
     net = _net()
-    assert weight_average(net, ModelParams(steps=1200, average_last=0.0)) is None
-    assert weight_average(net, ModelParams(steps=20, average_last=0.25)) is None  # 5 steps: no snapshot would fall in
+    with caplog.at_level(logging.WARNING, logger="voiceprint.train"):
+        assert weight_average(net, ModelParams(steps=1200, average_last=0.0)) is None
+        assert not caplog.records  # off is not worth a warning
+        assert weight_average(net, ModelParams(steps=20, average_last=0.25)) is None  # 5 steps: no snapshot would fall in
+    assert "averages nothing" in caplog.text and "5 of 20 steps" in caplog.text
     average = weight_average(net, ModelParams(steps=1200, average_last=0.25))
     assert average is not None and average.start == 900 and average.every == AVERAGE_EVERY

@@ -79,6 +79,9 @@ class ModelParams(_Section):
     weight_decay: float = Field(default=2e-5, ge=0.0)
     aam_margin: float = Field(default=0.2, ge=0.0)
     aam_scale: float = Field(default=30.0, gt=0.0)
+    # AAM margin schedule, as WeSpeaker's margin scheduler: margin 0 until the first fraction of the
+    # steps, rising linearly to aam_margin at the second; [0, 0]: the full margin from the first step.
+    aam_margin_ramp: tuple[float, float] = (0.1, 0.4)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Training augmentation (voiceprint.augment): coloured noise + gain, noise cut from the non-speech
@@ -110,6 +113,22 @@ class ModelParams(_Section):
     checkpoint_every: int = Field(default=100, ge=0)
     log_every: int = Field(default=10, ge=0)
     register_model: bool = True
+
+    @model_validator(mode="after")
+    def _margin_ramp_is_ordered(self) -> "ModelParams":
+        start, end = self.aam_margin_ramp
+        if not 0.0 <= start <= end <= 1.0:
+            raise ValueError(
+                f"model.aam_margin_ramp {list(self.aam_margin_ramp)} must be [start, end] fractions of the "
+                "steps with 0 <= start <= end <= 1"
+            )
+        return self
+
+    @property
+    def speed_pseudo_speakers(self) -> bool:
+        """Whether speed-perturbed crops really train as other speakers: ``speed_as_speakers`` acts
+        only where ``speed`` perturbs the crops."""
+        return self.speed_as_speakers and "speed" in self.augment
 
     @model_validator(mode="after")
     def _moe_is_trained_here(self) -> "ModelParams":

@@ -55,6 +55,7 @@ from voiceprint.train import (
     TrainState,
     _mean,
     _seed_everything,
+    aam_margin_at,
     add_gate_balance,
     architecture,
     load_training_data,
@@ -340,6 +341,7 @@ def _fit(
                disable=not progress)
     for step in bar:
         lr = optimizer.param_groups[0]["lr"]
+        head.set_margin(aam_margin_at(step, params))
         speakers = queue.take(params.batch_size)
         rows = [int(rng.choice(rows_by_speaker[s])) for s in speakers]
         wavs = torch.from_numpy(

@@ -205,7 +205,7 @@ def _train(
     on_step: StepCallback | None, initial: torch.nn.Module | None = None, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    if params.speed_as_speakers and "speed" not in params.augment:
+    if params.speed_as_speakers and not params.speed_pseudo_speakers:
         log.warning("model.speed_as_speakers has no effect: 'speed' is not in model.augment %s", params.augment)
     _seed_everything(params.seed)
     device = resolve_device(params.device)
@@ -511,6 +511,21 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def aam_margin_at(step: int, params: ModelParams) -> float:
+    """The AAM margin of ``step`` under ``model.aam_margin_ramp``.
+
+    A randomly initialised net cannot yet meet the full margin, so WeSpeaker starts AAM-softmax at
+    margin 0 and raises it once the classes have begun to separate. Here: 0 before the ramp's
+    start step, linear up to ``aam_margin`` at its end step, then constant.
+    """
+    start, end = (round(fraction * params.steps) for fraction in params.aam_margin_ramp)
+    if step >= end:
+        return params.aam_margin
+    if step < start:
+        return 0.0
+    return params.aam_margin * ((step - start) / (end - start))
+
+
 def fit(
     data: TrainingData,
     params: ModelParams,
@@ -533,7 +548,7 @@ def fit(
     model = (initial if initial is not None else cfg.build()).to(device).train()
     for p in model.parameters():
         p.requires_grad_(True)  # a loaded encoder is frozen for inference
-    classes = SpeedClasses(len(data.labels), params.speed_as_speakers and "speed" in params.augment)
+    classes = SpeedClasses(len(data.labels), params.speed_pseudo_speakers)
     head = AAMHead(cfg.lin_neurons, classes.count, margin=params.aam_margin, scale=params.aam_scale)
     head = head.to(device).train()
     fbank = cfg.build_fbank().to(device)
@@ -564,6 +579,7 @@ def fit(
                disable=not progress)
     for step in bar:
         lr = optimizer.param_groups[0]["lr"]
+        head.set_margin(aam_margin_at(step, params))
         wavs, targets = sampler.batch(params.batch_size)
         wavs, speeds = augmenter.apply(wavs, noise_gen)
         wavs = wavs.to(device, non_blocking=True)
@@ -606,6 +622,12 @@ def weight_average(model: torch.nn.Module, params: ModelParams) -> WeightAverage
     """The averager of the last ``model.average_last`` of the steps (None when 0 or too few steps)."""
     window = round(params.average_last * params.steps)
     if window < AVERAGE_EVERY:
+        if params.average_last > 0:
+            log.warning(
+                "model.average_last %s averages nothing: %d of %d steps is under one snapshot interval "
+                "(%d steps); the last step's weights are saved", params.average_last, window, params.steps,
+                AVERAGE_EVERY,
+            )
         return None
     return WeightAverage(model, start=params.steps - window, every=AVERAGE_EVERY)
 

@@ -35,7 +35,22 @@ class AAMHead(torch.nn.Module):
     def __init__(self, embedding_dim: int, n_classes: int, *, margin: float, scale: float):
         super().__init__()
         self.classifier = Classifier(input_size=embedding_dim, out_neurons=n_classes)
+        self.scale = scale
         self.loss_fn = aam_softmax_loss(margin, scale)
+
+    @property
+    def margin(self) -> float:
+        return float(self.loss_fn.loss_fn.margin)
+
+    def set_margin(self, margin: float) -> None:
+        """Change the angular margin during training (a margin schedule).
+
+        SpeechBrain derives cos m, sin m and the threshold terms from the margin once, at
+        construction, so the loss is rebuilt rather than its ``margin`` attribute patched. The loss
+        holds no parameters or buffers: the head's ``state_dict`` is unchanged by this.
+        """
+        if margin != self.margin:
+            self.loss_fn = aam_softmax_loss(margin, self.scale)
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``embeddings`` (B, 1, D) or (B, D); ``targets`` (B,) int -> (loss, cosines (B, C))."""
