@@ -31,18 +31,16 @@ import torch  # noqa: E402
 from benchmarks.common import emit, hardware  # noqa: E402
 from voiceprint import audio  # noqa: E402
 from voiceprint.config import load_params  # noqa: E402
+from voiceprint.encoders.base import SpeakerEncoder  # noqa: E402
 from voiceprint.encoders.registry import load_encoder  # noqa: E402
 from voiceprint.evaluate import _identification, all_pairs_scores  # noqa: E402
 from voiceprint.layout import Layout  # noqa: E402
 from voiceprint.metrics import eer  # noqa: E402
-from voiceprint.schema import embeddings_matrix  # noqa: E402
+from voiceprint.schema import embeddings_matrix, l2_normalise  # noqa: E402
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _one_pass(encoder, waves: list[np.ndarray]) -> np.ndarray:
+def _one_pass(encoder: SpeakerEncoder, waves: list[np.ndarray]) -> np.ndarray:
+    """One encoder call per wave, whatever its length (no batching: this measures accuracy)."""
     with torch.no_grad():
         return np.stack([encoder.embed(torch.from_numpy(w).unsqueeze(0), torch.ones(1)).float().numpy()[0] for w in waves])
 
@@ -56,14 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     layout = Layout.at(root)
     params = load_params(root / "params.yaml")
 
-    utts = pq.read_table(layout.utterance_embeddings).to_pydict()
+    utt_table = pq.read_table(layout.utterance_embeddings)
+    utts = utt_table.select(["utterance_id", "speaker_id", "split"]).to_pydict()
     ids = utts["utterance_id"]
     speakers = np.asarray(utts["speaker_id"]).astype(str)
     is_eval = np.asarray(utts["split"]) == "eval"
-    shipped = _unit(embeddings_matrix(pq.read_table(layout.utterance_embeddings)))
+    shipped = l2_normalise(embeddings_matrix(utt_table))
 
     seg_emb = pq.read_table(layout.embeddings / "segments.parquet")
-    seg = seg_emb.to_pydict()
+    seg = seg_emb.select(["utterance_id", "start_s", "end_s"]).to_pydict()
     vectors = embeddings_matrix(seg_emb).astype(np.float64)
     duration = np.asarray(seg["end_s"]) - np.asarray(seg["start_s"])
     rows_of: dict[str, list[int]] = {}
@@ -79,13 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     sr = audio.TARGET_SR
     ways = {
         "segment_mean": shipped,
-        "duration_weighted": _unit(np.stack([(vectors[r] * duration[r, None]).sum(0) for r in map(rows_of.get, ids)])),
-        "centered": _unit(shipped - shipped[~is_eval].mean(0)),
-        "speech_concat": _unit(_one_pass(encoder, [
+        "duration_weighted": l2_normalise(np.stack([(vectors[r] * duration[r, None]).sum(0) for r in map(rows_of.get, ids)])),
+        "centered": l2_normalise(shipped - shipped[~is_eval].mean(0)),
+        "speech_concat": l2_normalise(_one_pass(encoder, [
             np.concatenate([files[u][int(seg["start_s"][i] * sr):int(seg["end_s"][i] * sr)] for i in rows_of[u]])
             for u in ids
         ])),
-        "whole_file": _unit(_one_pass(encoder, [files[u] for u in ids])),
+        "whole_file": l2_normalise(_one_pass(encoder, [files[u] for u in ids])),
     }
     for name, x in ways.items():
         scores, same = all_pairs_scores(x[is_eval], speakers[is_eval])
