@@ -379,3 +379,29 @@ def test_on_step_reports_every_log_every_steps_and_the_last() -> None:
     with _one_thread():
         fit(data, quiet, cfg, device=torch.device("cpu"), progress=False, on_step=on_step)
     assert calls == []
+
+
+def test_speed_classes_members_name_each_class_in_order() -> None:
+    on = SpeedClasses(4, enabled=True)
+    members = on.members()
+    assert len(members) == on.count and members[:4] == [(s, 1.0) for s in range(4)]  # real speakers first
+    for c, (speaker, speed) in enumerate(members):
+        assert on.targets(torch.tensor([speaker]), torch.tensor([SPEEDS.index(speed)])).item() == c
+    assert SpeedClasses(4, enabled=False).members() == [(s, 1.0) for s in range(4)]
+
+
+def test_fixed_centres_stay_put_while_the_encoder_trains_towards_them() -> None:
+    rng = np.random.default_rng(0)
+    clips = [[rng.standard_normal(12000).astype(np.float32) * 0.1] for _ in range(3)]
+    data = TrainingData(labels=["a", "b", "c"], clips=clips)
+    cfg = EcapaConfig.from_channels(16, lin_neurons=24)
+    params = ModelParams(channels=16, lin_neurons=24, steps=6, batch_size=3, crop_s=0.5, device="cpu", augment=["noise"])
+    centres = torch.nn.functional.normalize(torch.randn(3, 24, generator=torch.Generator().manual_seed(1)), dim=1)
+    torch.manual_seed(params.seed)
+    untrained = {k: v.clone() for k, v in cfg.build().state_dict().items()}
+    with _one_thread():
+        model, head, _ = fit(data, params, cfg, device=torch.device("cpu"), progress=False, centres=centres)
+    assert torch.equal(head.classifier.weight, centres) and not head.classifier.weight.requires_grad
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in untrained.items())  # the encoder did train
+    with pytest.raises(ValueError, match=r"centres of shape \(2, 24\) for a head of shape \(3, 24\)"):
+        AAMHead(24, 3, margin=0.2, scale=30.0).fix_centres(centres[:2])

@@ -93,6 +93,12 @@ class ModelParams(_Section):
     # classes). Acts where AAM trains on speed-perturbed crops (scratch, fine-tuning, with `speed`
     # in augment); distillation never speed-perturbs, so there it does nothing.
     speed_as_speakers: bool = True
+    # AAM-softmax class centres: 'teacher' fixes each at the bundled CAM++'s embedding of that class's
+    # speech (voiceprint.teacher_centres: the student inherits the teacher's map of which voices are
+    # alike); 'learned' trains them, as plain AAM-softmax does. Scratch and fine-tuning.
+    aam_centres: Literal["teacher", "learned"] = "teacher"
+    # aam_centres=teacher: seconds of each speaker's training speech (per speed) the teacher embeds.
+    teacher_centre_s: float = Field(default=20.0, gt=0.0)
     # Average the weights over this last fraction of the steps (a snapshot every 10 steps; WeSpeaker's
     # model averaging) and save the average; 0: save the last step's weights. Scratch and fine-tuning.
     average_last: float = Field(default=0.0, ge=0.0, lt=1.0)

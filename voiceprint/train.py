@@ -13,7 +13,10 @@ model can only learn speaker identity from different crops of the same recording
 speed perturbation, gain) is what stops it from keying on recording conditions, and counting a
 speed-perturbed crop as another speaker (``model.speed_as_speakers``, :class:`SpeedClasses`)
 triples the voices it sees. The loss is SpeechBrain's AAM-softmax, the optimiser Adam with a
-linear warm-up and cosine decay.
+linear warm-up and cosine decay. With ``model.aam_centres: teacher`` (the default) the AAM class
+centres are not learned but fixed at the bundled CAM++'s embedding of each class's speech
+(:mod:`voiceprint.teacher_centres`), so the student inherits the teacher's map of which voices are
+alike.
 
 Every ``checkpoint_every`` steps the whole training state (weights, AAM head, optimiser, scheduler,
 every random generator, the sampler's queue, the loss history) is written atomically to
@@ -36,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -54,6 +57,9 @@ from voiceprint.encoders.registry import load_model_dir
 from voiceprint.layout import Layout
 from voiceprint.schema import SEGMENTS
 from voiceprint.weight_average import WeightAverage
+
+if TYPE_CHECKING:
+    from voiceprint.teacher_centres import TeacherCentres
 
 log = logging.getLogger(__name__)
 
@@ -212,18 +218,24 @@ def _train(
     data = load_training_data(layout, seed=params.seed, progress=progress, nonspeech="nonspeech" in params.augment)
     decode_s = time.perf_counter() - t0
 
+    centres = _teacher_centres(layout, params, cfg, data, device, progress) if params.aam_centres == "teacher" else None
+    extra = {**(extra or {}), **({"teacher_centres": centres.path.name} if centres is not None else {})}
     state = TrainState.for_run(layout, params, data, device, init=init, extra=extra)
     model, head, history = fit(
-        data, params, cfg, device=device, progress=progress, on_step=on_step, state=state, initial=initial
+        data, params, cfg, device=device, progress=progress, on_step=on_step, state=state, initial=initial,
+        centres=centres.centres if centres is not None else None,
     )
-    train_s = time.perf_counter() - t0 - decode_s
+    train_s = time.perf_counter() - t0 - decode_s - (centres.seconds if centres is not None else 0.0)
 
     stats = summarise_training(init, params, cfg, model, data, history)
     stats["aam_classes"] = int(head.classifier.weight.shape[0])  # x3 with speed_as_speakers
+    if centres is not None:
+        stats["teacher_model_id"] = centres.teacher_model_id
     card_stats = dict(stats)
     stats.update(
         device=str(device),
         decode_seconds=round(decode_s, 2),
+        **({"teacher_seconds": centres.seconds, "teacher_centres_reused": centres.reused} if centres is not None else {}),
         seconds_per_step=round(train_s / params.steps, 4) if params.steps else None,
         resumed_from_step=state.resumed_from,
     )
@@ -423,6 +435,27 @@ def _cap_hours(rows: list[dict[str, Any]], max_hours: float, seed: int) -> list[
     return kept
 
 
+def _teacher_centres(
+    layout: Layout, params: ModelParams, cfg: EcapaConfig | MoeConfig, data: TrainingData, device: torch.device,
+    progress: bool,
+) -> "TeacherCentres":
+    """The CAM++ teacher's embedding of every AAM class, for ``model.aam_centres: teacher``."""
+    from voiceprint.teacher_centres import teacher_centres  # lazily: it pulls in the CAM++ teacher
+
+    classes = SpeedClasses(len(data.labels), params.speed_pseudo_speakers)
+    centres = teacher_centres(
+        layout, data.labels, data.segment_ids, data.clips, classes.members(),
+        centre_s=params.teacher_centre_s, device=device, progress=progress,
+    )
+    if centres.centres.shape[1] != cfg.lin_neurons:
+        raise TrainingError(
+            f"model.aam_centres 'teacher' needs embeddings of the teacher's size {centres.centres.shape[1]}, but the "
+            f"model's are {cfg.lin_neurons} (model.lin_neurons, or the fine-tuning source's); set "
+            "model.aam_centres: learned for this size"
+        )
+    return centres
+
+
 class SpeakerQueue:
     """Speaker indices for balanced batches: every speaker once per pass, each pass in a new order.
 
@@ -464,6 +497,11 @@ class SpeedClasses:
         if not self.enabled:
             return speakers
         return speakers + self.speakers * ((speeds - UNPERTURBED) % len(SPEEDS))
+
+    def members(self) -> list[tuple[int, float]]:
+        """``(speaker, speed)`` of every class, in class order (what the teacher's centres embed)."""
+        blocks = len(SPEEDS) if self.enabled else 1
+        return [(s, SPEEDS[(b + UNPERTURBED) % len(SPEEDS)]) for b in range(blocks) for s in range(self.speakers)]
 
 
 class CropSampler:
@@ -536,6 +574,7 @@ def fit(
     on_step: StepCallback | None = None,
     state: "TrainState | None" = None,
     initial: torch.nn.Module | None = None,
+    centres: torch.Tensor | None = None,
 ) -> tuple[torch.nn.Module, AAMHead, dict[str, list[float]]]:
     """Run ``params.steps`` AAM-softmax steps; returns the model, the head and per-step loss/acc.
 
@@ -543,6 +582,8 @@ def fit(
     ``params.checkpoint_every`` steps. ``on_step(step, {"train_loss", "train_acc", "lr"})`` is
     called every ``params.log_every`` steps and after the last one (loss/acc averaged since the
     previous call, lr of the step). ``initial`` (fine-tuning) is trained in place of a fresh model.
+    ``centres`` (``(classes, D)``, ``model.aam_centres: teacher``) fix the AAM class centres; they
+    are not trained.
     """
     torch.manual_seed(params.seed)  # model init is part of the seeded run
     model = (initial if initial is not None else cfg.build()).to(device).train()
@@ -550,6 +591,8 @@ def fit(
         p.requires_grad_(True)  # a loaded encoder is frozen for inference
     classes = SpeedClasses(len(data.labels), params.speed_pseudo_speakers)
     head = AAMHead(cfg.lin_neurons, classes.count, margin=params.aam_margin, scale=params.aam_scale)
+    if centres is not None:
+        head.fix_centres(centres)
     head = head.to(device).train()
     fbank = cfg.build_fbank().to(device)
     norm = cfg.build_norm().to(device)

@@ -52,6 +52,16 @@ class AAMHead(torch.nn.Module):
         if margin != self.margin:
             self.loss_fn = aam_softmax_loss(margin, self.scale)
 
+    def fix_centres(self, centres: torch.Tensor) -> None:
+        """Set the class weights (centres) to ``centres`` ``(n_classes, D)`` and stop training them
+        (``model.aam_centres: teacher``). Only their direction matters: the classifier normalises them."""
+        weight = self.classifier.weight
+        if tuple(centres.shape) != tuple(weight.shape):
+            raise ValueError(f"centres of shape {tuple(centres.shape)} for a head of shape {tuple(weight.shape)}")
+        with torch.no_grad():
+            weight.copy_(centres.to(weight.device, weight.dtype))
+        weight.requires_grad_(False)
+
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``embeddings`` (B, 1, D) or (B, D); ``targets`` (B,) int -> (loss, cosines (B, C))."""
         if embeddings.dim() == 2:
