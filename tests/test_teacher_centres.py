@@ -45,7 +45,7 @@ def test_centres_are_the_teachers_map_of_the_voices_and_are_cached(
     labels, ids, clips = speech
     layout = Layout.at(tmp_path)
     classes = SpeedClasses(N_SPEAKERS, enabled=True).members()
-    first = tc.teacher_centres(layout, labels, ids, clips, classes, centre_s=6.0, device=torch.device("cpu"), progress=False)
+    first = tc.teacher_centres(layout, labels, ids, clips, classes, dim=192, centre_s=6.0, device=torch.device("cpu"), progress=False)
     c = first.centres
     assert c.shape == (3 * N_SPEAKERS, 192) and not first.reused and first.teacher_model_id.startswith("campplus-192-")
     assert torch.allclose(c.norm(dim=1), torch.ones(len(classes)), atol=1e-5)
@@ -71,11 +71,11 @@ def test_centres_are_the_teachers_map_of_the_voices_and_are_cached(
         raise AssertionError("the teacher must not be loaded when the cache matches")
 
     monkeypatch.setattr(tc, "load_campplus", no_teacher)
-    again = tc.teacher_centres(layout, labels, ids, clips, classes, centre_s=6.0, device=torch.device("cpu"), progress=False)
+    again = tc.teacher_centres(layout, labels, ids, clips, classes, dim=192, centre_s=6.0, device=torch.device("cpu"), progress=False)
     assert again.reused and again.path == first.path and torch.equal(again.centres, c)
     assert again.teacher_model_id == first.teacher_model_id
     with pytest.raises(AssertionError, match="must not be loaded"):  # another excerpt length is another cache
-        tc.teacher_centres(layout, labels, ids, clips, classes, centre_s=5.0, device=torch.device("cpu"), progress=False)
+        tc.teacher_centres(layout, labels, ids, clips, classes, dim=192, centre_s=5.0, device=torch.device("cpu"), progress=False)
 
 
 def test_training_with_teacher_centres_records_the_teacher(excerpts_dir: Path, tmp_path: Path) -> None:
@@ -96,5 +96,5 @@ def test_training_with_teacher_centres_records_the_teacher(excerpts_dir: Path, t
     assert '"aam_centres": "teacher"' in card and "campplus-192-" in card
     assert build_model(params, layout, progress=False)["teacher_centres_reused"] is True
 
-    with pytest.raises(TrainingError, match=r"aam_centres 'teacher' needs embeddings of the teacher's size 192.*are 64"):
+    with pytest.raises(TrainingError, match=r"aam_centres 'teacher' needs .* teacher's embeddings have 192 dimensions, the model's 64"):
         build_model(params.model_copy(update={"lin_neurons": 64}), layout, progress=False)

@@ -69,7 +69,7 @@ class ModelParams(_Section):
     channels: int = Field(default=128, ge=8)
     lin_neurons: int = Field(default=192, ge=8)
     n_mels: int = Field(default=80, ge=8)
-    steps: int = Field(default=1200, ge=0)
+    steps: int = Field(default=1000, ge=0)
     # init=pretrained: AAM-softmax steps adapting model.source to this dataset's train split (0: use
     # it as is). Uses lr, batch_size, crop_s, augment, aam_* like scratch training.
     finetune_steps: int = Field(default=0, ge=0)

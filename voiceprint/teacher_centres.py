@@ -105,6 +105,7 @@ def teacher_centres(
     clips: list[list[np.ndarray]],
     classes: list[tuple[int, float]],
     *,
+    dim: int,
     centre_s: float,
     device: torch.device,
     progress: bool = True,
@@ -112,7 +113,8 @@ def teacher_centres(
     """The teacher's centre of every AAM class (read from the cache when it matches, else computed).
 
     ``classes[c]`` is the ``(speaker index, speed)`` of class ``c``
-    (:meth:`voiceprint.train.SpeedClasses.members`).
+    (:meth:`voiceprint.train.SpeedClasses.members`). ``dim`` is the student's embedding size; a
+    teacher of another size is a :class:`ValueError` before any audio goes through it.
     """
     t0 = time.perf_counter()
     weights = campplus_weights_path()
@@ -123,6 +125,7 @@ def teacher_centres(
         meta = json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}"))
         if table.num_rows == len(classes) and table.column("speaker_id").to_pylist() == [labels[s] for s, _ in classes]:
             emb = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
+            _check_dim(emb.size // len(classes), dim)
             log.info("reusing teacher centres %s (%d classes)", path, len(classes))
             return TeacherCentres(
                 path, str(meta.get("teacher_model_id", "")), torch.tensor(emb.reshape(len(classes), -1)),
@@ -131,6 +134,7 @@ def teacher_centres(
         log.warning("teacher centres %s do not match the training classes; recomputing them", path)
 
     teacher = load_campplus(weights, device=device)
+    _check_dim(teacher.dim, dim)
     waves = [torch.from_numpy(e) for e in excerpts]
     # Similar lengths batched together: CAM++ runs ~1.5x faster per second of audio four at a time
     # than one at a time on a 2-core CPU, and its masks keep padding out of the result.
@@ -156,3 +160,8 @@ def teacher_centres(
     seconds = round(time.perf_counter() - t0, 2)
     log.info("wrote teacher centres %s (%d classes, %.1f s)", path, len(classes), seconds)
     return TeacherCentres(path, teacher.model_id, centres, reused=False, seconds=seconds)
+
+
+def _check_dim(teacher_dim: int, dim: int) -> None:
+    if teacher_dim != dim:
+        raise ValueError(f"the teacher's embeddings have {teacher_dim} dimensions, the model's {dim}")

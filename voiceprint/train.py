@@ -443,17 +443,16 @@ def _teacher_centres(
     from voiceprint.teacher_centres import teacher_centres  # lazily: it pulls in the CAM++ teacher
 
     classes = SpeedClasses(len(data.labels), params.speed_pseudo_speakers)
-    centres = teacher_centres(
-        layout, data.labels, data.segment_ids, data.clips, classes.members(),
-        centre_s=params.teacher_centre_s, device=device, progress=progress,
-    )
-    if centres.centres.shape[1] != cfg.lin_neurons:
-        raise TrainingError(
-            f"model.aam_centres 'teacher' needs embeddings of the teacher's size {centres.centres.shape[1]}, but the "
-            f"model's are {cfg.lin_neurons} (model.lin_neurons, or the fine-tuning source's); set "
-            "model.aam_centres: learned for this size"
+    try:
+        return teacher_centres(
+            layout, data.labels, data.segment_ids, data.clips, classes.members(),
+            dim=cfg.lin_neurons, centre_s=params.teacher_centre_s, device=device, progress=progress,
         )
-    return centres
+    except ValueError as err:
+        raise TrainingError(
+            f"model.aam_centres 'teacher' needs the model's embeddings to be the teacher's size: {err} "
+            "(model.lin_neurons, or the fine-tuning source's); set model.aam_centres: learned for this size"
+        ) from None
 
 
 class SpeakerQueue:
