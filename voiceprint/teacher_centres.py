@@ -115,7 +115,7 @@ def teacher_centres(
 
     ``classes[c]`` is the ``(speaker index, speed)`` of class ``c``
     (:meth:`voiceprint.train.SpeedClasses.members`). ``dim`` is the student's embedding size; a
-    teacher of another size is a :class:`ValueError` before any audio goes through it.
+    teacher of another size is a :class:`TeacherSizeError` before any audio goes through it.
     """
     t0 = time.perf_counter()
     weights = campplus_weights_path()
@@ -163,6 +163,10 @@ def teacher_centres(
     return TeacherCentres(path, teacher.model_id, centres, reused=False, seconds=seconds)
 
 
+class TeacherSizeError(ValueError):
+    """The teacher's embedding size is not the student's: its embeddings cannot be class centres."""
+
+
 def _check_dim(teacher_dim: int, dim: int) -> None:
     if teacher_dim != dim:
-        raise ValueError(f"the teacher's embeddings have {teacher_dim} dimensions, the model's {dim}")
+        raise TeacherSizeError(f"the teacher's embeddings have {teacher_dim} dimensions, the model's {dim}")

@@ -440,7 +440,7 @@ def _teacher_centres(
     progress: bool,
 ) -> "TeacherCentres":
     """The CAM++ teacher's embedding of every AAM class, for ``model.aam_centres: teacher``."""
-    from voiceprint.teacher_centres import teacher_centres  # lazily: it pulls in the CAM++ teacher
+    from voiceprint.teacher_centres import TeacherSizeError, teacher_centres  # lazily: it pulls in the CAM++ teacher
 
     classes = SpeedClasses(len(data.labels), params.speed_pseudo_speakers)
     try:
@@ -448,7 +448,7 @@ def _teacher_centres(
             layout, data.labels, data.segment_ids, data.clips, classes.members(),
             dim=cfg.lin_neurons, centre_s=params.teacher_centre_s, device=device, progress=progress,
         )
-    except ValueError as err:
+    except TeacherSizeError as err:
         raise TrainingError(
             f"model.aam_centres 'teacher' needs the model's embeddings to be the teacher's size: {err} "
             "(model.lin_neurons, or the fine-tuning source's); set model.aam_centres: learned for this size"
