@@ -191,6 +191,39 @@ def test_umap_deterministic_with_seed(separated) -> None:
         umap_2d(x[:3])
 
 
+_KERNEL_STATS = """
+import importlib, json
+import numpy as np
+from voiceprint.cluster_metrics import UMAP_KERNELS, umap_2d
+coords = umap_2d(np.random.default_rng(0).normal(size=(40, 16)), seed=0)
+stats = {}
+for dotted in UMAP_KERNELS:
+    module, _, name = dotted.rpartition(".")
+    s = getattr(importlib.import_module(module), name).stats
+    stats[dotted] = [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
+print(json.dumps({"stats": stats, "coords": coords.tolist()}))
+"""
+
+
+def test_umap_kernels_load_from_numba_disk_cache_in_a_new_process() -> None:
+    """Each comparison stage is a new process: the second one must load, not recompile, the kernels."""
+    import subprocess
+    import sys
+
+    runs = [
+        json.loads(subprocess.run([sys.executable, "-c", _KERNEL_STATS], check=True, capture_output=True,
+                                  text=True).stdout.strip().splitlines()[-1])
+        for _ in range(2)
+    ]
+    hits_misses = runs[1]["stats"]
+    for kernel in ("umap.utils.fast_knn_indices", "umap.umap_.smooth_knn_dist",
+                   "umap.umap_.compute_membership_strengths"):
+        hits, misses = hits_misses[kernel]
+        assert hits >= 1 and misses == 0, (kernel, hits_misses)
+    # The cached kernels compute what freshly compiled ones did.
+    np.testing.assert_allclose(runs[0]["coords"], runs[1]["coords"], rtol=0, atol=1e-6)
+
+
 def test_cluster_report_well_separated(separated, separated_analysis) -> None:
     m = separated_analysis.metrics
     assert set(m) == set(REPORT_KEYS)

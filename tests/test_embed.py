@@ -112,6 +112,43 @@ def test_cpu_engine_precision_and_batching_agree_with_float32(tmp_path: Path, en
     assert cos.min() > 0.999, cos.min()
 
 
+def test_reuse_copies_the_embed_stage_tables_only_when_they_match(
+    tmp_path: Path, encoder, test_other_files: list[Path]
+):
+    """The comparison stage's shortcut: same segments, weights and plan -> the same files; else None."""
+    from voiceprint.embed import EMBED_SUMMARY, reuse_embeddings
+
+    layout = Layout.at(tmp_path)
+    _segments(layout, test_other_files[2::10][:4])
+    params = EmbedParams(max_batch_s=20.0)
+    summary = embed_segments(layout, params, encoder=encoder, progress=False)
+    out = tmp_path / "compare" / "ecapa"
+
+    reused = reuse_embeddings(layout, params, encoder, out)
+    assert reused is not None and reused["reused_from"] == str(layout.embeddings)
+    assert reused["realtime_factor"] == summary["realtime_factor"] and reused["segments"] == summary["segments"]
+    for name in ("segments.parquet", "utterances.parquet", "rejects.parquet"):
+        assert pq.read_table(out / name).equals(pq.read_table(layout.embeddings / name)), name
+    assert (out / EMBED_SUMMARY).exists()
+
+    # Another batch plan (and so other padding and rounding) is not the same output.
+    assert reuse_embeddings(layout, EmbedParams(max_batch_s=20.0, cpu_batching=False), encoder, out / "x") is None
+    # Other weights are not either.
+    torch.manual_seed(1)
+    cfg = EcapaConfig.from_channels(64)
+    save_speechbrain_checkpoint(tmp_path / "other", cfg.build().eval(), cfg)
+    other = load_ecapa(tmp_path / "other")
+    assert other.model_id != encoder.model_id
+    assert reuse_embeddings(layout, params, other, out / "w") is None
+    # New segments make the stage's tables stale.
+    _segments(layout, test_other_files[3::10][:4])
+    assert reuse_embeddings(layout, params, encoder, out / "y") is None
+    # A run killed while merging leaves no summary, so nothing is reused.
+    embed_segments(layout, params, encoder=encoder, progress=False)
+    (layout.embeddings / EMBED_SUMMARY).unlink()
+    assert reuse_embeddings(layout, params, encoder, out / "z") is None
+
+
 def test_batch_plan_on_cpu_depends_on_model_size(encoder, monkeypatch: pytest.MonkeyPatch):
     from voiceprint import embed
 

@@ -87,7 +87,7 @@ def snorm_metrics(x: np.ndarray, speakers: np.ndarray, split: np.ndarray, params
 def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool = True) -> dict[str, Any]:
     from voiceprint.cluster_metrics import cluster_analysis
     from voiceprint.compare_plots import plot_oiidd, plot_umap_scatter
-    from voiceprint.embed import embed_segments, pick_device
+    from voiceprint.embed import embed_segments, pick_device, reuse_embeddings
     from voiceprint.encoders.registry import load_encoder
     from voiceprint.evaluate import evaluate
 
@@ -99,7 +99,10 @@ def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool
     device = pick_device(params.embed.device)
     encoder = load_encoder(spec, model_dir=layout.model_dir, device=str(device))
 
-    embedded = embed_segments(layout, params.embed, encoder=encoder, progress=progress, out_dir=out)
+    # The pipeline's own model, loaded as the embed stage loads it: its tables are already there.
+    embedded = reuse_embeddings(layout, params.embed, encoder, out) if spec == "ecapa" else None
+    if embedded is None:
+        embedded = embed_segments(layout, params.embed, encoder=encoder, progress=progress, out_dir=out)
     gate_usage = encoder.gate_usage() if hasattr(encoder, "gate_usage") else {}
     utterances = out / layout.utterance_embeddings.name
     metrics = evaluate(layout, params, out_metrics=out / "evaluate.json", out_plots=plots, embeddings=utterances)
@@ -123,6 +126,7 @@ def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool
         num_parameters=int(encoder.num_parameters()),
         realtime_factor=embedded["realtime_factor"],
         embed_seconds=embedded["seconds"],
+        embeddings_reused_from=embedded.get("reused_from"),
         device=str(device),
     )
     atomic.write_json(out / "metrics.json", _jsonable(metrics))

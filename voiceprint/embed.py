@@ -14,8 +14,10 @@ per-utterance running sums in memory.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -261,12 +263,8 @@ def embed_segments(
     durations = np.asarray(seg["end_s"], dtype=np.float64) - np.asarray(seg["start_s"], dtype=np.float64)
     batches = batch_plan(durations, params, encoder)
 
-    store = PartStore.open(
-        layout.data / "work",
-        _staging_key(layout, out_dir),
-        fingerprint(layout.segments, encoder.model_id, encoder.dim, str(engine_dtype(encoder, params)),
-                    [b.tolist() for b in batches], _BATCH_PLAN_VERSION),
-    )
+    source = _source(layout, encoder, params, batches)
+    store = PartStore.open(layout.data / "work", _staging_key(layout, out_dir), source)
     done = store.done_units()
     todo = [k for k in range(len(batches)) if k not in done]
     if done:
@@ -282,10 +280,11 @@ def embed_segments(
     stager.flush()
     elapsed = time.perf_counter() - started
 
+    (out_dir / EMBED_SUMMARY).unlink(missing_ok=True)  # the tables below are about to change
     counts = _merge_parts(store, out_dir, layout, seg_schema, encoder, rows_per_group)
     store.remove()
     audio_s = float(sum(durations[batches[k]].sum() for k in todo))
-    return {
+    summary = {
         **counts,
         "dim": encoder.dim,
         "model_id": encoder.model_id,
@@ -296,6 +295,52 @@ def embed_segments(
         "seconds": round(elapsed, 2),
         "realtime_factor": round(audio_s / elapsed, 1) if elapsed > 0 and audio_s else None,
     }
+    atomic.write_json(out_dir / EMBED_SUMMARY, {**summary, "source": source})
+    return summary
+
+
+#: Written beside the tables once they are complete: the run's summary and the digest of everything
+#: that determines them (:func:`_source`), which is what :func:`reuse_embeddings` checks.
+EMBED_SUMMARY = "embed.json"
+_TABLES = ("segments.parquet", "utterances.parquet", "rejects.parquet")
+
+
+def _source(layout: Layout, encoder: SpeakerEncoder, params: EmbedParams, batches: list[np.ndarray]) -> str:
+    """Digest of the inputs that fix the output tables: segments, weights, precision and batch plan."""
+    return fingerprint(layout.segments, encoder.model_id, encoder.dim, str(engine_dtype(encoder, params)),
+                       [b.tolist() for b in batches], _BATCH_PLAN_VERSION)
+
+
+def reuse_embeddings(
+    layout: Layout, params: EmbedParams, encoder: SpeakerEncoder, out_dir: Path
+) -> dict[str, Any] | None:
+    """Copy the embed stage's tables to ``out_dir`` when they are exactly what embedding would write.
+
+    The comparison stage embeds the same segments with the pipeline's own model that the embed
+    stage already embedded: same weights, precision and batch plan (checked through the digest in
+    ``embed.json``) give the same vectors, so the copy saves a full pass over the audio. Returns the
+    embed stage's summary (its throughput is the one measured there), or None to embed afresh.
+    """
+    src = layout.embeddings
+    summary_path = src / EMBED_SUMMARY
+    if Path(out_dir).resolve() == src.resolve() or not summary_path.exists():
+        return None
+    summary = json.loads(summary_path.read_text())
+    segments = pq.read_table(layout.segments, columns=["start_s", "end_s"]).to_pydict()
+    durations = np.asarray(segments["end_s"], dtype=np.float64) - np.asarray(segments["start_s"], dtype=np.float64)
+    if summary.get("source") != _source(layout, encoder, params, batch_plan(durations, params, encoder)):
+        return None
+    if not all((src / name).exists() for name in _TABLES):
+        return None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EMBED_SUMMARY).unlink(missing_ok=True)
+    for name in _TABLES:
+        with atomic.atomic_path(out_dir / name, suffix=".parquet") as tmp:
+            shutil.copyfile(src / name, tmp)
+    atomic.write_json(out_dir / EMBED_SUMMARY, summary)
+    log.info("embed: %s holds these segments embedded by %s; copied to %s", src, encoder.model_id, out_dir)
+    return {**{k: v for k, v in summary.items() if k != "source"}, "reused_from": str(src)}
 
 
 # Bump when length_buckets or the engine's batching changes: staged parts from another plan would
