@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from voiceprint import audio
+from voiceprint import audio, schema
 from voiceprint.atomic import write_table
 from voiceprint.augment import Augmenter
 from voiceprint.config import ModelParams
@@ -184,11 +184,10 @@ def build_teacher_cache(
             and table.column("segment_id").to_pylist() == ids
             and np.array_equal(table.column("offset").to_numpy(), offset)
         ):
-            emb = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
             log.info("reusing teacher cache %s (%d crops)", path, len(rows))
             return TeacherCache(
                 path, str(meta.get("teacher_model_id", "")), speaker, segment, offset,
-                emb.reshape(len(rows), -1), reused=True,
+                schema.embeddings_matrix(table), reused=True,
             )
         log.warning("teacher cache %s does not match the training crops; recomputing it", path)
 
@@ -220,7 +219,7 @@ def build_teacher_cache(
             "start_s": pa.array(starts, pa.float64()),
             # A segment shorter than the crop is tiled, so its crop ends where the segment does.
             "end_s": pa.array(np.minimum(starts + params.crop_s, seg_ends), pa.float64()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
+            "embedding": schema.embedding_column(emb),
         }
     ).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     write_table(path, table)
