@@ -92,7 +92,7 @@ def test_utterance_file_embedding_is_normalised_and_speaker_consistent(encoder, 
 
 def test_cpu_engine_precision_and_batching_agree_with_float32(tmp_path: Path, encoder, test_other_files: list[Path]):
     """bf16 on CPUs with native bf16, padded batches: embeddings match float32 one segment per call."""
-    from voiceprint.embed import autocast_dtype
+    from voiceprint.precision import autocast_dtype
 
     layout = Layout.at(tmp_path)
     files = test_other_files[1::10][:5]

@@ -32,6 +32,7 @@ from voiceprint.train import (
     build_model,
     fit,
     lr_factor,
+    training_precision,
     train_scratch,
 )
 
@@ -405,3 +406,36 @@ def test_fixed_centres_stay_put_while_the_encoder_trains_towards_them() -> None:
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in untrained.items())  # the encoder did train
     with pytest.raises(ValueError, match=r"centres of shape \(2, 24\) for a head of shape \(3, 24\)"):
         AAMHead(24, 3, margin=0.2, scale=30.0).fix_centres(centres[:2])
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_model_amp_runs_the_encoder_in_bf16_and_the_aam_head_in_float32(
+    monkeypatch: pytest.MonkeyPatch, amp: bool
+) -> None:
+    from voiceprint import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # bf16 also runs (emulated) elsewhere
+    rng = np.random.default_rng(0)
+    data = TrainingData(labels=["a", "b", "c"], clips=[[rng.standard_normal(12000).astype(np.float32) * 0.1]
+                                                      for _ in range(3)])
+    cfg = EcapaConfig.from_channels(16, lin_neurons=24)
+    params = ModelParams(channels=16, lin_neurons=24, steps=4, batch_size=3, crop_s=0.5, device="cpu",
+                         augment=["noise"], amp=amp)
+    seen: dict[str, torch.dtype] = {}
+    original = AAMHead.forward
+
+    def spy(self, embeddings, targets):
+        seen["embedding"] = embeddings.dtype
+        loss, cosines = original(self, embeddings, targets)
+        seen["cosines"] = cosines.dtype
+        return loss, cosines
+
+    monkeypatch.setattr(AAMHead, "forward", spy)
+    torch.manual_seed(0)
+    with _one_thread():
+        model, _, history = fit(data, params, cfg, device=torch.device("cpu"), progress=False)
+    assert seen["embedding"] == (torch.bfloat16 if amp else torch.float32)
+    assert seen["cosines"] == torch.float32
+    assert all(math.isfinite(v) for v in history["loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: float32 master weights
+    assert training_precision(torch.device("cpu"), params) == ("bfloat16" if amp else "float32")

@@ -84,6 +84,9 @@ class ModelParams(_Section):
     aam_margin_ramp: tuple[float, float] = (0.1, 0.4)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16 autocast for the encoder's forward where the hardware runs it natively (CUDA with bf16,
+    # CPUs with AVX512-BF16 / AMX; voiceprint.precision); the AAM cosines stay float32.
+    amp: bool = True
     # Training augmentation (voiceprint.augment): coloured noise + gain, noise cut from the non-speech
     # parts of the training files, synthetic reverberation, speed perturbation 0.9/1.0/1.1.
     augment: list[Literal["noise", "nonspeech", "reverb", "speed", "specaug"]] = Field(
@@ -98,7 +101,7 @@ class ModelParams(_Section):
     # alike); 'learned' trains them, as plain AAM-softmax does. Scratch and fine-tuning.
     aam_centres: Literal["teacher", "learned"] = "teacher"
     # aam_centres=teacher: seconds of each speaker's training speech (per speed) the teacher embeds.
-    teacher_centre_s: float = Field(default=20.0, gt=0.0)
+    teacher_centre_s: float = Field(default=10.0, gt=0.0)
     # Average the weights over this last fraction of the steps (a snapshot every 10 steps; WeSpeaker's
     # model averaging) and save the average; 0: save the last step's weights. Scratch and fine-tuning.
     average_last: float = Field(default=0.0, ge=0.0, lt=1.0)

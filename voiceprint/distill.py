@@ -45,6 +45,7 @@ from voiceprint.encoders.campplus import campplus_weights_path, load_campplus, s
 from voiceprint.encoders.ecapa import EcapaConfig
 from voiceprint.encoders.moe import MoeConfig
 from voiceprint.layout import Layout
+from voiceprint.precision import training_autocast_dtype
 from voiceprint.train import (
     GRAD_CLIP,
     WARMUP_FRACTION,
@@ -322,7 +323,7 @@ def _fit(
     rng = np.random.default_rng(params.seed)
     noise_gen = torch.Generator().manual_seed(params.seed + 1)
     augmenter = Augmenter(student_augmentations(params.augment), crop, data.nonspeech)
-    use_amp = device.type == "cuda"
+    amp_dtype = training_autocast_dtype(device, params.amp)
     queue = SpeakerQueue(len(data.labels), rng)
     history: dict[str, list[float]] = {"loss": [], "cosine": [], "acc": []}
     modules = {"model": model, "head": head, **({"project": project} if project is not None else {})}
@@ -352,7 +353,7 @@ def _fit(
         lengths = torch.ones(wavs.shape[0], device=device)
         with torch.no_grad():
             feats = augmenter.features(norm(fbank(wavs), lengths), noise_gen)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None):
             emb = model(feats, lengths).squeeze(1)
         emb = emb.float()
         student = project(emb) if project is not None else emb

@@ -55,6 +55,7 @@ from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_
 from voiceprint.encoders.moe import EcapaMoE, MoeConfig, save_moe_checkpoint
 from voiceprint.encoders.registry import load_model_dir
 from voiceprint.layout import Layout
+from voiceprint.precision import training_autocast_dtype
 from voiceprint.schema import SEGMENTS
 from voiceprint.weight_average import WeightAverage
 
@@ -269,6 +270,7 @@ def summarise_training(
         "skipped_segments": len(data.skipped),
         "audio_seconds": round(data.audio_seconds, 1),
         "channels": cfg.channels,
+        "precision": training_precision(next(model.parameters()).device, params),
     }
     if isinstance(cfg, MoeConfig):
         stats.update(arch="moe", experts=cfg.experts)
@@ -278,6 +280,11 @@ def summarise_training(
         stats["cosine_initial"] = _mean(history["cosine"][:window])
         stats["cosine_final"] = _mean(history["cosine"][-window:])
     return stats
+
+
+def training_precision(device: torch.device, params: ModelParams) -> str:
+    """'bfloat16' where the encoder's forward runs under bf16 autocast, else 'float32'."""
+    return str(training_autocast_dtype(device, params.amp) or torch.float32).removeprefix("torch.")
 
 
 def save_trained_model(
@@ -604,7 +611,7 @@ def fit(
     augmenter = Augmenter(params.augment, int(round(params.crop_s * audio.TARGET_SR)), data.nonspeech)
     sampler = CropSampler(data, augmenter.source_samples, np.random.default_rng(params.seed))
     noise_gen = torch.Generator().manual_seed(params.seed + 1)
-    use_amp = device.type == "cuda"
+    amp_dtype = training_autocast_dtype(device, params.amp)
     history: dict[str, list[float]] = {"loss": [], "acc": []}
     average = weight_average(model, params)
     parts = Resumable(
@@ -629,7 +636,7 @@ def fit(
         lengths = torch.ones(wavs.shape[0], device=device)  # fixed-size crops: no padding
         with torch.no_grad():
             feats = augmenter.features(norm(fbank(wavs), lengths), noise_gen)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None):
             emb = model(feats, lengths)
         loss, cosines = head(emb, targets)
         loss = add_gate_balance(loss, model, params, history)
