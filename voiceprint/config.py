@@ -77,7 +77,7 @@ class ModelParams(_Section):
     crop_s: float = Field(default=2.0, gt=0.0)
     lr: float = Field(default=0.002, gt=0.0)
     weight_decay: float = Field(default=2e-5, ge=0.0)
-    aam_margin: float = Field(default=0.2, ge=0.0)
+    aam_margin: float = Field(default=0.3, ge=0.0)
     aam_scale: float = Field(default=30.0, gt=0.0)
     # AAM margin schedule, as WeSpeaker's margin scheduler: margin 0 until the first fraction of the
     # steps, rising linearly to aam_margin at the second; [0, 0]: the full margin from the first step.
