@@ -46,7 +46,7 @@ def test_each_encoder_gets_metrics_and_plots(compared: Layout):
         assert -1 <= m["cos_silhouette"] <= 1 and -1 <= m["euc_silhouette_umap"] <= 1
         assert m["num_parameters"] > 0 and m["realtime_factor"] > 0 and m["embedding_dim"] == 192
     # The pipeline's own model copies the embed stage's tables; the SpeechBrain-dir spec embeds afresh.
-    assert rows["ecapa"]["embeddings_reused_from"] == str(compared.embeddings)
+    assert rows["ecapa"]["embeddings_reused_from"] == "data/embeddings"
     assert rows["sbdir"]["embeddings_reused_from"] is None
     # Same weights through two loaders: the same embeddings, hence the same verification numbers.
     assert rows["ecapa"]["model_id"] == rows["sbdir"]["model_id"]

@@ -125,7 +125,7 @@ def test_reuse_copies_the_embed_stage_tables_only_when_they_match(
     out = tmp_path / "compare" / "ecapa"
 
     reused = reuse_embeddings(layout, params, encoder, out)
-    assert reused is not None and reused["reused_from"] == str(layout.embeddings)
+    assert reused is not None and reused["reused_from"] == "data/embeddings"
     assert reused["realtime_factor"] == summary["realtime_factor"] and reused["segments"] == summary["segments"]
     for name in ("segments.parquet", "utterances.parquet", "rejects.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(layout.embeddings / name)), name

@@ -317,7 +317,15 @@ def reuse_embeddings(
             shutil.copyfile(src / name, tmp)
     atomic.write_json(out_dir / EMBED_SUMMARY, summary)
     log.info("embed: %s holds these segments embedded by %s; copied to %s", src, encoder.model_id, out_dir)
-    return {**{k: v for k, v in summary.items() if k != "source"}, "reused_from": str(src)}
+    return {**{k: v for k, v in summary.items() if k != "source"}, "reused_from": _relative(src, layout)}
+
+
+def _relative(path: Path, layout: Layout) -> str:
+    """``path`` relative to the project root where it lies inside it (metrics name no machine paths)."""
+    try:
+        return str(path.resolve().relative_to(layout.root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 # Bump when length_buckets or the engine's batching changes: staged parts from another plan would
