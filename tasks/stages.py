@@ -59,9 +59,12 @@ def model(params: Params, layout: Layout) -> dict[str, Any]:
 
 
 def embed(params: Params, layout: Layout) -> dict[str, Any]:
+    from voiceprint import atomic
     from voiceprint.embed import embed_segments
 
-    return embed_segments(layout, params.embed)
+    summary = embed_segments(layout, params.embed)
+    atomic.write_json(layout.embed_stats, summary)
+    return summary
 
 
 def index(params: Params, layout: Layout) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The embedding engine on real excerpts with a randomly initialised ECAPA-TDNN."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -122,11 +123,15 @@ def test_reuse_copies_the_embed_stage_tables_only_when_they_match(
     _segments(layout, test_other_files[2::10][:4])
     params = EmbedParams(max_batch_s=20.0)
     summary = embed_segments(layout, params, encoder=encoder, progress=False)
+    written = (layout.embeddings / EMBED_SUMMARY).read_bytes()
     out = tmp_path / "compare" / "ecapa"
 
     reused = reuse_embeddings(layout, params, encoder, out)
     assert reused is not None and reused["reused_from"] == "data/embeddings"
-    assert reused["realtime_factor"] == summary["realtime_factor"] and reused["segments"] == summary["segments"]
+    assert reused["segments"] == summary["segments"]
+    assert reused["realtime_factor"] is None  # no timing file from the embed stage: no throughput
+    layout.embed_stats.write_text(json.dumps(summary))  # what the embed stage writes
+    assert reuse_embeddings(layout, params, encoder, out)["realtime_factor"] == summary["realtime_factor"]
     for name in ("segments.parquet", "utterances.parquet", "rejects.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(layout.embeddings / name)), name
     assert (out / EMBED_SUMMARY).exists()
@@ -140,6 +145,11 @@ def test_reuse_copies_the_embed_stage_tables_only_when_they_match(
     other = load_ecapa(tmp_path / "other")
     assert other.model_id != encoder.model_id
     assert reuse_embeddings(layout, params, other, out / "w") is None
+    # A rerun writing the same vectors leaves the directory byte-identical (no timings in it), so
+    # DVC sees an unchanged output and reruns nothing downstream.
+    embed_segments(layout, params, encoder=encoder, progress=False)
+    assert (layout.embeddings / EMBED_SUMMARY).read_bytes() == written
+    assert reuse_embeddings(layout, params, encoder, out / "v") is not None
     # New segments make the stage's tables stale.
     _segments(layout, test_other_files[3::10][:4])
     assert reuse_embeddings(layout, params, encoder, out / "y") is None

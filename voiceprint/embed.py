@@ -272,13 +272,16 @@ def embed_segments(
         "seconds": round(elapsed, 2),
         "realtime_factor": round(audio_s / elapsed, 1) if elapsed > 0 and audio_s else None,
     }
-    atomic.write_json(out_dir / EMBED_SUMMARY, {**summary, "source": source})
-    return summary
+    atomic.write_json(out_dir / EMBED_SUMMARY, {**{k: summary[k] for k in _STABLE}, "source": source})
+    return {**summary, "source": source}
 
 
-#: Written beside the tables once they are complete: the run's summary and the digest of everything
-#: that determines them (:func:`_source`), which is what :func:`reuse_embeddings` checks.
+#: Written beside the tables once they are complete: what they hold and the digest of everything
+#: that determines them (:func:`_source`), which is what :func:`reuse_embeddings` checks. No timings:
+#: a rerun that writes the same vectors must leave the directory byte-identical for DVC.
 EMBED_SUMMARY = "embed.json"
+_STABLE = ("segments", "utterances", "rejected", "dim", "model_id", "precision", "audio_s")
+_TIMING = ("device", "seconds", "realtime_factor")
 _TABLES = ("segments.parquet", "utterances.parquet", "rejects.parquet")
 
 
@@ -317,7 +320,14 @@ def reuse_embeddings(
             shutil.copyfile(src / name, tmp)
     atomic.write_json(out_dir / EMBED_SUMMARY, summary)
     log.info("embed: %s holds these segments embedded by %s; copied to %s", src, encoder.model_id, out_dir)
-    return {**{k: v for k, v in summary.items() if k != "source"}, "reused_from": _relative(src, layout)}
+    timing = json.loads(layout.embed_stats.read_text()) if layout.embed_stats.exists() else {}
+    if timing.get("source") != summary["source"]:
+        timing = {}  # the timing file is from another embedding run: no throughput rather than a wrong one
+    return {
+        **{k: v for k, v in summary.items() if k != "source"},
+        **{k: timing.get(k) for k in _TIMING},
+        "reused_from": _relative(src, layout),
+    }
 
 
 def _relative(path: Path, layout: Layout) -> str:

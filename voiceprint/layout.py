@@ -89,5 +89,11 @@ class Layout:
         return self.root / "metrics.json"
 
     @property
+    def embed_stats(self) -> Path:
+        """The embed stage's timing (DVC metrics): kept out of ``data/embeddings`` so that a rerun
+        writing the same vectors leaves that output, and everything downstream, unchanged."""
+        return self.data / "embed_stats.json"
+
+    @property
     def plots(self) -> Path:
         return self.root / "plots"
