@@ -237,7 +237,7 @@ def embed_segments(
     seg = segments.to_pydict()
     n = segments.num_rows
     items = [_Item(layout.resolve(p), s, e) for p, s, e in zip(seg["path"], seg["start_s"], seg["end_s"])]
-    durations = np.asarray(seg["end_s"], dtype=np.float64) - np.asarray(seg["start_s"], dtype=np.float64)
+    durations = _durations(seg)
     batches = batch_plan(durations, params, encoder)
 
     source = _source(layout, encoder, params, batches)
@@ -285,6 +285,10 @@ _TIMING = ("device", "seconds", "realtime_factor")
 _TABLES = ("segments.parquet", "utterances.parquet", "rejects.parquet")
 
 
+def _durations(segments: dict[str, list]) -> np.ndarray:
+    return np.asarray(segments["end_s"], dtype=np.float64) - np.asarray(segments["start_s"], dtype=np.float64)
+
+
 def _source(layout: Layout, encoder: SpeakerEncoder, params: EmbedParams, batches: list[np.ndarray]) -> str:
     """Digest of the inputs that fix the output tables: segments, weights, precision and batch plan."""
     return fingerprint(layout.segments, encoder.model_id, encoder.dim, str(engine_dtype(encoder, params)),
@@ -306,8 +310,7 @@ def reuse_embeddings(
     if Path(out_dir).resolve() == src.resolve() or not summary_path.exists():
         return None
     summary = json.loads(summary_path.read_text())
-    segments = pq.read_table(layout.segments, columns=["start_s", "end_s"]).to_pydict()
-    durations = np.asarray(segments["end_s"], dtype=np.float64) - np.asarray(segments["start_s"], dtype=np.float64)
+    durations = _durations(pq.read_table(layout.segments, columns=["start_s", "end_s"]).to_pydict())
     if summary.get("source") != _source(layout, encoder, params, batch_plan(durations, params, encoder)):
         return None
     if not all((src / name).exists() for name in _TABLES):
@@ -326,16 +329,8 @@ def reuse_embeddings(
     return {
         **{k: v for k, v in summary.items() if k != "source"},
         **{k: timing.get(k) for k in _TIMING},
-        "reused_from": _relative(src, layout),
+        "reused_from": str(layout.relative(src)),  # metrics name no machine paths
     }
-
-
-def _relative(path: Path, layout: Layout) -> str:
-    """``path`` relative to the project root where it lies inside it (metrics name no machine paths)."""
-    try:
-        return str(path.resolve().relative_to(layout.root.resolve()))
-    except ValueError:
-        return str(path)
 
 
 # Bump when length_buckets or the engine's batching changes: staged parts from another plan would
@@ -344,11 +339,7 @@ _BATCH_PLAN_VERSION = 1
 
 
 def _staging_key(layout: Layout, out_dir: Path) -> str:
-    try:
-        rel = out_dir.resolve().relative_to(layout.root)
-    except ValueError:
-        rel = out_dir.resolve()
-    return "embed_" + "_".join(part for part in rel.parts if part not in ("/", ""))
+    return "embed_" + "_".join(part for part in layout.relative(out_dir).parts if part not in ("/", ""))
 
 
 class _Stager:

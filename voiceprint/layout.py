@@ -24,6 +24,14 @@ class Layout:
         p = Path(path)
         return p if p.is_absolute() else self.root / p
 
+    def relative(self, path: str | Path) -> Path:
+        """``path`` relative to the root where it lies inside it, else its absolute form."""
+        absolute = Path(path).resolve()
+        try:
+            return absolute.relative_to(self.root)
+        except ValueError:
+            return absolute
+
     @property
     def params(self) -> Path:
         return self.root / "params.yaml"
