@@ -160,6 +160,28 @@ def test_campplus_masking_is_exact_for_equal_and_tiny_inputs(campplus: CamPlusPl
     assert out.shape == (2, 192) and torch.isfinite(out).all()
 
 
+def test_campplus_under_bf16_autocast_stays_close_to_float32(campplus: CamPlusPlusEncoder, clips) -> None:
+    """The engine (and the teacher centres) run CAM++ under bf16: its padded batch must still give
+    float32 embeddings of the same voices, and the speakers must stay apart."""
+    wavs, labels = clips
+    batch, lengths = _padded(wavs)
+    exact = F.normalize(campplus.embed(batch, lengths), dim=1)
+    seen: list[torch.dtype] = []  # the dtype of the features the network receives
+    hook = campplus.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = campplus.embed(batch, lengths)
+    finally:
+        hook.remove()
+    assert campplus.autocast_safe and fast.dtype == torch.float32 and seen == [torch.float32]
+    fast = F.normalize(fast, dim=1)
+    cos = (fast * exact).sum(dim=1)
+    assert cos.min() > 0.99 and cos.max() < 1 - 1e-6, cos  # close, yet really computed in bf16
+    same = torch.tensor([[a == b for b in labels] for a in labels]) & ~torch.eye(len(labels), dtype=torch.bool)
+    sim = fast @ fast.T
+    assert sim[same].min() > sim[~same & ~torch.eye(len(labels), dtype=torch.bool)].max()
+
+
 def test_ge2e_batched_lstm_matches_resemblyzer_embed_utterance(ge2e: GE2EEncoder, clips) -> None:
     """All partials of a batch go through one LSTM call; each item must still get exactly what
     Resemblyzer's own one-utterance-at-a-time ``embed_utterance`` gives it."""

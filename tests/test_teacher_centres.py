@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from voiceprint import audio
 from voiceprint.atomic import write_table
 from voiceprint.config import ModelParams
 from voiceprint.layout import Layout
+from voiceprint.precision import cpu_has_native_bf16
 from voiceprint.schema import SEGMENTS
 from voiceprint.train import SpeedClasses, TrainingError, build_model
 
@@ -78,6 +81,23 @@ def test_centres_are_the_teachers_map_of_the_voices_and_are_cached(
         tc.teacher_centres(layout, labels, ids, clips, classes, dim=192, centre_s=5.0, device=torch.device("cpu"), progress=False)
 
 
+def test_bf16_teacher_gives_nearly_the_float32_centres_in_a_cache_of_its_own(
+    speech: tuple[list[str], list[list[str]], list[list[np.ndarray]]], tmp_path: Path
+) -> None:
+    labels, ids, clips = speech
+    layout = Layout.at(tmp_path)
+    classes = SpeedClasses(N_SPEAKERS, enabled=True).members()
+    run = dict(dim=192, centre_s=4.0, device=torch.device("cpu"), progress=False)
+    exact = tc.teacher_centres(layout, labels, ids, clips, classes, **run)
+    fast = tc.teacher_centres(layout, labels, ids, clips, classes, precision=torch.bfloat16, **run)
+    assert not fast.reused and fast.path != exact.path  # a float32 cache never stands in for bf16, nor back
+    assert json.loads(pq.read_schema(fast.path).metadata[b"voiceprint.teacher_centres"])["precision"] == "bfloat16"
+    assert json.loads(pq.read_schema(exact.path).metadata[b"voiceprint.teacher_centres"])["precision"] == "float32"
+    cos = (fast.centres * exact.centres).sum(dim=1)
+    assert cos.min() > 0.99 and cos.max() < 1 - 1e-6, cos
+    assert tc.teacher_centres(layout, labels, ids, clips, classes, precision=torch.bfloat16, **run).reused
+
+
 def test_training_with_teacher_centres_records_the_teacher(excerpts_dir: Path, tmp_path: Path) -> None:
     layout = Layout.at(tmp_path)
     files = sorted((excerpts_dir / "train-clean-100").glob("*/*.flac"))[:N_SPEAKERS]
@@ -92,6 +112,7 @@ def test_training_with_teacher_centres_records_the_teacher(excerpts_dir: Path, t
     stats = build_model(params, layout, progress=False)
     assert stats["aam_classes"] == 3 * N_SPEAKERS and stats["teacher_model_id"].startswith("campplus-192-")
     assert stats["teacher_centres_reused"] is False and stats["teacher_seconds"] > 0
+    assert stats["teacher_precision"] == ("bfloat16" if cpu_has_native_bf16() else "float32")  # model.amp: true
     card = (layout.model_dir / "model_card.json").read_text()
     assert '"aam_centres": "teacher"' in card and "campplus-192-" in card
     assert build_model(params, layout, progress=False)["teacher_centres_reused"] is True

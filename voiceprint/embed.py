@@ -37,7 +37,7 @@ from voiceprint.encoders.base import SpeakerEncoder
 from voiceprint.layout import Layout
 from voiceprint.memory import release_free_heap
 from voiceprint.parts import PartStore, fingerprint
-from voiceprint.precision import autocast_dtype
+from voiceprint.precision import autocast_dtype, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def embed_segments(
         "dim": encoder.dim,
         "model_id": encoder.model_id,
         "device": str(device),
-        "precision": str(engine_dtype(encoder, params) or torch.float32).removeprefix("torch."),
+        "precision": dtype_name(engine_dtype(encoder, params)),
         "resumed_batches": len(done),
         "audio_s": round(float(durations.sum()), 2),
         "seconds": round(elapsed, 2),

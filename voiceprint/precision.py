@@ -36,6 +36,11 @@ def training_autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | No
     return dtype if dtype == torch.bfloat16 else None
 
 
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """``"bfloat16"``, ``"float16"``, or ``"float32"`` for None (no autocast): how model cards say it."""
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
 def cpu_has_native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -55,7 +55,7 @@ from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_
 from voiceprint.encoders.moe import EcapaMoE, MoeConfig, save_moe_checkpoint
 from voiceprint.encoders.registry import load_model_dir
 from voiceprint.layout import Layout
-from voiceprint.precision import training_autocast_dtype
+from voiceprint.precision import autocast_dtype, dtype_name, training_autocast_dtype
 from voiceprint.schema import SEGMENTS
 from voiceprint.weight_average import WeightAverage
 
@@ -232,6 +232,7 @@ def _train(
     stats["aam_classes"] = int(head.classifier.weight.shape[0])  # x3 with speed_as_speakers
     if centres is not None:
         stats["teacher_model_id"] = centres.teacher_model_id
+        stats["teacher_precision"] = dtype_name(autocast_dtype(device, params.amp))  # part of the cache key
     card_stats = dict(stats)
     stats.update(
         device=str(device),
@@ -284,7 +285,7 @@ def summarise_training(
 
 def training_precision(device: torch.device, params: ModelParams) -> str:
     """'bfloat16' where the encoder's forward runs under bf16 autocast, else 'float32'."""
-    return str(training_autocast_dtype(device, params.amp) or torch.float32).removeprefix("torch.")
+    return dtype_name(training_autocast_dtype(device, params.amp))
 
 
 def save_trained_model(
@@ -453,7 +454,8 @@ def _teacher_centres(
     try:
         return teacher_centres(
             layout, data.labels, data.segment_ids, data.clips, classes.members(),
-            dim=cfg.lin_neurons, centre_s=params.teacher_centre_s, device=device, progress=progress,
+            dim=cfg.lin_neurons, centre_s=params.teacher_centre_s, device=device,
+            precision=autocast_dtype(device, params.amp), progress=progress,
         )
     except TeacherSizeError as err:
         raise TrainingError(

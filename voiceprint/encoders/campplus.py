@@ -247,6 +247,9 @@ class CamPlusPlusEncoder(ModuleEncoder):
     """CAM++ behind the :class:`SpeakerEncoder` interface: Kaldi fbank per item, one padded forward."""
 
     name = "campplus"
+    # Fbank stays float32 (see embed). Under bf16 the 1,180 default segments embedded 1.65x faster on
+    # a 2-core AMX CPU (72 -> 43 s) with cosine >= 0.996 to float32 and the same EER (0.00 %).
+    autocast_safe = True
 
     def __init__(self, model: nn.Module, *, weights_sha256: str, feat_dim: int = 80):
         self.model = MaskedCAMPPlus(model).eval()
