@@ -41,6 +41,21 @@ def test_speed_perturbation_scales_frequency_by_the_speed() -> None:
     assert freqs == [round(1000 * SPEEDS[k]) for k in speeds.tolist()]
 
 
+def test_augmenter_plays_the_speeds_it_is_given() -> None:
+    five = (0.8, 0.9, 1.0, 1.1, 1.2)
+    aug = Augmenter(["speed"], 2 * SR, speeds=five)
+    assert aug.source_samples == int(np.ceil(2 * SR * 1.2))  # slack for the fastest speed
+    t = torch.arange(aug.source_samples) / SR
+    tone = torch.sin(2 * torch.pi * 1000.0 * t).repeat(96, 1)
+    out, speeds = aug.apply(tone, torch.Generator().manual_seed(0))
+    freqs = [round(_dominant_hz(row) / 10) * 10 for row in out]
+    assert freqs == [round(1000 * five[k]) for k in speeds.tolist()] and set(freqs) == {800, 900, 1000, 1100, 1200}
+    unperturbed = Augmenter(["noise", "reverb"], SR, speeds=five).apply(tone[:2, :SR], torch.Generator())[1]
+    assert unperturbed.tolist() == [five.index(1.0)] * 2
+    with pytest.raises(ValueError, match="must include 1.0"):
+        Augmenter(["speed"], SR, speeds=(0.9, 1.1))
+
+
 def test_speed_perturbation_refuses_rows_without_slack() -> None:
     with pytest.raises(ValueError, match="needs rows of >="):
         speed_perturb(torch.zeros(2, SR), torch.Generator(), out_samples=SR)

@@ -107,7 +107,7 @@ def test_training_with_teacher_centres_records_the_teacher(excerpts_dir: Path, t
         for f in files
     ]
     write_table(layout.segments, pa.Table.from_pylist(rows, schema=SEGMENTS))
-    params = ModelParams(channels=16, steps=4, batch_size=4, crop_s=0.5, teacher_centre_s=3.0, device="cpu",
+    params = ModelParams(channels=16, steps=4, batch_size=4, crop_s=0.5, teacher_centre_s=3.0, speeds=(0.9, 1.0, 1.1), device="cpu",
                          checkpoint_every=0, register_model=False)
     stats = build_model(params, layout, progress=False)
     assert stats["aam_classes"] == 3 * N_SPEAKERS and stats["teacher_model_id"].startswith("campplus-192-")

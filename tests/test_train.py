@@ -118,7 +118,7 @@ def test_speed_as_speakers_trains_3x_classes_and_saves_only_the_real_speakers(
     write_table(layout.segments, _segments_table(excerpts_dir))
     params = ModelParams(
         channels=32, steps=20, batch_size=12, crop_s=1.0, seed=0, device="cpu", speed_as_speakers=True,
-        register_model=False, **FIXED_MARGIN,
+        speeds=(0.9, 1.0, 1.1), register_model=False, **FIXED_MARGIN,
     )
     stats = build_model(params, layout, progress=False)
     assert stats["aam_classes"] == 3 * N_SPEAKERS and stats["num_speakers"] == N_SPEAKERS
@@ -389,6 +389,12 @@ def test_speed_classes_members_name_each_class_in_order() -> None:
     for c, (speaker, speed) in enumerate(members):
         assert on.targets(torch.tensor([speaker]), torch.tensor([SPEEDS.index(speed)])).item() == c
     assert SpeedClasses(4, enabled=False).members() == [(s, 1.0) for s in range(4)]
+
+    five = (0.8, 0.9, 1.0, 1.1, 1.2)  # model.speeds: one block of classes per speed, 1.0 first
+    on5 = SpeedClasses(4, enabled=True, speeds=five)
+    assert on5.count == 20 and [speed for _, speed in on5.members()[::4]] == [1.0, 1.1, 1.2, 0.8, 0.9]
+    for c, (speaker, speed) in enumerate(on5.members()):
+        assert on5.targets(torch.tensor([speaker]), torch.tensor([five.index(speed)])).item() == c
 
 
 def test_fixed_centres_stay_put_while_the_encoder_trains_towards_them() -> None:

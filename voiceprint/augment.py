@@ -11,8 +11,9 @@ of the same person in the wild (``model.augment`` picks them):
 * ``reverb``: convolution with a synthetic room impulse response (a direct path plus exponentially
   decaying Gaussian reverberation with a random RT60), the standard stand-in when no RIR corpus is
   at hand; energy is restored afterwards;
-* ``speed``: speed perturbation by 0.9 / 1.0 / 1.1 (``torchaudio.functional.resample``), the
-  Kaldi/WeSpeaker recipe; crops are drawn ``MAX_SPEED`` times longer and cut back after resampling;
+* ``speed``: speed perturbation by one of ``speeds`` (default 0.9 / 1.0 / 1.1;
+  ``torchaudio.functional.resample``), the Kaldi/WeSpeaker recipe; crops are drawn ``max(speeds)``
+  times longer and cut back after resampling;
 * ``specaug``: SpecAugment-style masking of the normalised log-mel features (a few bands of frames
   and of mel bins set to the sentence mean), as NeMo's TitaNet recipe does; applied by
   :meth:`Augmenter.features` after the front end, not to the waveform.
@@ -33,7 +34,7 @@ import torchaudio.functional as AF
 from voiceprint.audio import TARGET_SR
 
 KINDS = ("noise", "nonspeech", "reverb", "speed", "specaug")
-SPEEDS = (0.9, 1.0, 1.1)
+SPEEDS = (0.9, 1.0, 1.1)  # Kaldi's classic set; the pipeline's own default is model.speeds
 MAX_SPEED = max(SPEEDS)
 UNPERTURBED = SPEEDS.index(1.0)
 RT60_S = (0.2, 0.8)
@@ -125,20 +126,23 @@ def reverberate(wavs: torch.Tensor, gen: torch.Generator, *, prob: float = 0.4) 
     return out
 
 
-def speed_perturb(wavs: torch.Tensor, gen: torch.Generator, out_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample each row by a speed drawn from :data:`SPEEDS`, then cut a random ``out_samples`` window.
+def speed_perturb(
+    wavs: torch.Tensor, gen: torch.Generator, out_samples: int, speeds: tuple[float, ...] = SPEEDS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample each row by a speed drawn from ``speeds``, then cut a random ``out_samples`` window.
 
-    Returns the windows and each row's index into :data:`SPEEDS` (training may count a changed
-    speed as another speaker). Rows must hold at least ``out_samples * MAX_SPEED`` samples, so even
-    the fastest speed fills the window without padding.
+    Returns the windows and each row's index into ``speeds`` (training may count a changed speed as
+    another speaker). Rows must hold at least ``out_samples * max(speeds)`` samples, so even the
+    fastest speed fills the window without padding.
     """
     b, t = wavs.shape
-    if t < math.ceil(out_samples * MAX_SPEED):
-        raise ValueError(f"speed_perturb needs rows of >= {math.ceil(out_samples * MAX_SPEED)} samples, got {t}")
-    choice = torch.randint(0, len(SPEEDS), (b,), generator=gen)
+    needed = math.ceil(out_samples * max(speeds))
+    if t < needed:
+        raise ValueError(f"speed_perturb needs rows of >= {needed} samples, got {t}")
+    choice = torch.randint(0, len(speeds), (b,), generator=gen)
     offsets = torch.rand(b, generator=gen)
     out = torch.empty(b, out_samples)
-    for k, speed in enumerate(SPEEDS):
+    for k, speed in enumerate(speeds):
         rows = torch.nonzero(choice == k).flatten()
         if rows.numel() == 0:
             continue
@@ -178,8 +182,14 @@ class Augmenter:
     draw for draw (the models trained before the other kinds existed keep their ids).
     """
 
-    def __init__(self, kinds: Iterable[str], crop_samples: int, nonspeech: np.ndarray | None = None):
+    def __init__(
+        self, kinds: Iterable[str], crop_samples: int, nonspeech: np.ndarray | None = None,
+        speeds: tuple[float, ...] = SPEEDS,
+    ):
         self.kinds = frozenset(kinds)
+        self.speeds = tuple(speeds)
+        if 1.0 not in self.speeds:
+            raise ValueError(f"speeds {list(self.speeds)} must include 1.0 (the unperturbed crop)")
         unknown = self.kinds - set(KINDS)
         if unknown:
             raise ValueError(f"unknown augmentation(s) {sorted(unknown)}; allowed: {list(KINDS)}")
@@ -189,7 +199,7 @@ class Augmenter:
 
     @property
     def source_samples(self) -> int:
-        return math.ceil(self.crop * MAX_SPEED) if "speed" in self.kinds else self.crop
+        return math.ceil(self.crop * max(self.speeds)) if "speed" in self.kinds else self.crop
 
     def features(self, feats: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The feature-domain part of the chain (``specaug``); ``feats`` unchanged without it."""
@@ -199,12 +209,12 @@ class Augmenter:
         return self.apply(wavs, gen)[0]
 
     def apply(self, wavs: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmented crops and each row's index into :data:`SPEEDS` (:data:`UNPERTURBED` without ``speed``)."""
-        speeds = torch.full((wavs.shape[0],), UNPERTURBED, dtype=torch.long)
+        """The augmented crops and each row's index into ``speeds`` (that of 1.0 without ``speed``)."""
+        speeds = torch.full((wavs.shape[0],), self.speeds.index(1.0), dtype=torch.long)
         if self.kinds == {"noise"}:
             return add_noise(wavs[:, : self.crop], gen), speeds
         if "speed" in self.kinds:
-            wavs, speeds = speed_perturb(wavs, gen, self.crop)
+            wavs, speeds = speed_perturb(wavs, gen, self.crop, self.speeds)
         else:
             wavs = wavs[:, : self.crop]
         if "reverb" in self.kinds:

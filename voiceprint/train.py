@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from voiceprint import audio
 from voiceprint.atomic import atomic_path
-from voiceprint.augment import SPEEDS, UNPERTURBED, Augmenter
+from voiceprint.augment import SPEEDS, Augmenter
 from voiceprint.config import ModelParams
 from voiceprint.encoders.aam import AAMHead
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
@@ -450,7 +450,7 @@ def _teacher_centres(
     """The CAM++ teacher's embedding of every AAM class, for ``model.aam_centres: teacher``."""
     from voiceprint.teacher_centres import TeacherSizeError, teacher_centres  # lazily: it pulls in the CAM++ teacher
 
-    classes = SpeedClasses(len(data.labels), params.speed_pseudo_speakers)
+    classes = SpeedClasses(len(data.labels), params.speed_pseudo_speakers, params.speeds)
     try:
         return teacher_centres(
             layout, data.labels, data.segment_ids, data.clips, classes.members(),
@@ -491,25 +491,28 @@ class SpeedClasses:
     like someone else. WeSpeaker's recipe trains it as someone else, which triples the classes of a
     set with few speakers. Class ``block * speakers + speaker``, block 0 being the unperturbed
     speed: the first ``speakers`` rows of the head are the real speakers, the only ones saved.
+    Blocks follow ``speeds`` cyclically from 1.0 (0.9/1.0/1.1: blocks 1.0, 1.1, 0.9).
     """
 
     speakers: int
     enabled: bool
+    speeds: tuple[float, ...] = SPEEDS
 
     @property
     def count(self) -> int:
-        return self.speakers * (len(SPEEDS) if self.enabled else 1)
+        return self.speakers * (len(self.speeds) if self.enabled else 1)
 
     def targets(self, speakers: torch.Tensor, speeds: torch.Tensor) -> torch.Tensor:
-        """Class of each crop from its speaker and its index into :data:`~voiceprint.augment.SPEEDS`."""
+        """Class of each crop from its speaker and its index into ``speeds``."""
         if not self.enabled:
             return speakers
-        return speakers + self.speakers * ((speeds - UNPERTURBED) % len(SPEEDS))
+        return speakers + self.speakers * ((speeds - self.speeds.index(1.0)) % len(self.speeds))
 
     def members(self) -> list[tuple[int, float]]:
         """``(speaker, speed)`` of every class, in class order (what the teacher's centres embed)."""
-        blocks = len(SPEEDS) if self.enabled else 1
-        return [(s, SPEEDS[(b + UNPERTURBED) % len(SPEEDS)]) for b in range(blocks) for s in range(self.speakers)]
+        n, unperturbed = len(self.speeds), self.speeds.index(1.0)
+        blocks = n if self.enabled else 1
+        return [(s, self.speeds[(b + unperturbed) % n]) for b in range(blocks) for s in range(self.speakers)]
 
 
 class CropSampler:
@@ -597,7 +600,7 @@ def fit(
     model = (initial if initial is not None else cfg.build()).to(device).train()
     for p in model.parameters():
         p.requires_grad_(True)  # a loaded encoder is frozen for inference
-    classes = SpeedClasses(len(data.labels), params.speed_pseudo_speakers)
+    classes = SpeedClasses(len(data.labels), params.speed_pseudo_speakers, params.speeds)
     head = AAMHead(cfg.lin_neurons, classes.count, margin=params.aam_margin, scale=params.aam_scale)
     if centres is not None:
         head.fix_centres(centres)
@@ -610,7 +613,7 @@ def fit(
     warmup = max(1, round(WARMUP_FRACTION * params.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, params.steps, warmup))
 
-    augmenter = Augmenter(params.augment, int(round(params.crop_s * audio.TARGET_SR)), data.nonspeech)
+    augmenter = Augmenter(params.augment, int(round(params.crop_s * audio.TARGET_SR)), data.nonspeech, params.speeds)
     sampler = CropSampler(data, augmenter.source_samples, np.random.default_rng(params.seed))
     noise_gen = torch.Generator().manual_seed(params.seed + 1)
     amp_dtype = training_autocast_dtype(device, params.amp)

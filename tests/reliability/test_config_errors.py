@@ -46,6 +46,8 @@ BAD_PARAMS: dict[str, tuple[str, list[str]]] = {
         ["vad.treshold: unknown key", "; model.steps: Input should be a valid integer"],
     ),
     "not-yaml": ("vad: [0.5\n", ["not valid YAML"]),
+    "speeds-without-1.0": ("model:\n  speeds: [0.9, 1.1]\n", ["model.speeds [0.9, 1.1] must be distinct, sorted", "include 1.0"]),
+    "speeds-unsorted": ("model:\n  speeds: [1.0, 0.9]\n", ["model.speeds [1.0, 0.9] must be distinct, sorted"]),
 }
 
 
