@@ -48,10 +48,13 @@ def test_verify_identify_enroll(project: Layout, excerpts_dir: Path, capsys):
 
     newcomer = sorted(p for p in (excerpts_dir / "test-other").iterdir() if p.is_dir())[-1]  # beyond max_speakers=4: not indexed
     clips = sorted(newcomer.glob("*.flac"))
-    assert cli(["--project", str(project.root), "enroll", "newcomer", str(clips[0]), str(clips[1])]) == 0
+    # One enrollment clip queried again: its centroid is its own embedding (cosine 1), so this checks
+    # enroll -> index -> identify whatever the tiny 30-step model's accuracy on other clips.
+    assert cli(["--project", str(project.root), "enroll", "newcomer", str(clips[0])]) == 0
     capsys.readouterr()
     assert cli(["--project", str(project.root), "identify", str(clips[0]), "-k", "1"]) == 0
-    assert capsys.readouterr().out.split("\t")[1] == "newcomer"
+    hit = capsys.readouterr().out.strip().split("\t")
+    assert hit[1] == "newcomer" and float(hit[2]) > 0.999, hit
 
 
 def test_query_and_bad_input_errors(project: Layout, capsys):
