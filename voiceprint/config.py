@@ -93,8 +93,8 @@ class ModelParams(_Section):
         default_factory=lambda: ["noise", "nonspeech", "reverb", "speed"]
     )
     # WeSpeaker's recipe: a crop played at another speed counts as another speaker in AAM-softmax
-    # (len(speeds) x the classes). Acts where AAM trains on speed-perturbed crops (scratch, fine-tuning, with `speed`
-    # in augment); distillation never speed-perturbs, so there it does nothing.
+    # (len(speeds) x the classes). Acts where AAM trains on speed-perturbed crops (scratch and
+    # fine-tuning, with `speed` in augment); distillation never speed-perturbs: there it does nothing.
     speed_as_speakers: bool = True
     # The speeds `speed` plays crops at (1.0 included; sorted). With speed_as_speakers each other
     # speed is one more block of pseudo-speakers, and with teacher centres one more teacher pass.

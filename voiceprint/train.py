@@ -12,11 +12,11 @@ model can only learn speaker identity from different crops of the same recording
 (``model.augment``, :mod:`voiceprint.augment`: coloured or recorded non-speech noise, reverberation,
 speed perturbation, gain) is what stops it from keying on recording conditions, and counting a
 speed-perturbed crop as another speaker (``model.speed_as_speakers``, :class:`SpeedClasses`)
-triples the voices it sees. The loss is SpeechBrain's AAM-softmax, the optimiser Adam with a
-linear warm-up and cosine decay. With ``model.aam_centres: teacher`` (the default) the AAM class
-centres are not learned but fixed at the bundled CAM++'s embedding of each class's speech
-(:mod:`voiceprint.teacher_centres`), so the student inherits the teacher's map of which voices are
-alike.
+multiplies the voices it sees by the number of ``model.speeds``. The loss is SpeechBrain's
+AAM-softmax, the optimiser Adam with a linear warm-up and cosine decay. With
+``model.aam_centres: teacher`` (the default) the AAM class centres are not learned but fixed at the
+bundled CAM++'s embedding of each class's speech (:mod:`voiceprint.teacher_centres`), so the
+student inherits the teacher's map of which voices are alike.
 
 Every ``checkpoint_every`` steps the whole training state (weights, AAM head, optimiser, scheduler,
 every random generator, the sampler's queue, the loss history) is written atomically to
@@ -229,10 +229,10 @@ def _train(
     train_s = time.perf_counter() - t0 - decode_s - (centres.seconds if centres is not None else 0.0)
 
     stats = summarise_training(init, params, cfg, model, data, history)
-    stats["aam_classes"] = int(head.classifier.weight.shape[0])  # x3 with speed_as_speakers
+    stats["aam_classes"] = int(head.classifier.weight.shape[0])  # x len(speeds) with speed_as_speakers
     if centres is not None:
         stats["teacher_model_id"] = centres.teacher_model_id
-        stats["teacher_precision"] = dtype_name(autocast_dtype(device, params.amp))  # part of the cache key
+        stats["teacher_precision"] = centres.precision  # part of the cache key
     card_stats = dict(stats)
     stats.update(
         device=str(device),
@@ -488,9 +488,10 @@ class SpeedClasses:
     """AAM-softmax classes when a changed speed counts as another speaker (``model.speed_as_speakers``).
 
     Pitch and formants move with the speed, so to a speaker encoder a crop played at 0.9x sounds
-    like someone else. WeSpeaker's recipe trains it as someone else, which triples the classes of a
-    set with few speakers. Class ``block * speakers + speaker``, block 0 being the unperturbed
-    speed: the first ``speakers`` rows of the head are the real speakers, the only ones saved.
+    like someone else. WeSpeaker's recipe trains it as someone else, which multiplies the classes
+    of a set with few speakers by the number of speeds. Class ``block * speakers + speaker``,
+    block 0 being the unperturbed speed: the first ``speakers`` rows of the head are the real
+    speakers, the only ones saved.
     Blocks follow ``speeds`` cyclically from 1.0 (0.9/1.0/1.1: blocks 1.0, 1.1, 0.9).
     """
 
