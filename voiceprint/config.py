@@ -105,7 +105,7 @@ class ModelParams(_Section):
     # alike); 'learned' trains them, as plain AAM-softmax does. Scratch and fine-tuning.
     aam_centres: Literal["teacher", "learned"] = "teacher"
     # aam_centres=teacher: seconds of each speaker's training speech (per speed) the teacher embeds.
-    teacher_centre_s: float = Field(default=6.0, gt=0.0)
+    teacher_centre_s: float = Field(default=4.0, gt=0.0)
     # Average the weights over this last fraction of the steps (a snapshot every 10 steps; WeSpeaker's
     # model averaging) and save the average; 0: save the last step's weights. Scratch and fine-tuning.
     average_last: float = Field(default=0.0, ge=0.0, lt=1.0)
