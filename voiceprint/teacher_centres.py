@@ -130,6 +130,7 @@ def teacher_centres(
     AMX CPU, and CAM++'s bf16 embeddings are within cosine 0.996 of float32 ones.
     """
     t0 = time.perf_counter()
+    precision_name = dtype_name(precision)
     weights = campplus_weights_path()
     excerpts = [speech_excerpt(c, int(round(centre_s * audio.TARGET_SR))) for c in clips]
     path = cache_path(layout, segment_ids, excerpts, classes, centre_s, sha256_file(weights), precision)
@@ -142,7 +143,7 @@ def teacher_centres(
             log.info("reusing teacher centres %s (%d classes)", path, len(classes))
             return TeacherCentres(
                 path, str(meta.get("teacher_model_id", "")), torch.tensor(emb),
-                reused=True, seconds=round(time.perf_counter() - t0, 2), precision=dtype_name(precision),
+                reused=True, seconds=round(time.perf_counter() - t0, 2), precision=precision_name,
             )
         log.warning("teacher centres %s do not match the training classes; recomputing them", path)
 
@@ -171,14 +172,12 @@ def teacher_centres(
             "embedding": embedding_column(centres.numpy()),
         }
     )
-    meta = {"teacher_model_id": teacher.model_id, "centre_s": centre_s, "precision": dtype_name(precision)}
+    meta = {"teacher_model_id": teacher.model_id, "centre_s": centre_s, "precision": precision_name}
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     write_table(path, table)
     seconds = round(time.perf_counter() - t0, 2)
     log.info("wrote teacher centres %s (%d classes, %.1f s)", path, len(classes), seconds)
-    return TeacherCentres(
-        path, teacher.model_id, centres, reused=False, seconds=seconds, precision=dtype_name(precision)
-    )
+    return TeacherCentres(path, teacher.model_id, centres, reused=False, seconds=seconds, precision=precision_name)
 
 
 class TeacherSizeError(ValueError):
