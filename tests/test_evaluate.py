@@ -223,3 +223,49 @@ def test_default_store_is_sqlite_in_project(tmp_path: Path, monkeypatch: pytest.
 
     commit = git_commit(Path(__file__).resolve().parents[1])
     assert commit == "unknown" or (len(commit) == 40 and int(commit, 16) >= 0)
+
+
+def test_snorm_is_reported_beside_raw_scores_and_corrects_a_hub_speaker(tmp_path: Path) -> None:
+    """Eval speakers share a common direction in proportion to a per-speaker offset, so some
+    speakers' impostor scores run high (a "hub"): raw cosine confuses them, while AS-norm against
+    the train cohort (which shares that direction too) puts each trial on its sides' own scale."""
+    rng = np.random.default_rng(11)
+    n_train, n_eval, per = 40, 8, 6
+    hub = l2_normalise(rng.normal(size=(1, DIM)))[0]
+    rows, vecs = [], []
+    for s in range(n_train + n_eval):
+        split = "train" if s < n_train else "eval"
+        spk = f"{split}{s:03d}"
+        weight = rng.uniform(0.0, 3.0)  # how far this speaker sits towards the hub direction
+        centre = l2_normalise(rng.normal(size=(1, DIM)))[0] + weight * hub
+        v = l2_normalise(centre + 0.15 * rng.normal(size=(per, DIM)))
+        for u in range(per):
+            rows.append(dict(utterance_id=f"{spk}-{u:03d}", speaker_id=spk, split=split, start_s=0.0,
+                             end_s=3.0, num_segments=1, model_id=MODEL))
+            vecs.append(v[u])
+    layout = Layout.at(tmp_path)
+    schema = embedding_schema(DIM, utterance_level=True)
+    cols = {f.name: [r[f.name] for r in rows] for f in schema if f.name != "embedding"}
+    cols["embedding"] = embedding_column(np.stack(vecs))
+    layout.utterance_embeddings.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols, schema=schema), layout.utterance_embeddings)
+
+    metrics = evaluate(layout, _params())
+    assert metrics["n_cohort"] == n_train * per
+    assert set(metrics) >= {"eer_snorm", "min_dcf_p0.01_snorm", "min_dcf_p0.05_snorm"}
+    assert metrics["eer"] > 0.05  # the hub confuses raw cosine
+    assert metrics["eer_snorm"] < 0.5 * metrics["eer"]
+    assert json.loads(layout.metrics.read_text())["eer_snorm"] == metrics["eer_snorm"]
+
+    off = evaluate(layout, _params(snorm_top_k=0))
+    assert "eer_snorm" not in off and off["eer"] == metrics["eer"]
+
+
+def test_snorm_without_a_cohort_reports_nulls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    layout = Layout.at(tmp_path)
+    write_utterances(layout, np.random.default_rng(12), n_train=0, n_eval=4, per_speaker=4, noise=0.3)
+    with caplog.at_level(logging.WARNING, logger="voiceprint.evaluate"):
+        metrics = evaluate(layout, _params(train_distractors=False))
+    assert metrics["eer"] is not None
+    assert metrics["eer_snorm"] is None and metrics["min_dcf_p0.01_snorm"] is None and metrics["n_cohort"] == 0
+    assert "s-norm skipped" in caplog.text

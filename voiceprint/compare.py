@@ -64,26 +64,6 @@ def _eval_matrix(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, speakers, split
 
 
-def snorm_metrics(x: np.ndarray, speakers: np.ndarray, split: np.ndarray, params: Params) -> dict[str, Any]:
-    """EER/minDCF after adaptive s-norm; the cohort is every train-split utterance (disjoint speakers)."""
-    from voiceprint.evaluate import dcf_key
-    from voiceprint.metrics import eer, min_dcf
-    from voiceprint.snorm import as_norm_pairs
-
-    is_eval = split == "eval"
-    cohort = x[~is_eval]
-    if len(cohort) == 0:
-        log.warning("no train-split utterances: s-norm needs an impostor cohort, skipped")
-        return {"eer_snorm": None, "n_cohort": 0}
-    scores, labels = as_norm_pairs(x[is_eval], speakers[is_eval], cohort, top_k=params.compare.snorm_top_k)
-    out: dict[str, Any] = {"eer_snorm": float(eer(scores, labels)[0]), "n_cohort": int(len(cohort))}
-    for p in params.evaluate.p_targets:
-        out[f"{dcf_key(p)}_snorm"] = float(
-            min_dcf(scores, labels, p, params.evaluate.c_miss, params.evaluate.c_fa)[0]
-        )
-    return out
-
-
 def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool = True) -> dict[str, Any]:
     from voiceprint.cluster_metrics import cluster_analysis
     from voiceprint.compare_plots import plot_oiidd, plot_umap_scatter
@@ -108,7 +88,6 @@ def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool
     metrics = evaluate(layout, params, out_metrics=out / "evaluate.json", out_plots=plots, embeddings=utterances)
 
     x, speakers, split = _eval_matrix(utterances)
-    metrics.update(snorm_metrics(x, speakers, split, params))
     is_eval = split == "eval"
     detail = cluster_analysis(
         x[is_eval], speakers[is_eval], seed=params.compare.seed, n_neighbors=params.compare.umap_neighbors

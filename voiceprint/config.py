@@ -191,6 +191,9 @@ class EvaluateParams(_Section):
     c_miss: float = 1.0
     c_fa: float = 1.0
     seed: int = 0
+    # Adaptive s-norm (AS-norm), reported beside the raw cosine scores: impostor cohort = the
+    # train-split utterances, top-K cohort scores per side of a trial; 0: not computed.
+    snorm_top_k: int = Field(default=100, ge=0)
 
 
 class CompareParams(_Section):
@@ -199,8 +202,6 @@ class CompareParams(_Section):
     encoders: dict[str, str] = Field(
         default_factory=lambda: {"ecapa": "ecapa", "campplus": "campplus", "ge2e": "ge2e"}, min_length=1
     )
-    # Adaptive s-norm: impostor cohort = train-split utterances; top-K cohort scores per side.
-    snorm_top_k: int = Field(default=100, ge=1)
     umap_neighbors: int = Field(default=15, ge=2)
     seed: int = 0
 

@@ -11,6 +11,12 @@ utterances are the queries, and the gallery optionally also holds one centroid p
 speaker as distractors, which is what a deployed gallery looks like (many known voices, few of
 them the one asked about).
 
+Beside the raw cosine scores, the same trials are scored after adaptive s-norm (AS-norm, the
+score normalisation WeSpeaker and the VoxSRC systems report): each side of a trial is z-normalised
+by its top-``evaluate.snorm_top_k`` scores against an impostor cohort, here the train-split
+utterances, whose speakers are disjoint from the eval ones. It corrects speakers whose impostor
+scores run high; ``eer`` stays the raw cosine's, and the normalised numbers carry ``_snorm``.
+
 ``metrics.json`` also carries how many input files the pipeline rejected (``rejects_total`` and
 ``rejects_<stage>``), so a run that silently lost half its audio to bad files cannot report a
 good EER without saying so; the numbers reach MLflow with the other numeric metrics.
@@ -39,10 +45,11 @@ from voiceprint.index import build_index, speaker_centroids
 from voiceprint.layout import Layout
 from voiceprint.metrics import det_curve, eer, identification_accuracy, min_dcf
 from voiceprint.schema import embeddings_matrix, l2_normalise
+from voiceprint.snorm import as_norm_pairs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["all_pairs_scores", "dcf_key", "evaluate", "reject_counts"]
+__all__ = ["all_pairs_scores", "dcf_key", "evaluate", "reject_counts", "snorm_metrics"]
 
 TOP_KS = (1, 5)
 DET_CSV_POINTS = 600  # DET rows kept for dvc plots; millions of trials would make it unusable
@@ -128,6 +135,33 @@ def _verification(
     out["score_mean_nontarget"] = float(scores[~same].mean())
     fpr, fnr, _ = det_curve(scores, same)
     return out, (fpr, fnr)
+
+
+def snorm_metrics(
+    x_eval: np.ndarray, speakers_eval: np.ndarray, cohort: np.ndarray, params: Params
+) -> dict[str, Any]:
+    """EER / minDCF of the all-pairs eval trials after AS-norm against ``cohort`` (train-split utterances).
+
+    Keys ``eer_snorm``, ``min_dcf_p<P>_snorm`` and ``n_cohort``; the metrics are None (with a
+    warning) when there is no cohort or no target/non-target trials, and absent with
+    ``evaluate.snorm_top_k: 0``.
+    """
+    top_k = params.evaluate.snorm_top_k
+    if top_k == 0:
+        return {}
+    out: dict[str, Any] = {"eer_snorm": None, "n_cohort": int(len(cohort))}
+    for p in params.evaluate.p_targets:
+        out[f"{dcf_key(p)}_snorm"] = None
+    if len(cohort) == 0:
+        log.warning("s-norm skipped: no train-split utterances to form the impostor cohort")
+        return out
+    scores, same = as_norm_pairs(x_eval, speakers_eval, cohort, top_k=top_k)
+    if same.all() or not same.any():
+        return out  # _verification has already warned about the missing trials
+    out["eer_snorm"] = float(eer(scores, same)[0])
+    for p in params.evaluate.p_targets:
+        out[f"{dcf_key(p)}_snorm"] = float(min_dcf(scores, same, p, params.evaluate.c_miss, params.evaluate.c_fa)[0])
+    return out
 
 
 def _identification(
@@ -334,10 +368,12 @@ def evaluate(
 
     scores, same = all_pairs_scores(x[is_eval], speakers[is_eval])
     verification, curve = _verification(scores, same, params)
+    normalised = snorm_metrics(x[is_eval], speakers[is_eval], x[~is_eval], params)
     identification = _identification(x, speakers, is_eval, params)
 
     metrics: dict[str, Any] = {
         **verification,
+        **normalised,
         **identification,
         "n_eval_speakers": n_eval_speakers,
         "n_eval_utterances": int(is_eval.sum()),
@@ -356,6 +392,6 @@ def evaluate(
     log.info(
         "evaluated %d trials, %d queries in %.1fs: %s",
         metrics["n_trials"], metrics["n_queries"], time.perf_counter() - started,
-        json.dumps({k: metrics.get(k) for k in ("eer", "top1", "top5")}),
+        json.dumps({k: metrics.get(k) for k in ("eer", "eer_snorm", "top1", "top5")}),
     )
     return metrics
