@@ -109,6 +109,10 @@ class ModelParams(_Section):
     # Average the weights over this last fraction of the steps (a snapshot every 10 steps; WeSpeaker's
     # model averaging) and save the average; 0: save the last step's weights. Scratch and fine-tuning.
     average_last: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Shift the trained ECAPA-TDNN's final bias so its embeddings of the training segments have mean
+    # zero (voiceprint.centring: WeSpeaker's mean subtraction, folded into the checkpoint). Scratch
+    # and fine-tuning; a mixture of experts is left as trained.
+    centre_embeddings: bool = True
     # init=distill: fixed crops per train segment whose CAM++ (teacher) embeddings are cached, and
     # the weight of the AAM-softmax speaker loss added to the student-teacher cosine loss (0: none).
     distill_crops_per_segment: int = Field(default=4, ge=1)

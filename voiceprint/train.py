@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from voiceprint import audio
 from voiceprint.atomic import atomic_path
 from voiceprint.augment import SPEEDS, Augmenter
+from voiceprint.centring import centre_embeddings
 from voiceprint.config import ModelParams
 from voiceprint.encoders.aam import AAMHead
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
@@ -227,8 +228,10 @@ def _train(
         centres=centres.centres if centres is not None else None,
     )
     train_s = time.perf_counter() - t0 - decode_s - (centres.seconds if centres is not None else 0.0)
+    centring = centre_embeddings(model, cfg, data.clips, device, progress=progress) if params.centre_embeddings else None
 
     stats = summarise_training(init, params, cfg, model, data, history)
+    stats.update(centring or {})
     stats["aam_classes"] = int(head.classifier.weight.shape[0])  # x len(speeds) with speed_as_speakers
     if centres is not None:
         stats["teacher_model_id"] = centres.teacher_model_id

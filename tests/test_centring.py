@@ -1,0 +1,83 @@
+"""model.centre_embeddings: the final-bias shift removes the training mean and nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from voiceprint import audio
+from voiceprint.centring import centre_embeddings, centre_output, embedding_mean
+from voiceprint.encoders.ecapa import EcapaConfig
+from voiceprint.encoders.moe import MoeConfig
+
+
+def _clips(excerpts_dir: Path, n: int = 6) -> list[np.ndarray]:
+    files = sorted((excerpts_dir / "train-clean-100").glob("*/*.flac"))[:n]
+    return [audio.load(f, 0.0, 1.5 + 0.5 * k) for k, f in enumerate(files)]  # unequal lengths
+
+
+def _embed(model: torch.nn.Module, cfg: EcapaConfig, clips: list[np.ndarray]) -> torch.Tensor:
+    fbank, norm = cfg.build_fbank(), cfg.build_norm()
+    model.eval()
+    with torch.inference_mode():
+        out = []
+        for clip in clips:
+            wav, lengths = torch.from_numpy(clip)[None], torch.ones(1)
+            out.append(model(norm(fbank(wav), lengths), lengths).reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.fixture
+def model_and_cfg() -> tuple[torch.nn.Module, EcapaConfig]:
+    torch.manual_seed(0)
+    cfg = EcapaConfig.from_channels(16, lin_neurons=24)
+    model = cfg.build()
+    with torch.no_grad():  # a trained net's output has an offset; a fresh one's bias is near zero
+        model.fc.conv.bias.add_(torch.linspace(-2.0, 3.0, 24))
+    return model, cfg
+
+
+def test_centring_removes_the_training_mean_and_keeps_every_difference(
+    model_and_cfg: tuple[torch.nn.Module, EcapaConfig], excerpts_dir: Path
+) -> None:
+    model, cfg = model_and_cfg
+    clips = _clips(excerpts_dir)
+    before = _embed(model, cfg, clips)
+    assert before.mean(0).norm() > 0.5 * before.norm(dim=1).mean()  # the offset dominates
+
+    stats = centre_embeddings(model, cfg, [clips[:2], clips[2:]], torch.device("cpu"), progress=False)
+    after = _embed(model, cfg, clips)
+    assert stats == {"centred_on_segments": 6, "centre_norm": pytest.approx(float(before.mean(0).norm()), rel=1e-4)}
+    assert after.mean(0).norm() < 1e-4 * after.norm(dim=1).mean()
+    assert torch.allclose(after, before - before.mean(0), atol=1e-4)
+    # Cosine scores change (the shared direction is gone): the pairwise cosines of the clips drop.
+    cos = lambda e: torch.nn.functional.normalize(e, dim=1) @ torch.nn.functional.normalize(e, dim=1).T  # noqa: E731
+    off = ~torch.eye(len(clips), dtype=torch.bool)
+    assert cos(after)[off].mean() < cos(before)[off].mean() - 0.3
+
+
+def test_embedding_mean_restores_training_mode(model_and_cfg: tuple[torch.nn.Module, EcapaConfig],
+                                               excerpts_dir: Path) -> None:
+    model, cfg = model_and_cfg
+    model.train()
+    embedding_mean(model, cfg, _clips(excerpts_dir, 2), torch.device("cpu"), progress=False)
+    assert model.training
+    with pytest.raises(ValueError, match="no clips"):
+        embedding_mean(model, cfg, [], torch.device("cpu"), progress=False)
+
+
+def test_centre_output_rejects_a_mean_of_the_wrong_size(model_and_cfg: tuple[torch.nn.Module, EcapaConfig]) -> None:
+    model, _ = model_and_cfg
+    with pytest.raises(ValueError, match="cannot centre"):
+        centre_output(model, torch.zeros(7))
+
+
+def test_a_mixture_of_experts_is_left_as_trained(excerpts_dir: Path) -> None:
+    cfg = MoeConfig.from_params(2, 16, 8, lin_neurons=24, n_mels=80)
+    model = cfg.build()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert centre_embeddings(model, cfg, [_clips(excerpts_dir, 2)], torch.device("cpu"), progress=False) is None
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
