@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 from tqdm.auto import tqdm
 
 from voiceprint.encoders.ecapa import EcapaConfig
+
+if TYPE_CHECKING:
+    from voiceprint.encoders.moe import MoeConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,8 @@ def embedding_mean(
 ) -> torch.Tensor:
     """Mean raw (not normalised) float32 embedding of ``clips``, each embedded whole and alone.
 
-    One clip per forward, in float32 and eval mode, so no padding and no rounding of bf16 enter
-    the statistic (the embed stage's batching is measured against this path in its tests).
+    One clip per forward, in float32 and eval mode, so neither padding nor bf16 rounding enters
+    the statistic.
     """
     fbank = cfg.build_fbank().to(device)
     norm = cfg.build_norm().to(device)
@@ -63,7 +67,8 @@ def centre_output(model: ECAPA_TDNN, mean: torch.Tensor) -> None:
 
 
 def centre_embeddings(
-    model: torch.nn.Module, cfg: object, clips: list[list[np.ndarray]], device: torch.device, *, progress: bool = True,
+    model: torch.nn.Module, cfg: "EcapaConfig | MoeConfig", clips: list[list[np.ndarray]], device: torch.device, *,
+    progress: bool = True,
 ) -> dict[str, float] | None:
     """Centre ``model`` on the training clips; the card's statistics, or None where it does not apply.
 
