@@ -33,12 +33,19 @@ def write_utterances(
     """Utterance embeddings around one random direction per speaker (noise 0 = identical)."""
     counts = per_speaker if isinstance(per_speaker, list) else [per_speaker] * (n_train + n_eval)
     centres = l2_normalise(rng.normal(size=(n_train + n_eval, DIM)))
+    write_speakers(layout, [
+        l2_normalise(centre + noise * rng.normal(size=(n, DIM))) for centre, n in zip(centres, counts, strict=True)
+    ], n_train)
+
+
+def write_speakers(layout: Layout, vectors: list[np.ndarray], n_train: int) -> None:
+    """The utterances table: ``vectors[s]`` are speaker s's utterance embeddings, the first
+    ``n_train`` speakers in the train split and the rest in eval."""
     rows, vecs = [], []
-    for s, (centre, n) in enumerate(zip(centres, counts, strict=True)):
+    for s, v in enumerate(vectors):
         split = "train" if s < n_train else "eval"
         spk = f"{split}{s:03d}"
-        v = l2_normalise(centre + noise * rng.normal(size=(n, DIM)))
-        for u in range(n):
+        for u in range(len(v)):
             rows.append(dict(utterance_id=f"{spk}-{u:03d}", speaker_id=spk, split=split, start_s=0.0,
                              end_s=3.0, num_segments=1, model_id=MODEL))
             vecs.append(v[u])
@@ -232,23 +239,13 @@ def test_snorm_is_reported_beside_raw_scores_and_corrects_a_hub_speaker(tmp_path
     rng = np.random.default_rng(11)
     n_train, n_eval, per = 40, 8, 6
     hub = l2_normalise(rng.normal(size=(1, DIM)))[0]
-    rows, vecs = [], []
-    for s in range(n_train + n_eval):
-        split = "train" if s < n_train else "eval"
-        spk = f"{split}{s:03d}"
+    vectors = []
+    for _ in range(n_train + n_eval):
         weight = rng.uniform(0.0, 3.0)  # how far this speaker sits towards the hub direction
         centre = l2_normalise(rng.normal(size=(1, DIM)))[0] + weight * hub
-        v = l2_normalise(centre + 0.15 * rng.normal(size=(per, DIM)))
-        for u in range(per):
-            rows.append(dict(utterance_id=f"{spk}-{u:03d}", speaker_id=spk, split=split, start_s=0.0,
-                             end_s=3.0, num_segments=1, model_id=MODEL))
-            vecs.append(v[u])
+        vectors.append(l2_normalise(centre + 0.15 * rng.normal(size=(per, DIM))))
     layout = Layout.at(tmp_path)
-    schema = embedding_schema(DIM, utterance_level=True)
-    cols = {f.name: [r[f.name] for r in rows] for f in schema if f.name != "embedding"}
-    cols["embedding"] = embedding_column(np.stack(vecs))
-    layout.utterance_embeddings.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(cols, schema=schema), layout.utterance_embeddings)
+    write_speakers(layout, vectors, n_train)
 
     metrics = evaluate(layout, _params())
     assert metrics["n_cohort"] == n_train * per
