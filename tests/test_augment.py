@@ -16,6 +16,7 @@ from voiceprint.augment import (
     SPEEDS,
     Augmenter,
     add_noise,
+    causal_convolve,
     reverberate,
     speed_perturb,
     synthetic_rir,
@@ -76,6 +77,18 @@ def test_synthetic_rir_decays_and_reverb_keeps_energy() -> None:
     assert not torch.allclose(wet, speech, atol=1e-3)
     dry = reverberate(speech, torch.Generator().manual_seed(2), prob=0.0)
     assert torch.equal(dry, speech)
+
+
+def testcausal_convolve_is_the_truncated_linear_convolution() -> None:
+    """The fast-length FFT must not wrap around: compare with direct convolution (numpy)."""
+    gen = torch.Generator().manual_seed(4)
+    signals = torch.randn(3, 4_999, generator=gen, dtype=torch.float64)  # 4999 + 1001 - 1: 5-smooth pad
+    kernels = torch.randn(3, 1_001, generator=gen, dtype=torch.float64)
+    got = causal_convolve(signals, kernels)
+    assert got.shape == signals.shape
+    for row in range(3):
+        want = np.convolve(signals[row].numpy(), kernels[row].numpy())[: signals.shape[1]]
+        np.testing.assert_allclose(got[row].numpy(), want, atol=1e-9)
 
 
 def test_noise_only_chain_is_add_noise_draw_for_draw() -> None:

@@ -1,4 +1,5 @@
-"""model.centre_embeddings: the final-bias shift removes the training mean and nothing else."""
+"""model.centre_embeddings / model.wccn: the final-layer fold removes the training mean, whitens the
+within-speaker scatter, and changes nothing else."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from voiceprint import audio
-from voiceprint.centring import centre_embeddings, centre_output, embedding_mean
+from voiceprint.centring import centre_embeddings, centre_output, segment_embeddings, transform_output, wccn_transform
 from voiceprint.encoders.ecapa import EcapaConfig
 from voiceprint.encoders.moe import MoeConfig
 
@@ -59,14 +60,61 @@ def test_centring_removes_the_training_mean_and_keeps_every_difference(
     assert cos(after)[off].mean() < cos(before)[off].mean() - 0.3
 
 
-def test_embedding_mean_restores_training_mode(model_and_cfg: tuple[torch.nn.Module, EcapaConfig],
-                                               excerpts_dir: Path) -> None:
+def test_segment_embeddings_restore_training_mode(model_and_cfg: tuple[torch.nn.Module, EcapaConfig],
+                                                  excerpts_dir: Path) -> None:
     model, cfg = model_and_cfg
     model.train()
-    embedding_mean(model, cfg, _clips(excerpts_dir, 2), torch.device("cpu"), progress=False)
+    clips = _clips(excerpts_dir, 2)
+    got = segment_embeddings(model, cfg, clips, torch.device("cpu"), progress=False)
     assert model.training
+    model.eval()
+    assert torch.allclose(got, _embed(model, cfg, clips), atol=1e-5)
     with pytest.raises(ValueError, match="no clips"):
-        embedding_mean(model, cfg, [], torch.device("cpu"), progress=False)
+        segment_embeddings(model, cfg, [], torch.device("cpu"), progress=False)
+
+
+def test_wccn_transform_whitens_the_within_speaker_scatter() -> None:
+    gen = torch.Generator().manual_seed(0)
+    d, speakers, per = 6, 40, 5
+    centres = torch.randn(speakers, d, generator=gen) * 3.0
+    stretch = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.3, 0.2])  # one speaker's segments wander along axis 0
+    embs = (centres[:, None, :] + torch.randn(speakers, per, d, generator=gen) * stretch).reshape(-1, d)
+    embs -= embs.mean(0)
+    labels = torch.arange(speakers).repeat_interleave(per)
+
+    w, dof = wccn_transform(embs, labels, alpha=0.0)
+    assert dof == speakers * (per - 1)
+    assert torch.allclose(w, w.T, atol=1e-5)
+    unit = torch.nn.functional.normalize(embs.double(), dim=1)
+    dev = unit - torch.stack([unit[labels == s].mean(0) for s in range(speakers)])[labels]
+    scatter = dev.T @ dev / dof
+    whitened = w.double() @ scatter @ w.double().T
+    assert torch.allclose(whitened, torch.eye(d, dtype=torch.float64) * whitened.trace() / d, atol=1e-4)
+    # The regulariser pulls the transform toward a multiple of the identity.
+    cond = lambda m: float(torch.linalg.cond(m))  # noqa: E731
+    assert cond(wccn_transform(embs, labels, alpha=10.0)[0]) < cond(w) > 2.0
+    with pytest.raises(ValueError, match="two or more segments"):
+        wccn_transform(embs[:speakers * per:per], labels[:speakers * per:per], alpha=1.0)
+
+
+def test_wccn_is_folded_exactly_after_the_centring(model_and_cfg: tuple[torch.nn.Module, EcapaConfig],
+                                                   excerpts_dir: Path) -> None:
+    model, cfg = model_and_cfg
+    clips = _clips(excerpts_dir)
+    groups = [clips[:3], clips[3:]]
+    before = _embed(model, cfg, clips)
+    centred = before - before.mean(0)
+    w, dof = wccn_transform(centred, torch.tensor([0, 0, 0, 1, 1, 1]), alpha=1.0)
+    stats = centre_embeddings(model, cfg, groups, torch.device("cpu"), wccn=1.0, progress=False)
+    assert stats is not None and stats["wccn"] == 1.0 and stats["wccn_dof"] == dof == 4
+    assert torch.allclose(_embed(model, cfg, clips), centred @ w.T, atol=1e-4)
+
+
+def test_transform_output_rejects_a_matrix_of_the_wrong_size(
+    model_and_cfg: tuple[torch.nn.Module, EcapaConfig]
+) -> None:
+    with pytest.raises(ValueError, match="cannot transform"):
+        transform_output(model_and_cfg[0], torch.eye(7))
 
 
 def test_centre_output_rejects_a_mean_of_the_wrong_size(model_and_cfg: tuple[torch.nn.Module, EcapaConfig]) -> None:

@@ -28,6 +28,7 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
+import scipy.fft
 import torch
 import torchaudio.functional as AF
 
@@ -112,6 +113,21 @@ def synthetic_rir(b: int, gen: torch.Generator, sr: int = TARGET_SR) -> torch.Te
     return tail
 
 
+def causal_convolve(signals: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Row-wise linear convolution of ``signals`` with ``kernels``, cut to the signals' length.
+
+    ``torchaudio.functional.fftconvolve`` transforms at the exact full length ``t + k - 1`` (39,999
+    for a 2-s crop and a 0.5-s RIR), a size with a large prime factor that pocketfft handles about
+    six times slower than the next 5-smooth size (measured 37 ms against 6 ms a batch on 2 cores).
+    Padding to ``scipy.fft.next_fast_len`` gives the same linear convolution, since the transform
+    still holds at least the full length, and the tail past ``t`` is dropped.
+    """
+    t = signals.shape[-1]
+    n = scipy.fft.next_fast_len(t + kernels.shape[-1] - 1, real=True)
+    spectrum = torch.fft.rfft(signals, n=n) * torch.fft.rfft(kernels, n=n)
+    return torch.fft.irfft(spectrum, n=n)[..., :t]
+
+
 def reverberate(wavs: torch.Tensor, gen: torch.Generator, *, prob: float = 0.4) -> torch.Tensor:
     """Convolve a random ``prob`` share of rows with a synthetic RIR, keeping length and energy."""
     b, t = wavs.shape
@@ -119,7 +135,7 @@ def reverberate(wavs: torch.Tensor, gen: torch.Generator, *, prob: float = 0.4) 
     rirs = synthetic_rir(b, gen)
     if not bool(apply.any()):
         return wavs
-    wet = AF.fftconvolve(wavs[apply], rirs[apply])[:, :t]
+    wet = causal_convolve(wavs[apply], rirs[apply])
     energy = wavs[apply].pow(2).sum(dim=1) / wet.pow(2).sum(dim=1).clamp(min=1e-12)
     out = wavs.clone()
     out[apply] = wet * energy.sqrt()[:, None]

@@ -113,6 +113,11 @@ class ModelParams(_Section):
     # zero (voiceprint.centring: WeSpeaker's mean subtraction, folded into the checkpoint). Scratch
     # and fine-tuning; a mixture of experts is left as trained.
     centre_embeddings: bool = True
+    # After centring, fold within-class covariance normalisation into the same final layer
+    # (voiceprint.centring): W = (S_w + wccn * I)^(-1/2) of the training segments' within-speaker
+    # scatter (mean eigenvalue 1), so the value is a relative regulariser; null: no WCCN. Needs
+    # centre_embeddings.
+    wccn: float | None = Field(default=None, ge=0.0)
     # init=distill: fixed crops per train segment whose CAM++ (teacher) embeddings are cached, and
     # the weight of the AAM-softmax speaker loss added to the student-teacher cosine loss (0: none).
     distill_crops_per_segment: int = Field(default=4, ge=1)
@@ -149,6 +154,12 @@ class ModelParams(_Section):
                 f"model.speeds {list(speeds)} must be distinct, sorted, between 0.5 and 2.0, and include 1.0 "
                 "(the unperturbed crop)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _wccn_follows_centring(self) -> "ModelParams":
+        if self.wccn is not None and not self.centre_embeddings:
+            raise ValueError("model.wccn needs model.centre_embeddings: true (it whitens the centred embeddings)")
         return self
 
     @property

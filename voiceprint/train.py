@@ -228,7 +228,10 @@ def _train(
         centres=centres.centres if centres is not None else None,
     )
     train_s = time.perf_counter() - t0 - decode_s - (centres.seconds if centres is not None else 0.0)
-    centring = centre_embeddings(model, cfg, data.clips, device, progress=progress) if params.centre_embeddings else None
+    centring = (
+        centre_embeddings(model, cfg, data.clips, device, wccn=params.wccn, progress=progress)
+        if params.centre_embeddings else None
+    )
 
     stats = summarise_training(init, params, cfg, model, data, history)
     stats.update(centring or {})
