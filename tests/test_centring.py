@@ -11,6 +11,7 @@ import torch
 
 from voiceprint import audio
 from voiceprint.centring import centre_embeddings, centre_output, segment_embeddings, transform_output, wccn_transform
+from voiceprint.config import ModelParams
 from voiceprint.encoders.ecapa import EcapaConfig
 from voiceprint.encoders.moe import MoeConfig
 
@@ -129,3 +130,12 @@ def test_a_mixture_of_experts_is_left_as_trained(excerpts_dir: Path) -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert centre_embeddings(model, cfg, [_clips(excerpts_dir, 2)], torch.device("cpu"), progress=False) is None
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_wccn_param_needs_centring() -> None:
+    assert ModelParams().wccn is None  # off by default
+    assert ModelParams(wccn=1.0).wccn == 1.0
+    with pytest.raises(ValueError, match="needs model.centre_embeddings"):
+        ModelParams(wccn=1.0, centre_embeddings=False)
+    with pytest.raises(ValueError):
+        ModelParams(wccn=-1.0)
