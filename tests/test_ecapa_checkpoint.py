@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from speechbrain.inference.speaker import EncoderClassifier
-from speechbrain.lobes.models.ECAPA_TDNN import Classifier
+from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN, Classifier
+from speechbrain.nnet.CNN import Conv1d as SpeechBrainConv1d
 from speechbrain.processing.features import InputNormalization
 
 from voiceprint import audio
@@ -27,6 +28,7 @@ from voiceprint.encoders.ecapa import (
     load_ecapa,
     read_hyperparams,
     save_speechbrain_checkpoint,
+    skip_pointwise_padding,
 )
 
 LABELS = ["spk-a", "spk-b", "spk-c"]
@@ -125,6 +127,33 @@ def test_embeddings_match_speechbrain(
 
     # Distinct inputs give distinct embeddings (the model is not degenerate).
     assert torch.cdist(got, got).fill_diagonal_(1.0).min() > 1e-3
+
+
+def test_skipped_pointwise_padding_changes_nothing_but_the_copy(waveforms: list[torch.Tensor]) -> None:
+    """``cfg.build()`` turns SpeechBrain's no-op 'same' padding of kernel-1 layers into 'valid':
+    outputs and every gradient must equal those of SpeechBrain's stock ECAPA_TDNN with the same
+    weights, in training mode (batch statistics) on real speech."""
+    cfg = EcapaConfig.from_channels(32)
+    torch.manual_seed(7)
+    ours = cfg.build().train()
+    stock = ECAPA_TDNN(input_size=cfg.n_mels, lin_neurons=cfg.lin_neurons, channels=list(cfg.channels)).train()
+    stock.load_state_dict(ours.state_dict(), strict=True)
+    switched = [m for m in ours.modules() if isinstance(m, SpeechBrainConv1d) and m.padding == "valid"]
+    assert switched and all(m.kernel_size == 1 and m.stride == 1 for m in switched)
+    assert all(m.padding == "same" for m in stock.modules() if isinstance(m, SpeechBrainConv1d))
+    assert skip_pointwise_padding(ours) == 0  # idempotent: nothing left to switch
+    fresh = ECAPA_TDNN(input_size=cfg.n_mels, lin_neurons=cfg.lin_neurons, channels=list(cfg.channels))
+    assert skip_pointwise_padding(fresh) == len(switched)
+
+    fbank, norm = cfg.build_fbank(), cfg.build_norm()
+    crops = torch.stack([w[: 2 * audio.TARGET_SR] for w in waveforms])
+    feats = norm(fbank(crops), torch.ones(len(crops)))
+    outputs = [model(feats, torch.ones(len(crops))) for model in (ours, stock)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-6)
+    for out in outputs:
+        out.square().sum().backward()
+    for (name, p_ours), p_stock in zip(ours.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_stock.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_speechbrain_sees_classifier_and_labels(

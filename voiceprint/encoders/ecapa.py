@@ -37,6 +37,7 @@ import torch
 import yaml
 from speechbrain.lobes.features import Fbank
 from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+from speechbrain.nnet.CNN import Conv1d as SpeechBrainConv1d
 from speechbrain.processing.features import InputNormalization
 
 from voiceprint.atomic import atomic_dir
@@ -109,8 +110,9 @@ class EcapaConfig:
         return int(self.channels[0])
 
     def build(self) -> ECAPA_TDNN:
-        """A freshly initialised SpeechBrain ``ECAPA_TDNN`` with this architecture."""
-        return ECAPA_TDNN(
+        """A freshly initialised SpeechBrain ``ECAPA_TDNN`` with this architecture (its pointwise
+        convolutions spared a no-op copy: :func:`skip_pointwise_padding`)."""
+        model = ECAPA_TDNN(
             input_size=self.n_mels,
             lin_neurons=self.lin_neurons,
             channels=list(self.channels),
@@ -122,12 +124,35 @@ class EcapaConfig:
             global_context=self.global_context,
             groups=list(self.groups),
         )
+        skip_pointwise_padding(model)
+        return model
 
     def build_fbank(self) -> Fbank:
         return Fbank(n_mels=self.n_mels, **self.fbank)
 
     def build_norm(self) -> InputNormalization:
         return InputNormalization(norm_type="sentence", std_norm=self.sentence_std_norm)
+
+
+def skip_pointwise_padding(model: torch.nn.Module) -> int:
+    """Switch SpeechBrain's kernel-1, stride-1 ``Conv1d`` layers from 'same' to 'valid' padding.
+
+    For a kernel of 1, 'same' pads nothing, yet SpeechBrain still calls ``F.pad(x, [0, 0],
+    mode="reflect")``: a full copy of the activations forward and another backward, in 16 layers
+    of ECAPA-TDNN. 'valid' computes the identical output without it; a C=128 training step on a
+    2-core CPU went from 0.349-0.363 s to 0.287-0.296 s. Only the module attribute changes, not
+    the state dict or ``hyperparams.yaml``, so the checkpoint is SpeechBrain's as before. Returns
+    the number of layers switched.
+    """
+    switched = 0
+    for module in model.modules():
+        if (
+            isinstance(module, SpeechBrainConv1d) and module.padding == "same"
+            and module.kernel_size == 1 and module.stride == 1
+        ):
+            module.padding = "valid"
+            switched += 1
+    return switched
 
 
 # --------------------------------------------------------------------------------------------------
