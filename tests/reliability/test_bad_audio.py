@@ -83,6 +83,16 @@ from tasks.stages import run_stage
 from voiceprint import audio, vad
 
 def peak_mib():
+    # VmHWM is this process's own high-water mark. ru_maxrss is not: Linux carries the parent's
+    # peak over through fork/vfork + exec, so after tests that made the pytest process large
+    # every reading here was that size and no growth could be seen.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 baseline, project, long_file = sys.argv[1:4]
