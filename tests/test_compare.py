@@ -74,3 +74,32 @@ def test_mlflow_parent_with_child_per_encoder(compared: Layout):
     for child in children:
         assert child.data.metrics["eer"] == pytest.approx(rows[child.data.tags["encoder"]]["eer"])
         assert any(a.path == "plots" for a in client.list_artifacts(child.info.run_id))
+
+
+def test_a_mixture_of_experts_embeds_again_to_report_its_gates(small_project: Layout, tmp_path, monkeypatch):
+    """The gate statistics are measured while the mixture embeds, so its comparison item cannot
+    copy the embed stage's tables as a single ECAPA's does: it embeds the segments again."""
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "moe-project"
+    shutil.copytree(small_project.root, root, ignore=shutil.ignore_patterns("mlflow*", "compare*", ".stage.lock"))
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    for key, value in {"model.arch": "moe", "model.moe_experts": 2, "model.moe_expert_channels": 16,
+                       "model.moe_gate_channels": 8, "model.steps": 10, "model.register_model": False,
+                       "compare.encoders": {"ecapa": "ecapa"}}.items():
+        set_dotted(raw, key, value)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    for stage in ("model", "embed"):
+        run_stage(stage, root)
+    m = run_stage("compare-encoder", root, item="ecapa")
+
+    layout = Layout.at(root)
+    segments = json.loads((layout.embeddings / "embed.json").read_text())["segments"]
+    assert m["model_id"].startswith("ecapa-moe2x16-") and m["embeddings_reused_from"] is None
+    assert m["gate_experts"] == 2 and m["gate_inputs"] == segments
+    assert sum(m["gate_importance"]) == pytest.approx(1.0, abs=1e-3)
+    run_stage("compare", root)
+    assert "## Mixture-of-experts gate usage" in (root / "compare.md").read_text()

@@ -80,10 +80,12 @@ def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool
     encoder = load_encoder(spec, model_dir=layout.model_dir, device=str(device))
 
     # The pipeline's own model, loaded as the embed stage loads it: its tables are already there.
-    embedded = reuse_embeddings(layout, params.embed, encoder, out) if spec == "ecapa" else None
+    # Not for a mixture of experts: its gate usage is measured while it embeds, so it embeds again.
+    reports_gates = hasattr(encoder, "gate_usage")
+    embedded = reuse_embeddings(layout, params.embed, encoder, out) if spec == "ecapa" and not reports_gates else None
     if embedded is None:
         embedded = embed_segments(layout, params.embed, encoder=encoder, progress=progress, out_dir=out)
-    gate_usage = encoder.gate_usage() if hasattr(encoder, "gate_usage") else {}
+    gate_usage = encoder.gate_usage() if reports_gates else {}
     utterances = out / layout.utterance_embeddings.name
     metrics = evaluate(layout, params, out_metrics=out / "evaluate.json", out_plots=plots, embeddings=utterances)
 
