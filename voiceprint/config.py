@@ -98,7 +98,7 @@ class ModelParams(_Section):
     speed_as_speakers: bool = True
     # The speeds `speed` plays crops at (1.0 included; sorted). With speed_as_speakers each other
     # speed is one more block of pseudo-speakers, and with teacher centres one more teacher pass.
-    # Five speeds beat Kaldi's three (0.9/1.0/1.1) with teacher centres; see README.
+    # Five speeds beat Kaldi's three (0.9/1.0/1.1) with teacher centres; see docs/training.md.
     speeds: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2)
     # AAM-softmax class centres: 'teacher' fixes each at the bundled CAM++'s embedding of that class's
     # speech (voiceprint.teacher_centres: the student inherits the teacher's map of which voices are
