@@ -83,6 +83,8 @@ def test_a_mixture_of_experts_embeds_again_to_report_its_gates(small_project: La
 
     import yaml
 
+    from voiceprint.embed import EMBED_SUMMARY
+
     root = tmp_path / "moe-project"
     shutil.copytree(small_project.root, root, ignore=shutil.ignore_patterns("mlflow*", "compare*", ".stage.lock"))
     raw = yaml.safe_load((root / "params.yaml").read_text())
@@ -97,7 +99,7 @@ def test_a_mixture_of_experts_embeds_again_to_report_its_gates(small_project: La
     m = run_stage("compare-encoder", root, item="ecapa")
 
     layout = Layout.at(root)
-    segments = json.loads((layout.embeddings / "embed.json").read_text())["segments"]
+    segments = json.loads((layout.embeddings / EMBED_SUMMARY).read_text())["segments"]
     assert m["model_id"].startswith("ecapa-moe2x16-") and m["embeddings_reused_from"] is None
     assert m["gate_experts"] == 2 and m["gate_inputs"] == segments
     assert sum(m["gate_importance"]) == pytest.approx(1.0, abs=1e-3)
