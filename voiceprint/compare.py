@@ -32,10 +32,12 @@ log = logging.getLogger(__name__)
 #: Table columns: (metrics key, header, format). Lower is better for EER/minDCF/OIIDD/CCR.
 COLUMNS: list[tuple[str, str, str]] = [
     ("eer", "EER %", "pct"),
+    ("eer_ci", "EER % CI", "pct_range"),
     ("eer_snorm", "EER % (s-norm)", "pct"),
     ("min_dcf_p0.01", "minDCF 0.01", "f3"),
     ("min_dcf_p0.01_snorm", "minDCF 0.01 (s-norm)", "f3"),
     ("top1", "top-1 %", "pct"),
+    ("top1_ci", "top-1 % CI", "pct_range"),
     ("top5", "top-5 %", "pct"),
     ("cos_oiidd", "cos OIIDD", "f3"),
     ("cos_ccr", "cos CCR", "int"),
@@ -125,9 +127,19 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: fix(v) for k, v in metrics.items()}
 
 
+def _column_value(metrics: dict[str, Any], key: str, fmt: str) -> Any:
+    """A metric for a table cell; a ``pct_range`` column joins ``<key>_low`` and ``<key>_high``."""
+    if fmt != "pct_range":
+        return metrics.get(key)
+    low, high = metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
+    return None if low is None or high is None else (low, high)
+
+
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "n/a"
+    if fmt == "pct_range":
+        return f"{100 * value[0]:.2f}-{100 * value[1]:.2f}"
     if fmt == "pct":
         return f"{100 * value:.2f}"
     if fmt == "int":
@@ -144,13 +156,14 @@ def render_markdown(rows: dict[str, dict[str, Any]]) -> str:
     rule = "|---|" + "---|" * len(COLUMNS)
     lines = [header, rule]
     for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(m.get(k), f) for k, _, f in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(_column_value(m, k, f), f) for k, _, f in COLUMNS) + " |")
     any_row = next(iter(rows.values()), {})
     notes = (
         f"\n{any_row.get('n_eval_speakers', '?')} eval speakers, {any_row.get('n_eval_utterances', '?')} utterances, "
         f"{any_row.get('n_trials', '?')} trials; identification: {any_row.get('n_queries', '?')} queries against "
         f"{any_row.get('n_gallery_speakers', '?')} speakers; s-norm cohort: {any_row.get('n_cohort', '?')} train-split "
-        "utterances. Lower is better for EER, minDCF, OIIDD and CCR; higher for silhouette, top-k, throughput.\n"
+        "utterances. CI: speaker-level bootstrap interval (evaluate.bootstrap_level; n/a with evaluate.bootstrap: 0). "
+        "Lower is better for EER, minDCF, OIIDD and CCR; higher for silhouette, top-k, throughput.\n"
     )
     return "\n".join(lines) + "\n" + notes + render_gate_usage(rows)
 

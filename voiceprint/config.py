@@ -209,6 +209,10 @@ class EvaluateParams(_Section):
     # Adaptive s-norm (AS-norm), reported beside the raw cosine scores: impostor cohort = the
     # train-split utterances, top-K cohort scores per side of a trial; 0: not computed.
     snorm_top_k: int = Field(default=100, ge=0)
+    # Speaker-level bootstrap intervals of eer / eer_snorm / top1 (voiceprint.bootstrap): replicates
+    # (0: off) and the interval's coverage.
+    bootstrap: int = Field(default=1000, ge=0)
+    bootstrap_level: float = Field(default=0.95, gt=0.0, lt=1.0)
 
 
 class CompareParams(_Section):

@@ -21,6 +21,11 @@ scores run high; ``eer`` stays the raw cosine's, and the normalised numbers carr
 ``rejects_<stage>``), so a run that silently lost half its audio to bad files cannot report a
 good EER without saying so; the numbers reach MLflow with the other numeric metrics.
 
+Every headline number also gets a speaker-level bootstrap interval (:mod:`voiceprint.bootstrap`;
+``eer_ci_low`` / ``eer_ci_high``, the same for ``eer_snorm`` and ``top1``; ``evaluate.bootstrap``
+replicates, ``evaluate.bootstrap_level`` coverage): with ten eval speakers the interval is several
+times wider than the differences between recipes, and the report should say so.
+
 Outputs: ``metrics.json`` (flat, for ``dvc metrics``), ``det.png``, ``scores.png`` and ``det.csv``
 (``fpr``/``fnr`` columns, for ``dvc plots``), each written atomically.
 """
@@ -40,6 +45,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from voiceprint.atomic import atomic_path, write_json, write_text
+from voiceprint.bootstrap import accuracy_interval, eer_interval
 from voiceprint.config import IndexParams, Params
 from voiceprint.index import build_index, speaker_centroids
 from voiceprint.layout import Layout
@@ -49,7 +55,7 @@ from voiceprint.snorm import as_norm_pairs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["all_pairs_scores", "dcf_key", "evaluate", "reject_counts", "snorm_metrics"]
+__all__ = ["all_pairs_scores", "dcf_key", "evaluate", "pair_speakers", "reject_counts", "snorm_metrics"]
 
 TOP_KS = (1, 5)
 DET_CSV_POINTS = 600  # DET rows kept for dvc plots; millions of trials would make it unusable
@@ -84,6 +90,28 @@ def all_pairs_scores(vectors: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     return np.concatenate(scores).astype(np.float32), np.concatenate(same)
 
 
+def pair_speakers(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Speaker codes of both sides of every pair ``i < j``, in the order of :func:`all_pairs_scores`."""
+    codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)[1].astype(np.int32)
+    rows, cols = np.triu_indices(len(codes), k=1)
+    return codes[rows], codes[cols]
+
+
+def _absent_interval(name: str, params: Params) -> dict[str, Any]:
+    """The interval keys as None, so metrics.json has the same keys when a metric cannot be computed."""
+    return {f"{name}_ci_low": None, f"{name}_ci_high": None} if params.evaluate.bootstrap else {}
+
+
+def _interval_keys(name: str, params: Params, scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """``<name>_ci_low`` / ``<name>_ci_high``: the speaker-bootstrap interval of the EER of the all-pairs trials."""
+    cfg = params.evaluate
+    if cfg.bootstrap == 0:
+        return {}
+    a, b = pair_speakers(labels)
+    interval = eer_interval(scores, a, b, replicates=cfg.bootstrap, level=cfg.bootstrap_level, seed=cfg.seed)
+    return {f"{name}_ci_low": interval.low, f"{name}_ci_high": interval.high}
+
+
 def reject_counts(layout: Layout) -> dict[str, int]:
     """``rejects_total`` and ``rejects_<stage>`` over every rejects table the stages wrote.
 
@@ -106,7 +134,7 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def _verification(
-    scores: np.ndarray, same: np.ndarray, params: Params
+    scores: np.ndarray, same: np.ndarray, labels: np.ndarray, params: Params
 ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
     n_target = int(same.sum())
     out: dict[str, Any] = {
@@ -115,6 +143,7 @@ def _verification(
         "n_nontarget": int(same.size - n_target),
         "eer": None,
         "eer_threshold": None,
+        **_absent_interval("eer", params),
     }
     for p in params.evaluate.p_targets:
         out[dcf_key(p)] = None
@@ -127,6 +156,7 @@ def _verification(
         )
         return out, None
     out["eer"], out["eer_threshold"] = eer(scores, same)
+    out.update(_interval_keys("eer", params, scores, labels))
     for p in params.evaluate.p_targets:
         value, threshold = min_dcf(scores, same, p, params.evaluate.c_miss, params.evaluate.c_fa)
         out[dcf_key(p)] = value
@@ -149,7 +179,7 @@ def snorm_metrics(
     top_k = params.evaluate.snorm_top_k
     if top_k == 0:
         return {}
-    out: dict[str, Any] = {"eer_snorm": None, "n_cohort": int(len(cohort))}
+    out: dict[str, Any] = {"eer_snorm": None, **_absent_interval("eer_snorm", params), "n_cohort": int(len(cohort))}
     for p in params.evaluate.p_targets:
         out[f"{dcf_key(p)}_snorm"] = None
     if len(cohort) == 0:
@@ -159,6 +189,7 @@ def snorm_metrics(
     if same.all() or not same.any():
         return out  # _verification has already warned about the missing trials
     out["eer_snorm"] = float(eer(scores, same)[0])
+    out.update(_interval_keys("eer_snorm", params, scores, speakers_eval))
     for p in params.evaluate.p_targets:
         out[f"{dcf_key(p)}_snorm"] = float(min_dcf(scores, same, p, params.evaluate.c_miss, params.evaluate.c_fa)[0])
     return out
@@ -218,6 +249,7 @@ def _identification(
     }
     for k in TOP_KS:
         out[f"top{k}"] = None
+    out.update(_absent_interval("top1", params))
     if len(gallery_labels) < 2 or len(queries) == 0:
         log.warning(
             "identification skipped: %d gallery speaker(s), %d queries (need >= 2 and >= 1)",
@@ -232,7 +264,12 @@ def _identification(
     _, rows = index.search(np.ascontiguousarray(x[queries]), k)
     labels = np.asarray(gallery_labels, dtype=object)
     ranked = [[labels[r] for r in row if r >= 0] for row in rows]
-    out.update(identification_accuracy(ranked, speakers[queries].tolist(), ks=TOP_KS))
+    truth = speakers[queries]
+    out.update(identification_accuracy(ranked, truth.tolist(), ks=TOP_KS))
+    if cfg.bootstrap:
+        correct = np.array([bool(r) and r[0] == t for r, t in zip(ranked, truth)])
+        interval = accuracy_interval(correct, truth, replicates=cfg.bootstrap, level=cfg.bootstrap_level, seed=cfg.seed)
+        out["top1_ci_low"], out["top1_ci_high"] = interval.low, interval.high
     return out
 
 
@@ -367,7 +404,7 @@ def evaluate(
         log.warning("only %d eval speaker(s): need at least 2 to evaluate", n_eval_speakers)
 
     scores, same = all_pairs_scores(x[is_eval], speakers[is_eval])
-    verification, curve = _verification(scores, same, params)
+    verification, curve = _verification(scores, same, speakers[is_eval], params)
     normalised = snorm_metrics(x[is_eval], speakers[is_eval], x[~is_eval], params)
     identification = _identification(x, speakers, is_eval, params)
 
