@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from voiceprint.bootstrap import accuracy_interval, eer_interval, replicate_eers, speaker_counts
+from voiceprint.bootstrap import accuracy_interval, eer_interval, paired_eer_difference, replicate_eers, speaker_counts
 from voiceprint.evaluate import all_pairs_scores, pair_speakers
 from voiceprint.metrics import eer
 from voiceprint.schema import l2_normalise
@@ -117,3 +117,31 @@ def test_accuracy_interval_weights_each_speakers_queries_by_its_draws() -> None:
     assert interval.low < correct.mean() < interval.high
     perfect = accuracy_interval(np.ones(9, dtype=bool), speaker, replicates=50)
     assert (perfect.low, perfect.high) == (1.0, 1.0)
+
+
+def test_paired_difference_is_zero_for_one_system_and_resolves_a_clearly_better_one() -> None:
+    x, labels = _speakers(np.random.default_rng(6), 10, 8, noise=1.1)
+    scores, same = all_pairs_scores(x, labels)
+    a, b = pair_speakers(labels)
+    itself = paired_eer_difference(scores, scores, a, b, replicates=200)
+    assert (itself.low, itself.high) == (0.0, 0.0)
+    # A better system: the same trials with the speaker evidence doubled.
+    better = scores + 0.5 * same
+    interval = paired_eer_difference(better, scores, a, b, replicates=300)
+    assert interval.high < 0.0
+    assert interval.low <= eer(better, same)[0] - eer(scores, same)[0] <= interval.high
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_eer_difference(scores[:-1], scores, a, b)
+
+
+def test_pairing_removes_the_speakers_shared_difficulty() -> None:
+    """Two systems that err on the same trials (one a slightly noisier copy of the other): each EER
+    moves a lot with the speakers drawn, their difference much less. Unpaired intervals would
+    overlap and say nothing; the paired one is several times narrower than either."""
+    x, labels = _speakers(np.random.default_rng(7), 10, 8, noise=0.3)
+    scores, _ = all_pairs_scores(x, labels)
+    a, b = pair_speakers(labels)
+    noisier = scores + 0.005 * np.random.default_rng(8).normal(size=scores.size)
+    single = eer_interval(scores, a, b, replicates=300)
+    paired = paired_eer_difference(noisier, scores, a, b, replicates=300)
+    assert (paired.high - paired.low) < 0.3 * (single.high - single.low)

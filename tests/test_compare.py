@@ -51,6 +51,11 @@ def test_each_encoder_gets_metrics_and_plots(compared: Layout):
     # Same weights through two loaders: the same embeddings, hence the same verification numbers.
     assert rows["ecapa"]["model_id"] == rows["sbdir"]["model_id"]
     assert rows["ecapa"]["eer"] == pytest.approx(rows["sbdir"]["eer"], abs=1e-6)
+    # Paired against the first encoder on the same trials: the same weights differ by nothing.
+    assert rows["ecapa"]["eer_diff_reference"] == "ecapa" and "eer_diff" not in rows["ecapa"]
+    assert rows["sbdir"]["eer_diff"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["sbdir"]["eer_diff_ci_low"] <= 0.0 <= rows["sbdir"]["eer_diff_ci_high"]
+    assert rows["ecapa"]["eer_ci_low"] <= rows["ecapa"]["eer"] <= rows["ecapa"]["eer_ci_high"]
 
 
 def test_markdown_table_has_every_column(compared: Layout):

@@ -6,8 +6,10 @@ data cannot support. The interval says how far the number would move on another 
 like these.
 
 Why speakers and not trials: trials share utterances and speakers (every utterance is in ~100
-trials), so resampling trials as if independent gives intervals that are far too narrow. As in
-NIST SRE's bootstrap, the unit drawn is the speaker: a replicate draws the eval speakers with
+trials), so resampling trials as if independent gives intervals that are far too narrow (on the
+default model 1.69-3.60 % against 0.48-5.22 %). As in the subject-level bootstrap NIST studied for
+its SREs (Wu, Martin, Greenberg, Kacker: resample the groups of trials that share a subject, not
+single trials), the unit drawn is the speaker: a replicate draws the eval speakers with
 replacement, and speaker ``a`` drawn ``c_a`` times contributes its target trials ``c_a`` times and
 its non-target trials with speaker ``b`` ``c_a * c_b`` times (pairs of a speaker with its own
 copy are left out: they are neither a target nor a non-target trial of two different people).
@@ -16,6 +18,10 @@ count 1 a replicate is exactly :func:`voiceprint.metrics.eer`.
 
 Identification is resampled the same way: a speaker drawn ``c_a`` times counts its queries
 ``c_a`` times. The gallery stays as it is (its distractors are not the thing measured).
+
+Two systems on the same trials are compared by :func:`paired_eer_difference`: one set of speaker
+draws, both EERs per replicate, the interval of their difference (the compare stage reports it
+against its first encoder).
 
 The interval is the percentile interval of the replicates (``evaluate.bootstrap_level``, default
 95 %); replicates are seeded (``evaluate.seed``), so a rerun reports the same bounds.
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Interval", "accuracy_interval", "eer_interval", "replicate_eers", "speaker_counts"]
+__all__ = ["Interval", "accuracy_interval", "eer_interval", "paired_eer_difference", "replicate_eers", "speaker_counts"]
 
 # Replicates are processed in chunks of at most this many (replicate, speaker pair) cells, which
 # bounds the memory of one chunk (a few arrays of this many int64/float64) to some tens of MB.
@@ -191,3 +197,36 @@ def accuracy_interval(
     with np.errstate(invalid="ignore", divide="ignore"):
         values = np.where(total > 0, (counts @ hits) / total, np.nan)
     return _percentiles(values, level)
+
+
+def paired_eer_difference(
+    scores: np.ndarray,
+    reference_scores: np.ndarray,
+    speaker_a: np.ndarray,
+    speaker_b: np.ndarray,
+    *,
+    replicates: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Interval of ``EER(scores) - EER(reference_scores)`` on the same trials, both resampled by the same speaker draws.
+
+    Why paired: two systems scored on the same ten speakers share those speakers' difficulty, so
+    their difference varies far less than either EER; two overlapping intervals do not mean the
+    difference is unresolved, nor do two disjoint ones that it is large. An interval of the
+    difference below zero says ``scores`` has the lower EER on nearly every resample of the speakers.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    reference_scores = np.asarray(reference_scores, dtype=np.float64).reshape(-1)
+    a, b = np.asarray(speaker_a).reshape(-1), np.asarray(speaker_b).reshape(-1)
+    if not (scores.shape == reference_scores.shape == a.shape == b.shape):
+        raise ValueError(
+            f"paired trials differ in length: {scores.size}, {reference_scores.size}, {a.size}, {b.size}"
+        )
+    if scores.size == 0 or replicates <= 0:
+        return Interval(None, None, 0)
+    if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(reference_scores))):
+        raise ValueError("scores contain NaN or infinite values")
+    counts = speaker_counts(len(np.unique(np.concatenate([a, b]))), replicates, seed)
+    differences = replicate_eers(scores, a, b, counts) - replicate_eers(reference_scores, a, b, counts)
+    return _percentiles(differences, level)

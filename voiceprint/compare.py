@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from voiceprint import atomic
-from voiceprint.config import Params
+from voiceprint.config import EvaluateParams, Params
 from voiceprint.layout import Layout
 from voiceprint.schema import embeddings_matrix, l2_normalise
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 COLUMNS: list[tuple[str, str, str]] = [
     ("eer", "EER %", "pct"),
     ("eer_ci", "EER % CI", "pct_range"),
+    ("eer_diff", "EER % vs first (paired CI)", "pct_delta"),
     ("eer_snorm", "EER % (s-norm)", "pct"),
     ("min_dcf_p0.01", "minDCF 0.01", "f3"),
     ("min_dcf_p0.01_snorm", "minDCF 0.01 (s-norm)", "f3"),
@@ -57,13 +58,62 @@ def compare_dir(layout: Layout, name: str) -> Path:
     return layout.data / "compare" / name
 
 
-def _eval_matrix(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _eval_matrix(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised utterance embeddings, speakers, splits and utterance ids, sorted by speaker then utterance."""
     table = pq.read_table(path, columns=["utterance_id", "speaker_id", "split", "embedding"])
     table = table.sort_by([("speaker_id", "ascending"), ("utterance_id", "ascending")])
     x = l2_normalise(embeddings_matrix(table))
     speakers = np.asarray(table.column("speaker_id").to_pylist(), dtype=object).astype(str)
     split = np.asarray(table.column("split").to_pylist(), dtype=object).astype(str)
-    return x, speakers, split
+    ids = np.asarray(table.column("utterance_id").to_pylist(), dtype=object).astype(str)
+    return x, speakers, split, ids
+
+
+def paired_differences(tables: dict[str, Path], cfg: EvaluateParams) -> dict[str, dict[str, Any]]:
+    """EER of each utterance-embeddings table minus the first one's, with a paired speaker-bootstrap interval.
+
+    ``tables`` maps a name (an encoder, a run) to its ``utterances.parquet``. All are scored on the
+    eval utterances every table holds (an encoder that rejected a file would otherwise be compared
+    on other trials), and each replicate resamples the speakers once for all of them
+    (:func:`voiceprint.bootstrap.paired_eer_difference`). Keys ``eer_diff``, ``eer_diff_ci_low``,
+    ``eer_diff_ci_high`` and ``eer_diff_reference`` (the first name); nothing with
+    ``evaluate.bootstrap: 0`` or a single table. ``benchmarks/paired_eer.py`` applies it to two runs.
+    """
+    from voiceprint.bootstrap import paired_eer_difference
+    from voiceprint.evaluate import all_pairs_scores, pair_speakers
+    from voiceprint.metrics import eer
+
+    names = list(tables)
+    if cfg.bootstrap == 0 or len(names) < 2:
+        return {}
+    eval_rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for name, path in tables.items():
+        x, speakers, split, ids = _eval_matrix(path)
+        keep = split == "eval"
+        eval_rows[name] = (x[keep], speakers[keep], ids[keep])
+    common = set.intersection(*(set(ids.tolist()) for _, _, ids in eval_rows.values()))
+    scored: dict[str, np.ndarray] = {}
+    for name, (x, speakers, ids) in eval_rows.items():
+        keep = np.isin(ids, sorted(common))
+        scored[name], same = all_pairs_scores(x[keep], speakers[keep])
+        labels = speakers[keep]  # the same for every encoder: the rows are sorted by speaker, utterance
+    reference = names[0]
+    out: dict[str, dict[str, Any]] = {reference: {"eer_diff_reference": reference}}
+    if same.all() or not same.any():
+        log.warning("paired EER differences skipped: the common eval utterances give no target/non-target trials")
+        return {}
+    a, b = pair_speakers(labels)
+    for name in names[1:]:
+        interval = paired_eer_difference(
+            scored[name], scored[reference], a, b, replicates=cfg.bootstrap, level=cfg.bootstrap_level, seed=cfg.seed
+        )
+        out[name] = {
+            "eer_diff_reference": reference,
+            "eer_diff": float(eer(scored[name], same)[0] - eer(scored[reference], same)[0]),
+            "eer_diff_ci_low": interval.low,
+            "eer_diff_ci_high": interval.high,
+        }
+    return out
 
 
 def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool = True) -> dict[str, Any]:
@@ -91,7 +141,7 @@ def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool
     utterances = out / layout.utterance_embeddings.name
     metrics = evaluate(layout, params, out_metrics=out / "evaluate.json", out_plots=plots, embeddings=utterances)
 
-    x, speakers, split = _eval_matrix(utterances)
+    x, speakers, split, _ = _eval_matrix(utterances)
     is_eval = split == "eval"
     detail = cluster_analysis(
         x[is_eval], speakers[is_eval], seed=params.compare.seed, n_neighbors=params.compare.umap_neighbors
@@ -129,6 +179,11 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _column_value(metrics: dict[str, Any], key: str, fmt: str) -> Any:
     """A metric for a table cell; a ``pct_range`` column joins ``<key>_low`` and ``<key>_high``."""
+    if fmt == "pct_delta":
+        if metrics.get(f"{key}_reference") == metrics.get("encoder"):
+            return "reference"
+        value, low, high = (metrics.get(f"{key}{end}") for end in ("", "_ci_low", "_ci_high"))
+        return None if value is None or low is None or high is None else (value, low, high)
     if fmt != "pct_range":
         return metrics.get(key)
     low, high = metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
@@ -140,6 +195,8 @@ def _cell(value: Any, fmt: str) -> str:
         return "n/a"
     if fmt == "pct_range":
         return f"{100 * value[0]:.2f}-{100 * value[1]:.2f}"
+    if fmt == "pct_delta":
+        return value if isinstance(value, str) else f"{100 * value[0]:+.2f} ({100 * value[1]:+.2f} to {100 * value[2]:+.2f})"
     if fmt == "pct":
         return f"{100 * value:.2f}"
     if fmt == "int":
@@ -162,7 +219,9 @@ def render_markdown(rows: dict[str, dict[str, Any]]) -> str:
         f"\n{any_row.get('n_eval_speakers', '?')} eval speakers, {any_row.get('n_eval_utterances', '?')} utterances, "
         f"{any_row.get('n_trials', '?')} trials; identification: {any_row.get('n_queries', '?')} queries against "
         f"{any_row.get('n_gallery_speakers', '?')} speakers; s-norm cohort: {any_row.get('n_cohort', '?')} train-split "
-        "utterances. CI: speaker-level bootstrap interval (evaluate.bootstrap_level; n/a with evaluate.bootstrap: 0). "
+        "utterances. CI: speaker-level bootstrap interval (evaluate.bootstrap_level; n/a with evaluate.bootstrap: 0); "
+        f"'vs first': EER minus {next(iter(rows), '?')}'s on the same trials, the interval from the same speaker draws "
+        "for both (below 0 throughout: lower EER on nearly every resample). "
         "Lower is better for EER, minDCF, OIIDD and CCR; higher for silhouette, top-k, throughput.\n"
     )
     return "\n".join(lines) + "\n" + notes + render_gate_usage(rows)
@@ -198,6 +257,9 @@ def compare_report(layout: Layout, params: Params, *, log_mlflow: bool = True) -
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing; run `dvc repro compare-encoder@{name}` first")
         rows[name] = json.loads(path.read_text())
+    tables = {name: compare_dir(layout, name) / layout.utterance_embeddings.name for name in rows}
+    for name, differences in paired_differences(tables, params.evaluate).items():
+        rows[name].update(differences)
     table_json = layout.root / "compare.json"
     table_md = layout.root / "compare.md"
     atomic.write_json(table_json, rows)
