@@ -178,7 +178,8 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _column_value(metrics: dict[str, Any], key: str, fmt: str) -> Any:
-    """A metric for a table cell; a ``pct_range`` column joins ``<key>_low`` and ``<key>_high``."""
+    """A metric for a table cell: ``pct_range`` joins ``<key>_low`` and ``<key>_high``; ``pct_delta`` is
+    ``<key>`` with ``<key>_ci_low`` / ``<key>_ci_high``, or "reference" on the row it is measured against."""
     if fmt == "pct_delta":
         if metrics.get(f"{key}_reference") == metrics.get("encoder"):
             return "reference"
