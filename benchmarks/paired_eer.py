@@ -5,7 +5,8 @@ speakers, so the question "is B better" is about the difference of their EERs on
 trials, not about whether their own intervals overlap. This prints, for each project after the
 first, its EER minus the first one's with a paired speaker-bootstrap interval (one set of speaker
 draws for both; :func:`voiceprint.compare.paired_differences`, as the compare stage reports for
-encoders), next to each run's own interval.
+encoders), next to each run's own interval, and last the mean EER of all the runs (several seeds
+of one recipe) with its interval: the runs' EERs averaged per replicate, one set of draws for all.
 
     python benchmarks/paired_eer.py PROJECT_A PROJECT_B [PROJECT_C ...] [--replicates 1000]
 
@@ -23,8 +24,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from voiceprint.bootstrap import eer_interval  # noqa: E402
-from voiceprint.compare import _eval_matrix, paired_differences  # noqa: E402
+import numpy as np  # noqa: E402
+
+from voiceprint.bootstrap import eer_interval, percentile_interval, replicate_eers, speaker_counts  # noqa: E402
+from voiceprint.compare import _eval_matrix, common_eval_trials, paired_differences  # noqa: E402
 from voiceprint.config import EvaluateParams  # noqa: E402
 from voiceprint.evaluate import all_pairs_scores, pair_speakers  # noqa: E402
 from voiceprint.layout import Layout  # noqa: E402
@@ -64,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             else f"{100 * d['eer_diff']:+.2f} ({100 * d['eer_diff_ci_low']:+.2f} to {100 * d['eer_diff_ci_high']:+.2f})"
         )
         print(f"{name:<40} {100 * eer(scores, same)[0]:>7.2f} {100 * own.low:>6.2f}-{100 * own.high:<6.2f} {paired:>32}")
+    scored, same, labels = common_eval_trials(tables)
+    a, b = pair_speakers(labels)
+    counts = speaker_counts(len(np.unique(labels)), args.replicates, args.seed)
+    mean = np.mean([replicate_eers(s, a, b, counts) for s in scored.values()], axis=0)
+    interval = percentile_interval(mean, args.level)
+    point = np.mean([eer(s, same)[0] for s in scored.values()])
+    print(f"{'mean of the ' + str(len(scored)) + ' runs':<40} {100 * point:>7.2f} "
+          f"{100 * interval.low:>6.2f}-{100 * interval.high:<6.2f}")
     return 0
 
 

@@ -33,7 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Interval", "accuracy_interval", "eer_interval", "paired_eer_difference", "replicate_eers", "speaker_counts"]
+__all__ = [
+    "Interval", "accuracy_interval", "eer_interval", "paired_eer_difference", "percentile_interval", "replicate_eers",
+    "speaker_counts",
+]
 
 # Replicates are processed in chunks of at most this many (replicate, speaker pair) cells, which
 # bounds the memory of one chunk (a few arrays of this many int64/float64) to some tens of MB.
@@ -142,7 +145,8 @@ def _chunk_eers(trials: _PairTrials, counts: np.ndarray) -> np.ndarray:
     return np.where(valid, value, np.nan)
 
 
-def _percentiles(values: np.ndarray, level: float) -> Interval:
+def percentile_interval(values: np.ndarray, level: float) -> Interval:
+    """The central ``level`` percentile interval of the finite replicate values (NaN: undefined replicates)."""
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return Interval(None, None, 0)
@@ -175,7 +179,7 @@ def eer_interval(
         raise ValueError("scores contain NaN or infinite values")
     n_speakers = len(np.unique(np.concatenate([a, b])))
     values = replicate_eers(scores, a, b, speaker_counts(n_speakers, replicates, seed))
-    return _percentiles(values, level)
+    return percentile_interval(values, level)
 
 
 def accuracy_interval(
@@ -196,7 +200,7 @@ def accuracy_interval(
     total = counts @ queries
     with np.errstate(invalid="ignore", divide="ignore"):
         values = np.where(total > 0, (counts @ hits) / total, np.nan)
-    return _percentiles(values, level)
+    return percentile_interval(values, level)
 
 
 def paired_eer_difference(
@@ -229,4 +233,4 @@ def paired_eer_difference(
         raise ValueError("scores contain NaN or infinite values")
     counts = speaker_counts(len(np.unique(np.concatenate([a, b]))), replicates, seed)
     differences = replicate_eers(scores, a, b, counts) - replicate_eers(reference_scores, a, b, counts)
-    return _percentiles(differences, level)
+    return percentile_interval(differences, level)

@@ -69,6 +69,29 @@ def _eval_matrix(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     return x, speakers, split, ids
 
 
+def common_eval_trials(tables: dict[str, Path]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """All-pairs cosine scores of the eval utterances that every table holds, one array per table.
+
+    Returns ``(scores by name, same-speaker flag, speakers of those utterances)``; element ``k`` of
+    every score array is the same trial (rows sorted by speaker, then utterance).
+    """
+    from voiceprint.evaluate import all_pairs_scores
+
+    eval_rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for name, path in tables.items():
+        x, speakers, split, ids = _eval_matrix(path)
+        keep = split == "eval"
+        eval_rows[name] = (x[keep], speakers[keep], ids[keep])
+    common = sorted(set.intersection(*(set(ids.tolist()) for _, _, ids in eval_rows.values())))
+    scored: dict[str, np.ndarray] = {}
+    same, labels = np.zeros(0, bool), np.zeros(0, str)
+    for name, (x, speakers, ids) in eval_rows.items():
+        keep = np.isin(ids, common)
+        scored[name], same = all_pairs_scores(x[keep], speakers[keep])
+        labels = speakers[keep]
+    return scored, same, labels
+
+
 def paired_differences(tables: dict[str, Path], cfg: EvaluateParams) -> dict[str, dict[str, Any]]:
     """EER of each utterance-embeddings table minus the first one's, with a paired speaker-bootstrap interval.
 
@@ -80,28 +103,18 @@ def paired_differences(tables: dict[str, Path], cfg: EvaluateParams) -> dict[str
     ``evaluate.bootstrap: 0`` or a single table. ``benchmarks/paired_eer.py`` applies it to two runs.
     """
     from voiceprint.bootstrap import paired_eer_difference
-    from voiceprint.evaluate import all_pairs_scores, pair_speakers
+    from voiceprint.evaluate import pair_speakers
     from voiceprint.metrics import eer
 
     names = list(tables)
     if cfg.bootstrap == 0 or len(names) < 2:
         return {}
-    eval_rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for name, path in tables.items():
-        x, speakers, split, ids = _eval_matrix(path)
-        keep = split == "eval"
-        eval_rows[name] = (x[keep], speakers[keep], ids[keep])
-    common = set.intersection(*(set(ids.tolist()) for _, _, ids in eval_rows.values()))
-    scored: dict[str, np.ndarray] = {}
-    for name, (x, speakers, ids) in eval_rows.items():
-        keep = np.isin(ids, sorted(common))
-        scored[name], same = all_pairs_scores(x[keep], speakers[keep])
-        labels = speakers[keep]  # the same for every encoder: the rows are sorted by speaker, utterance
-    reference = names[0]
-    out: dict[str, dict[str, Any]] = {reference: {"eer_diff_reference": reference}}
+    scored, same, labels = common_eval_trials(tables)
     if same.all() or not same.any():
         log.warning("paired EER differences skipped: the common eval utterances give no target/non-target trials")
         return {}
+    reference = names[0]
+    out: dict[str, dict[str, Any]] = {reference: {"eer_diff_reference": reference}}
     a, b = pair_speakers(labels)
     for name in names[1:]:
         interval = paired_eer_difference(
