@@ -169,17 +169,25 @@ def eer_interval(
     ``speaker_a``/``speaker_b`` are the speakers of each side (any labels); a trial is a target
     trial when both sides are one speaker. The speakers drawn are those that occur in the trials.
     """
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    a, b = np.asarray(speaker_a).reshape(-1), np.asarray(speaker_b).reshape(-1)
-    if not (scores.shape == a.shape == b.shape):
-        raise ValueError(f"scores and speaker codes differ in length: {scores.size}, {a.size}, {b.size}")
+    (scores,), a, b = _trials([scores], speaker_a, speaker_b)
     if scores.size == 0 or replicates <= 0:
         return Interval(None, None, 0)
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("scores contain NaN or infinite values")
-    n_speakers = len(np.unique(np.concatenate([a, b])))
-    values = replicate_eers(scores, a, b, speaker_counts(n_speakers, replicates, seed))
+    values = replicate_eers(scores, a, b, speaker_counts(len(np.unique(np.concatenate([a, b]))), replicates, seed))
     return percentile_interval(values, level)
+
+
+def _trials(
+    score_sets: list[np.ndarray], speaker_a: np.ndarray, speaker_b: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The score arrays (float64) and both sides' speakers as flat arrays of one length, scores finite."""
+    scores = [np.asarray(s, dtype=np.float64).reshape(-1) for s in score_sets]
+    a, b = np.asarray(speaker_a).reshape(-1), np.asarray(speaker_b).reshape(-1)
+    if len({s.size for s in scores} | {a.size, b.size}) != 1:
+        sizes = ", ".join(str(s.size) for s in scores)
+        raise ValueError(f"scores ({sizes}) and speakers ({a.size}, {b.size}) of the trials differ in length")
+    if not all(np.all(np.isfinite(s)) for s in scores):
+        raise ValueError("scores contain NaN or infinite values")
+    return scores, a, b
 
 
 def accuracy_interval(
@@ -220,17 +228,9 @@ def paired_eer_difference(
     difference is unresolved, nor do two disjoint ones that it is large. An interval of the
     difference below zero says ``scores`` has the lower EER on nearly every resample of the speakers.
     """
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    reference_scores = np.asarray(reference_scores, dtype=np.float64).reshape(-1)
-    a, b = np.asarray(speaker_a).reshape(-1), np.asarray(speaker_b).reshape(-1)
-    if not (scores.shape == reference_scores.shape == a.shape == b.shape):
-        raise ValueError(
-            f"paired trials differ in length: {scores.size}, {reference_scores.size}, {a.size}, {b.size}"
-        )
+    (scores, reference_scores), a, b = _trials([scores, reference_scores], speaker_a, speaker_b)
     if scores.size == 0 or replicates <= 0:
         return Interval(None, None, 0)
-    if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(reference_scores))):
-        raise ValueError("scores contain NaN or infinite values")
     counts = speaker_counts(len(np.unique(np.concatenate([a, b]))), replicates, seed)
     differences = replicate_eers(scores, a, b, counts) - replicate_eers(reference_scores, a, b, counts)
     return percentile_interval(differences, level)
