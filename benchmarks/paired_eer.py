@@ -3,10 +3,11 @@
 Two runs of the pipeline (two seeds, two recipes) evaluated on the same eval split share its
 speakers, so the question "is B better" is about the difference of their EERs on the same
 trials, not about whether their own intervals overlap. This prints, for each project after the
-first, its EER minus the first one's with a paired speaker-bootstrap interval (one set of speaker
-draws for both; :func:`voiceprint.compare.paired_differences`, as the compare stage reports for
-encoders), next to each run's own interval, and last the mean EER of all the runs (several seeds
-of one recipe) with its interval: the runs' EERs averaged per replicate, one set of draws for all.
+first, its EER minus the first one's with a paired speaker-bootstrap interval (as the compare
+stage reports for encoders), next to each run's own interval, and last the mean EER of all the
+runs (several seeds of one recipe) with its interval: the runs' EERs averaged per replicate. All
+of these come from one set of speaker draws and each run's replicates, computed once
+(:func:`voiceprint.bootstrap.shared_draw_eers`).
 
     python benchmarks/paired_eer.py PROJECT_A PROJECT_B [PROJECT_C ...] [--replicates 1000]
 
@@ -26,10 +27,9 @@ if __package__ in (None, ""):
 
 import numpy as np  # noqa: E402
 
-from voiceprint.bootstrap import eer_interval, percentile_interval, replicate_eers, speaker_counts  # noqa: E402
-from voiceprint.compare import _eval_matrix, common_eval_trials, paired_differences  # noqa: E402
-from voiceprint.config import EvaluateParams  # noqa: E402
-from voiceprint.evaluate import all_pairs_scores, pair_speakers  # noqa: E402
+from voiceprint.bootstrap import percentile_interval, shared_draw_eers  # noqa: E402
+from voiceprint.compare import common_eval_trials  # noqa: E402
+from voiceprint.evaluate import pair_speakers  # noqa: E402
 from voiceprint.layout import Layout  # noqa: E402
 from voiceprint.metrics import eer  # noqa: E402
 
@@ -52,29 +52,27 @@ def main(argv: list[str] | None = None) -> int:
         if name in tables:
             ap.error(f"{project} given twice")
         tables[name] = path
-    cfg = EvaluateParams(bootstrap=args.replicates, bootstrap_level=args.level, seed=args.seed)
-    differences = paired_differences(tables, cfg)
-    print(f"{'project':<40} {'EER %':>7} {'own CI':>13} {'minus the first (paired CI)':>32}")
-    for name, path in tables.items():
-        x, speakers, split, _ = _eval_matrix(path)
-        keep = split == "eval"
-        scores, same = all_pairs_scores(x[keep], speakers[keep])
-        a, b = pair_speakers(speakers[keep])
-        own = eer_interval(scores, a, b, replicates=args.replicates, level=args.level, seed=args.seed)
-        d = differences.get(name, {})
-        paired = (
-            "reference" if "eer_diff" not in d
-            else f"{100 * d['eer_diff']:+.2f} ({100 * d['eer_diff_ci_low']:+.2f} to {100 * d['eer_diff_ci_high']:+.2f})"
-        )
-        print(f"{name:<40} {100 * eer(scores, same)[0]:>7.2f} {100 * own.low:>6.2f}-{100 * own.high:<6.2f} {paired:>32}")
     scored, same, labels = common_eval_trials(tables)
     a, b = pair_speakers(labels)
-    counts = speaker_counts(len(np.unique(labels)), args.replicates, args.seed)
-    mean = np.mean([replicate_eers(s, a, b, counts) for s in scored.values()], axis=0)
-    interval = percentile_interval(mean, args.level)
-    point = np.mean([eer(s, same)[0] for s in scored.values()])
-    print(f"{'mean of the ' + str(len(scored)) + ' runs':<40} {100 * point:>7.2f} "
-          f"{100 * interval.low:>6.2f}-{100 * interval.high:<6.2f}")
+    eers = shared_draw_eers(scored, a, b, replicates=args.replicates, seed=args.seed)
+    point = {name: eer(scores, same)[0] for name, scores in scored.items()}
+    reference = next(iter(scored))
+
+    def bounds(values: np.ndarray, fmt: str) -> tuple[str, str]:
+        interval = percentile_interval(values, args.level)
+        return format(100 * interval.low, fmt), format(100 * interval.high, fmt)
+
+    print(f"{'project':<40} {'EER %':>7} {'own CI':>13} {'minus the first (paired CI)':>32}")
+    for name in scored:
+        low, high = bounds(eers[name], ".2f")
+        paired = "reference"
+        if name != reference:
+            d_low, d_high = bounds(eers[name] - eers[reference], "+.2f")
+            paired = f"{100 * (point[name] - point[reference]):+.2f} ({d_low} to {d_high})"
+        print(f"{name:<40} {100 * point[name]:>7.2f} {low:>6}-{high:<6} {paired:>32}")
+    low, high = bounds(np.mean([eers[name] for name in scored], axis=0), ".2f")
+    mean = np.mean(list(point.values()))
+    print(f"{'mean of the ' + str(len(scored)) + ' runs':<40} {100 * mean:>7.2f} {low:>6}-{high:<6}")
     return 0
 
 

@@ -19,9 +19,10 @@ count 1 a replicate is exactly :func:`voiceprint.metrics.eer`.
 Identification is resampled the same way: a speaker drawn ``c_a`` times counts its queries
 ``c_a`` times. The gallery stays as it is (its distractors are not the thing measured).
 
-Two systems on the same trials are compared by :func:`paired_eer_difference`: one set of speaker
-draws, both EERs per replicate, the interval of their difference (the compare stage reports it
-against its first encoder).
+Systems scored on the same trials are compared under one set of speaker draws
+(:func:`shared_draw_eers`: every system's EER per replicate, each computed once), and the
+interval of a difference is taken from the per-replicate differences (:func:`paired_eer_difference`
+for two systems; the compare stage and ``benchmarks/paired_eer.py`` against their first one).
 
 The interval is the percentile interval of the replicates (``evaluate.bootstrap_level``, default
 95 %); replicates are seeded (``evaluate.seed``), so a rerun reports the same bounds.
@@ -35,7 +36,7 @@ import numpy as np
 
 __all__ = [
     "Interval", "accuracy_interval", "eer_interval", "paired_eer_difference", "percentile_interval", "replicate_eers",
-    "speaker_counts",
+    "shared_draw_eers", "speaker_counts",
 ]
 
 # Replicates are processed in chunks of at most this many (replicate, speaker pair) cells, which
@@ -169,11 +170,25 @@ def eer_interval(
     ``speaker_a``/``speaker_b`` are the speakers of each side (any labels); a trial is a target
     trial when both sides are one speaker. The speakers drawn are those that occur in the trials.
     """
-    (scores,), a, b = _trials([scores], speaker_a, speaker_b)
-    if scores.size == 0 or replicates <= 0:
-        return Interval(None, None, 0)
-    values = replicate_eers(scores, a, b, speaker_counts(len(np.unique(np.concatenate([a, b]))), replicates, seed))
+    values = shared_draw_eers({"": scores}, speaker_a, speaker_b, replicates=replicates, seed=seed)[""]
     return percentile_interval(values, level)
+
+
+def shared_draw_eers(
+    score_sets: dict[str, np.ndarray], speaker_a: np.ndarray, speaker_b: np.ndarray, *, replicates: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Replicate EERs of several systems scored on the same trials, all under one set of speaker draws.
+
+    Each system's replicates are computed once, so any number of intervals (each system's own,
+    differences, a mean over seeds) can be taken from them without resampling again. Empty arrays
+    when there are no trials or ``replicates`` is 0.
+    """
+    names = list(score_sets)
+    arrays, a, b = _trials([score_sets[n] for n in names], speaker_a, speaker_b)
+    if a.size == 0 or replicates <= 0:
+        return {n: np.zeros(0) for n in names}
+    counts = speaker_counts(len(np.unique(np.concatenate([a, b]))), replicates, seed)
+    return {n: replicate_eers(scores, a, b, counts) for n, scores in zip(names, arrays, strict=True)}
 
 
 def _trials(
@@ -228,9 +243,7 @@ def paired_eer_difference(
     difference is unresolved, nor do two disjoint ones that it is large. An interval of the
     difference below zero says ``scores`` has the lower EER on nearly every resample of the speakers.
     """
-    (scores, reference_scores), a, b = _trials([scores, reference_scores], speaker_a, speaker_b)
-    if scores.size == 0 or replicates <= 0:
-        return Interval(None, None, 0)
-    counts = speaker_counts(len(np.unique(np.concatenate([a, b]))), replicates, seed)
-    differences = replicate_eers(scores, a, b, counts) - replicate_eers(reference_scores, a, b, counts)
-    return percentile_interval(differences, level)
+    eers = shared_draw_eers(
+        {"system": scores, "reference": reference_scores}, speaker_a, speaker_b, replicates=replicates, seed=seed
+    )
+    return percentile_interval(eers["system"] - eers["reference"], level)

@@ -98,11 +98,11 @@ def paired_differences(tables: dict[str, Path], cfg: EvaluateParams) -> dict[str
     ``tables`` maps a name (an encoder, a run) to its ``utterances.parquet``. All are scored on the
     eval utterances every table holds (an encoder that rejected a file would otherwise be compared
     on other trials), and each replicate resamples the speakers once for all of them
-    (:func:`voiceprint.bootstrap.paired_eer_difference`). Keys ``eer_diff``, ``eer_diff_ci_low``,
-    ``eer_diff_ci_high`` and ``eer_diff_reference`` (the first name); nothing with
-    ``evaluate.bootstrap: 0`` or a single table. ``benchmarks/paired_eer.py`` applies it to two runs.
+    (:func:`voiceprint.bootstrap.shared_draw_eers`; each table's replicates computed once). Keys
+    ``eer_diff``, ``eer_diff_ci_low``, ``eer_diff_ci_high`` and ``eer_diff_reference`` (the first
+    name); nothing with ``evaluate.bootstrap: 0`` or a single table.
     """
-    from voiceprint.bootstrap import paired_eer_difference
+    from voiceprint.bootstrap import percentile_interval, shared_draw_eers
     from voiceprint.evaluate import pair_speakers
     from voiceprint.metrics import eer
 
@@ -116,10 +116,9 @@ def paired_differences(tables: dict[str, Path], cfg: EvaluateParams) -> dict[str
     reference = names[0]
     out: dict[str, dict[str, Any]] = {reference: {"eer_diff_reference": reference}}
     a, b = pair_speakers(labels)
+    eers = shared_draw_eers(scored, a, b, replicates=cfg.bootstrap, seed=cfg.seed)
     for name in names[1:]:
-        interval = paired_eer_difference(
-            scored[name], scored[reference], a, b, replicates=cfg.bootstrap, level=cfg.bootstrap_level, seed=cfg.seed
-        )
+        interval = percentile_interval(eers[name] - eers[reference], cfg.bootstrap_level)
         out[name] = {
             "eer_diff_reference": reference,
             "eer_diff": float(eer(scored[name], same)[0] - eer(scored[reference], same)[0]),
