@@ -1,16 +1,29 @@
-"""How should an utterance embedding be formed from a trained project's encoder? EER and top-1 of five ways.
+"""How should an utterance embedding be formed from a trained project's encoder? EER and top-1 of ten ways.
 
-The embed stage writes one embedding per VAD segment and, per utterance, the renormalised mean of
-its segments' embeddings; the evaluate stage scores those. This script re-scores a finished
-project (``dvc repro`` done: ``models/ecapa``, ``data/segments.parquet``, ``data/embeddings``)
-with the utterance embedding formed in other ways, using the evaluate stage's own trial list and
-identification protocol:
+The embed stage writes one embedding per VAD segment and one per utterance (``embed.utterance``:
+one pass over the whole file, or the renormalised mean of its segments' embeddings); the evaluate
+stage scores the utterance table. This script re-scores a finished project (``dvc repro`` done:
+``models/ecapa``, ``data/segments.parquet``, ``data/embeddings``) with the utterance embedding
+formed in other ways, using the evaluate stage's own trial list and identification protocol:
 
-* ``segment_mean``: the shipped way (read from ``utterances.parquet``);
+* ``shipped``: what the embed stage wrote (``utterances.parquet``), whichever way it was set to;
+* ``segment_mean``: the renormalised mean of the segment embeddings (``embed.utterance: segments``);
 * ``duration_weighted``: segments weighted by their duration;
-* ``centered``: the shipped mean minus the train split's mean embedding (WeSpeaker's ``cal_mean``);
+* ``centered``: the segment mean minus the train split's mean embedding (WeSpeaker's ``cal_mean``);
 * ``speech_concat``: one encoder pass over the utterance's VAD segments, concatenated in order;
-* ``whole_file``: one encoder pass over the whole file, silences included.
+* ``whole_file``: one encoder pass over the whole file, silences included (``embed.utterance: file``,
+  here one file a call in float32 rather than in the stage's padded bf16 batches);
+* ``segment_float32``: each segment in its own float32 call (the shipped stage pads segments into
+  length-bucketed batches and runs bf16 autocast where the CPU has native bf16);
+* ``segment_bf16``: each segment in its own call under bf16 autocast (only where bf16 is native),
+  which with ``segment_float32`` separates the effect of the precision from that of the padding;
+* ``tiled_2s``: segments shorter than the training crop (2 s) tiled cyclically up to it, as the
+  training sampler tiles short clips, the others as they are; float32;
+* ``windows_2s``: segments longer than 2 s cut into 2-s windows with a 1-s hop (the last window
+  ending at the segment's end), the windows' normalised embeddings averaged; float32.
+
+The segment-level ways are pooled into utterances like the shipped stage: the renormalised mean of
+the utterance's normalised segment embeddings.
 
     python benchmarks/bench_utterance_pooling.py [--project .] [--out FILE]
 """
@@ -36,13 +49,43 @@ from voiceprint.encoders.registry import load_encoder  # noqa: E402
 from voiceprint.evaluate import _identification, all_pairs_scores  # noqa: E402
 from voiceprint.layout import Layout  # noqa: E402
 from voiceprint.metrics import eer  # noqa: E402
+from voiceprint.precision import autocast_dtype  # noqa: E402
 from voiceprint.schema import embeddings_matrix, l2_normalise  # noqa: E402
 
 
-def _one_pass(encoder: SpeakerEncoder, waves: list[np.ndarray]) -> np.ndarray:
-    """One encoder call per wave, whatever its length (no batching: this measures accuracy)."""
-    with torch.no_grad():
-        return np.stack([encoder.embed(torch.from_numpy(w).unsqueeze(0), torch.ones(1)).float().numpy()[0] for w in waves])
+WINDOW_S, HOP_S = 2.0, 1.0  # the training crop (model.crop_s default) and half of it
+
+
+def _one_pass(encoder: SpeakerEncoder, waves: list[np.ndarray], dtype: torch.dtype | None = None) -> np.ndarray:
+    """One encoder call per wave, whatever its length (no batching: this measures accuracy); autocast to ``dtype``."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        return np.stack([
+            encoder.embed(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).unsqueeze(0), torch.ones(1))
+            .float().numpy()[0] for w in waves
+        ])
+
+
+def tile_to(wave: np.ndarray, samples: int) -> np.ndarray:
+    """``wave`` repeated cyclically up to ``samples`` when shorter (as the training sampler does), else as it is."""
+    return np.resize(wave, samples) if len(wave) < samples else wave
+
+
+def windows(wave: np.ndarray, window: int, hop: int) -> list[np.ndarray]:
+    """``window``-sample slices every ``hop`` samples, the last one ending at the end; a short wave whole."""
+    if len(wave) <= window:
+        return [wave]
+    starts = list(range(0, len(wave) - window + 1, hop))
+    if starts[-1] != len(wave) - window:
+        starts.append(len(wave) - window)
+    return [wave[s : s + window] for s in starts]
+
+
+def _windowed(encoder: SpeakerEncoder, waves: list[np.ndarray], window: int, hop: int) -> np.ndarray:
+    """Per wave, the mean of its windows' normalised embeddings (one batch of calls for all windows)."""
+    cuts = [windows(w, window, hop) for w in waves]
+    flat = l2_normalise(_one_pass(encoder, [c for wave_cuts in cuts for c in wave_cuts]))
+    ends = np.cumsum([len(c) for c in cuts])
+    return np.stack([flat[end - len(c) : end].mean(axis=0) for c, end in zip(cuts, ends)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,15 +119,29 @@ def main(argv: list[str] | None = None) -> None:
     path_of = dict(zip(vad["utterance_id"], vad["path"]))
     files = {u: audio.load(layout.resolve(path_of[u])) for u in ids}
     sr = audio.TARGET_SR
+    segment_waves = [files[u][int(s * sr):int(e * sr)] for u, s, e in zip(seg["utterance_id"], seg["start_s"], seg["end_s"])]
+
+    def pooled(segment_vectors: np.ndarray) -> np.ndarray:
+        unit = l2_normalise(segment_vectors)
+        return l2_normalise(np.stack([unit[rows_of[u]].mean(axis=0) for u in ids]))
+
+    crop, hop = int(WINDOW_S * sr), int(HOP_S * sr)
+    bf16 = autocast_dtype(torch.device("cpu"), amp=True)
+    segment_mean = pooled(vectors)
     ways = {
-        "segment_mean": shipped,
+        "shipped": shipped,
+        "segment_mean": segment_mean,
         "duration_weighted": l2_normalise(np.stack([(vectors[r] * duration[r, None]).sum(0) for r in map(rows_of.get, ids)])),
-        "centered": l2_normalise(shipped - shipped[~is_eval].mean(0)),
+        "centered": l2_normalise(segment_mean - segment_mean[~is_eval].mean(0)),
         "speech_concat": l2_normalise(_one_pass(encoder, [
             np.concatenate([files[u][int(seg["start_s"][i] * sr):int(seg["end_s"][i] * sr)] for i in rows_of[u]])
             for u in ids
         ])),
         "whole_file": l2_normalise(_one_pass(encoder, [files[u] for u in ids])),
+        "segment_float32": pooled(_one_pass(encoder, segment_waves)),
+        **({"segment_bf16": pooled(_one_pass(encoder, segment_waves, bf16))} if bf16 is not None else {}),
+        "tiled_2s": pooled(_one_pass(encoder, [tile_to(w, crop) for w in segment_waves])),
+        "windows_2s": pooled(_windowed(encoder, segment_waves, crop, hop)),
     }
     for name, x in ways.items():
         scores, same = all_pairs_scores(x[is_eval], speakers[is_eval])

@@ -104,9 +104,12 @@ def test_a_mixture_of_experts_embeds_again_to_report_its_gates(small_project: La
     m = run_stage("compare-encoder", root, item="ecapa")
 
     layout = Layout.at(root)
-    segments = json.loads((layout.embeddings / EMBED_SUMMARY).read_text())["segments"]
+    utterances = json.loads((layout.embeddings / EMBED_SUMMARY).read_text())["utterances"]
     assert m["model_id"].startswith("ecapa-moe2x16-") and m["embeddings_reused_from"] is None
-    assert m["gate_experts"] == 2 and m["gate_inputs"] == segments
+    # embed.utterance: file, every file under utterance_chunk_s: the gate saw one input per utterance,
+    # and the comparison wrote no segment table of its own (its metrics are all utterance-level).
+    assert m["gate_experts"] == 2 and m["gate_inputs"] == utterances
+    assert not (root / "data" / "compare" / "ecapa" / "segments.parquet").exists()
     assert sum(m["gate_importance"]) == pytest.approx(1.0, abs=1e-3)
     run_stage("compare", root)
     assert "## Mixture-of-experts gate usage" in (root / "compare.md").read_text()

@@ -11,7 +11,7 @@ import torch
 
 from voiceprint import audio, schema
 from voiceprint.config import EmbedParams
-from voiceprint.embed import embed_segments, embed_utterance_file, length_buckets
+from voiceprint.embed import embed_segments, embed_utterance_file, length_buckets, utterance_chunks
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
 from voiceprint.layout import Layout
 
@@ -58,7 +58,8 @@ def test_batched_engine_matches_one_at_a_time(tmp_path: Path, encoder, test_othe
     files = test_other_files[::10][:6]
     table = _segments(layout, files, bad)
 
-    summary = embed_segments(layout, EmbedParams(max_batch_s=20.0), encoder=encoder, progress=False)
+    summary = embed_segments(layout, EmbedParams(max_batch_s=20.0, utterance="segments"), encoder=encoder,
+                             progress=False)
 
     seg = pq.read_table(layout.segment_embeddings)
     assert seg.schema.field("embedding").type == pa.list_(pa.float32(), encoder.dim)
@@ -83,6 +84,62 @@ def test_batched_engine_matches_one_at_a_time(tmp_path: Path, encoder, test_othe
     for f in files:
         mean = by_id[f"{f.stem}#000"] + by_id[f"{f.stem}#001"]
         np.testing.assert_allclose(uvec[f.stem], mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def test_utterance_chunks_are_equal_and_cover_the_file():
+    assert utterance_chunks(14.0, 60.0) == [(0.0, 14.0)]
+    assert utterance_chunks(60.0, 60.0) == [(0.0, 60.0)]
+    chunks = utterance_chunks(130.0, 60.0)  # three chunks of 43.3 s, not 60 + 60 + 10
+    assert len(chunks) == 3 and chunks[0][0] == 0.0 and chunks[-1][1] == 130.0
+    assert all(b == pytest.approx(a + 130.0 / 3) for a, b in chunks)
+    assert all(chunks[k][1] == chunks[k + 1][0] for k in range(2))
+
+
+def _one_call(encoder, path: Path, start_s: float = 0.0, end_s: float | None = None) -> np.ndarray:
+    with torch.inference_mode():
+        wav = torch.from_numpy(audio.load(path, start_s, end_s)).unsqueeze(0)
+        return schema.l2_normalise(encoder.embed(wav, torch.ones(1)).numpy())[0]
+
+
+def test_file_utterances_are_one_pass_over_the_whole_file(tmp_path: Path, encoder, test_other_files: list[Path]):
+    """embed.utterance: file (default): the utterance vector is the whole file's, not its segments' mean."""
+    layout = Layout.at(tmp_path)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"\x00" * 10)
+    files = test_other_files[3::10][:5]
+    _segments(layout, files, bad)
+
+    summary = embed_segments(layout, EmbedParams(max_batch_s=20.0, amp=False), encoder=encoder, progress=False)
+    assert summary["utterance"] == "file"
+    assert summary["rejected"] == 1  # the undecodable file is rejected once and gets no utterance
+    utt = pq.read_table(layout.utterance_embeddings)
+    assert sorted(utt.column("utterance_id").to_pylist()) == sorted(f.stem for f in files)
+    assert set(utt.column("num_segments").to_pylist()) == {2}  # columns other than the vector still describe the segments
+    uvec = dict(zip(utt.column("utterance_id").to_pylist(), schema.embeddings_matrix(utt)))
+    seg = pq.read_table(layout.segment_embeddings)
+    by_id = dict(zip(seg.column("segment_id").to_pylist(), schema.embeddings_matrix(seg)))
+    for f in files:
+        assert float(uvec[f.stem] @ _one_call(encoder, f)) > 0.999, f.stem
+        mean = schema.l2_normalise((by_id[f"{f.stem}#000"] + by_id[f"{f.stem}#001"])[None])[0]
+        assert float(uvec[f.stem] @ mean) < 0.9999, "the utterance vector must not be the segments' mean"
+    # embed_utterance_file (verify / identify / enroll) forms it the same way.
+    np.testing.assert_allclose(embed_utterance_file(encoder, files[0]), uvec[files[0].stem], atol=2e-3)
+
+
+def test_long_files_are_embedded_in_equal_chunks_and_averaged(tmp_path: Path, encoder, test_other_files: list[Path]):
+    layout = Layout.at(tmp_path)
+    f = max(test_other_files[:20], key=lambda p: audio.probe(p).duration_s)
+    duration = audio.probe(f).duration_s
+    _segments(layout, [f])
+    params = EmbedParams(amp=False, utterance_chunk_s=duration / 2.5)  # three chunks
+    embed_segments(layout, params, encoder=encoder, progress=False)
+    got = schema.embeddings_matrix(pq.read_table(layout.utterance_embeddings))[0]
+    chunks = utterance_chunks(duration, params.utterance_chunk_s)
+    assert len(chunks) == 3
+    expected = schema.l2_normalise(np.stack([_one_call(encoder, f, a, b) for a, b in chunks]).mean(0, keepdims=True))[0]
+    assert float(got @ expected) > 0.999
+    assert float(got @ _one_call(encoder, f)) < 0.9999  # not one pass over the whole file
+    np.testing.assert_allclose(embed_utterance_file(encoder, f, embed_params=params), got, atol=2e-3)
 
 
 def test_utterance_file_embedding_is_normalised_and_speaker_consistent(encoder, test_other_files: list[Path]):

@@ -148,7 +148,8 @@ def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool
     reports_gates = hasattr(encoder, "gate_usage")
     embedded = reuse_embeddings(layout, params.embed, encoder, out) if spec == "ecapa" and not reports_gates else None
     if embedded is None:
-        embedded = embed_segments(layout, params.embed, encoder=encoder, progress=progress, out_dir=out)
+        embedded = embed_segments(layout, params.embed, encoder=encoder, progress=progress, out_dir=out,
+                                  utterances_only=True)
     gate_usage = encoder.gate_usage() if reports_gates else {}
     utterances = out / layout.utterance_embeddings.name
     metrics = evaluate(layout, params, out_metrics=out / "evaluate.json", out_plots=plots, embeddings=utterances)

@@ -186,6 +186,10 @@ class EmbedParams(_Section):
     # CPU: length-bucketed batches (true) or one segment per call (false); auto: batches below 10 M
     # parameters (measured: small models gain from batching on CPU, large ones lose).
     cpu_batching: Literal["auto"] | bool = "auto"
+    # The utterance embedding: one encoder pass over the whole file (file), or the mean of its VAD
+    # segments' embeddings (segments). Files longer than utterance_chunk_s are embedded in equal chunks.
+    utterance: Literal["file", "segments"] = "file"
+    utterance_chunk_s: float = Field(default=60.0, gt=0.0)
 
 
 class IndexParams(_Section):

@@ -1,5 +1,15 @@
 """The ``embed`` stage: speech segments in, L2-normalised speaker embeddings out (Parquet).
 
+Two tables: one embedding per VAD segment (the segment index, DuckDB queries) and one per
+utterance (verification, identification, the speaker index). With ``embed.utterance: file`` (the
+default) the utterance embedding is one encoder pass over the whole file, as SpeechBrain's and
+WeSpeaker's verification recipes embed an utterance; files longer than ``embed.utterance_chunk_s``
+are cut into equal chunks whose normalised embeddings are averaged, which bounds memory on
+hour-long recordings. Only utterances in which VAD found speech get one. ``embed.utterance:
+segments`` forms it as the renormalised mean of the utterance's segment embeddings instead (no
+second pass). Measured on the default model's four seeds, the whole-file pass lowered EER on every
+seed (docs/training.md, "How the utterance embedding is formed").
+
 The engine sorts segments by duration and cuts batches by total padded audio seconds
 (``embed.max_batch_s``), so batches carry little padding; on CUDA they are copied pinned and
 non-blocking. On CPU a large model gets one segment per call instead (faster there, see
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -211,6 +222,81 @@ def load_pipeline_encoder(layout: Layout, device: torch.device) -> SpeakerEncode
     return load_encoder("ecapa", model_dir=layout.model_dir, device=str(device))
 
 
+def utterance_chunks(duration_s: float, chunk_s: float) -> list[tuple[float, float]]:
+    """``[0, duration_s)`` cut into the fewest equal chunks of at most ``chunk_s`` seconds.
+
+    Equal chunks rather than ``chunk_s`` pieces plus a remainder: a last chunk of a fraction of a
+    second would weigh as much as a full one in the mean.
+    """
+    n = max(1, math.ceil(duration_s / chunk_s - 1e-9))
+    step = duration_s / n
+    return [(k * step, duration_s if k == n - 1 else (k + 1) * step) for k in range(n)]
+
+
+def _file_chunk_rows(seg: dict[str, list], chunk_s: float) -> dict[str, list]:
+    """Rows (the segment table's columns) for the whole-file pass: the chunks of every utterance that has a segment."""
+    rows: dict[str, list] = {k: [] for k in ("segment_id", "utterance_id", "speaker_id", "split", "path", "start_s", "end_s")}
+    seen: set[str] = set()
+    for i, utt in enumerate(seg["utterance_id"]):
+        if utt in seen:
+            continue
+        seen.add(utt)
+        try:
+            duration = audio.probe(seg["path"][i]).duration_s
+        except audio.AudioError:
+            duration = float(max(e for u, e in zip(seg["utterance_id"], seg["end_s"]) if u == utt))
+        for k, (a, b) in enumerate(utterance_chunks(duration, chunk_s)):
+            for key, value in (("segment_id", f"{utt}@file{k:03d}"), ("utterance_id", utt), ("speaker_id", seg["speaker_id"][i]),
+                               ("split", seg["split"][i]), ("path", seg["path"][i]), ("start_s", a), ("end_s", b)):
+                rows[key].append(value)
+    return rows
+
+
+@dataclass
+class _Pass:
+    """One pass of the engine over ``rows`` (segment-table columns): its items, durations and batch plan."""
+
+    rows: dict[str, list]
+    items: list[_Item]
+    durations: np.ndarray
+    batches: list[np.ndarray]
+
+    @classmethod
+    def plan(cls, layout: Layout, rows: dict[str, list], params: EmbedParams, encoder: SpeakerEncoder) -> "_Pass":
+        durations = _durations(rows)
+        items = [_Item(layout.resolve(p), a, b) for p, a, b in zip(rows["path"], rows["start_s"], rows["end_s"])]
+        return cls(rows, items, durations, batch_plan(durations, params, encoder))
+
+
+def _passes(layout: Layout, params: EmbedParams, encoder: SpeakerEncoder) -> tuple[_Pass, _Pass | None]:
+    """The segment pass, and the whole-file pass when ``embed.utterance`` is ``file``."""
+    seg = pq.read_table(layout.segments).to_pydict()
+    segments = _Pass.plan(layout, seg, params, encoder)
+    if params.utterance != "file":
+        return segments, None
+    return segments, _Pass.plan(layout, _file_chunk_rows(seg, params.utterance_chunk_s), params, encoder)
+
+
+def _run_pass(
+    store: PartStore, work: _Pass, encoder: SpeakerEncoder, params: EmbedParams, sch: pa.Schema,
+    *, progress: bool, rows_per_group: int, part_every_s: float, name: str,
+) -> tuple[int, float]:
+    """Embed the batches of ``work`` that ``store`` has not staged yet; (batches resumed, audio seconds embedded)."""
+    done = store.done_units()
+    todo = [k for k in range(len(work.batches)) if k not in done]
+    if done:
+        log.info("embed (%s): resuming, %d of %d batches already staged in %s", name, len(done), len(work.batches),
+                 store.directory)
+    stager = _Stager(store, sch, rows_per_group, part_every_s)
+    stream = run_encoder(encoder, work.items, work.durations, params, batches=[work.batches[k] for k in todo],
+                         progress=progress)
+    for unit, (idx, vectors, bad) in zip(todo, stream):
+        rows = _segment_batch(work.rows, idx, vectors, encoder.model_id, sch) if idx else None
+        stager.add(unit, rows, [{"path": work.rows["path"][i], "stage": "embed", "reason": r} for i, r in bad])
+    stager.flush()
+    return len(done), float(sum(work.durations[work.batches[k]].sum() for k in todo))
+
+
 def embed_segments(
     layout: Layout,
     params: EmbedParams,
@@ -220,11 +306,15 @@ def embed_segments(
     rows_per_group: int = 4096,
     part_every_s: float = 30.0,
     out_dir: Path | None = None,
+    utterances_only: bool = False,
 ) -> dict[str, Any]:
     """Embed every row of ``layout.segments`` into ``out_dir`` (default ``data/embeddings``).
 
-    ``segments.parquet`` (one row per segment), ``utterances.parquet`` (mean per utterance) and
-    ``rejects.parquet`` are written there; the comparison stage passes its own directory and encoder.
+    ``segments.parquet`` (one row per segment), ``utterances.parquet`` (see the module docstring for
+    ``embed.utterance``) and ``rejects.parquet`` are written there; the comparison stage passes its
+    own directory and encoder. ``utterances_only`` (the comparison stage, whose metrics are all
+    utterance-level) skips the segment pass and its table where ``embed.utterance: file`` makes
+    the utterance embeddings without it.
 
     Finished batches are staged as parts under ``data/work/`` (see :mod:`voiceprint.parts`) at least
     every ``part_every_s`` seconds, so a killed run resumes where it stopped and loses at most that
@@ -233,42 +323,40 @@ def embed_segments(
     out_dir = Path(out_dir) if out_dir is not None else layout.embeddings
     device = pick_device(params.device) if encoder is None else encoder.device
     encoder = encoder or load_pipeline_encoder(layout, device)
-    segments = pq.read_table(layout.segments)
-    seg = segments.to_pydict()
-    n = segments.num_rows
-    items = [_Item(layout.resolve(p), s, e) for p, s, e in zip(seg["path"], seg["start_s"], seg["end_s"])]
-    durations = _durations(seg)
-    batches = batch_plan(durations, params, encoder)
+    segments, files = _passes(layout, params, encoder)
+    skip_segments = utterances_only and files is not None
 
-    source = _source(layout, encoder, params, batches)
-    store = PartStore.open(layout.data / "work", _staging_key(layout, out_dir), source)
-    done = store.done_units()
-    todo = [k for k in range(len(batches)) if k not in done]
-    if done:
-        log.info("embed: resuming, %d of %d batches already staged in %s", len(done), len(batches), store.directory)
-
+    source = _source(layout, encoder, params, segments, files) + ("-utterances" if skip_segments else "")
+    key = _staging_key(layout, out_dir)
+    stores: dict[str, PartStore] = {}
+    if not skip_segments:
+        stores["segments"] = PartStore.open(layout.data / "work", key, source)
+    if files is not None:
+        stores["files"] = PartStore.open(layout.data / "work", key + "_files", source)
     seg_schema = schema.embedding_schema(encoder.dim)
     started = time.perf_counter()
-    stager = _Stager(store, seg_schema, rows_per_group, part_every_s)
-    stream = run_encoder(encoder, items, durations, params, batches=[batches[k] for k in todo], progress=progress)
-    for unit, (idx, vectors, bad) in zip(todo, stream):
-        rows = _segment_batch(seg, idx, vectors, encoder.model_id, seg_schema) if idx else None
-        stager.add(unit, rows, [{"path": seg["path"][i], "stage": "embed", "reason": r} for i, r in bad])
-    stager.flush()
+    resumed, audio_s = 0, 0.0
+    for name, work in (("segments", segments), ("files", files)):
+        if name in stores:
+            r, a = _run_pass(stores[name], work, encoder, params, seg_schema, progress=progress,
+                             rows_per_group=rows_per_group, part_every_s=part_every_s, name=name)
+            resumed, audio_s = resumed + r, audio_s + a
     elapsed = time.perf_counter() - started
 
     (out_dir / EMBED_SUMMARY).unlink(missing_ok=True)  # the tables below are about to change
-    counts = _merge_parts(store, out_dir, layout, seg_schema, encoder, rows_per_group)
-    store.remove()
-    audio_s = float(sum(durations[batches[k]].sum() for k in todo))
+    counts = _merge_parts(stores.get("segments"), out_dir, layout, seg_schema, encoder, rows_per_group,
+                          file_store=stores.get("files"), segment_rows=segments.rows)
+    for store in stores.values():
+        store.remove()
     summary = {
         **counts,
         "dim": encoder.dim,
         "model_id": encoder.model_id,
+        "utterance": params.utterance,
         "device": str(device),
         "precision": dtype_name(engine_dtype(encoder, params)),
-        "resumed_batches": len(done),
-        "audio_s": round(float(durations.sum()), 2),
+        "resumed_batches": resumed,
+        "audio_s": round(float(segments.durations.sum()), 2),
         "seconds": round(elapsed, 2),
         "realtime_factor": round(audio_s / elapsed, 1) if elapsed > 0 and audio_s else None,
     }
@@ -280,7 +368,7 @@ def embed_segments(
 #: that determines them (:func:`_source`), which is what :func:`reuse_embeddings` checks. No timings:
 #: a rerun that writes the same vectors must leave the directory byte-identical for DVC.
 EMBED_SUMMARY = "embed.json"
-_STABLE = ("segments", "utterances", "rejected", "dim", "model_id", "precision", "audio_s")
+_STABLE = ("segments", "utterances", "rejected", "dim", "model_id", "utterance", "precision", "audio_s")
 _TIMING = ("device", "seconds", "realtime_factor")
 _TABLES = ("segments.parquet", "utterances.parquet", "rejects.parquet")
 
@@ -289,10 +377,11 @@ def _durations(segments: dict[str, list]) -> np.ndarray:
     return np.asarray(segments["end_s"], dtype=np.float64) - np.asarray(segments["start_s"], dtype=np.float64)
 
 
-def _source(layout: Layout, encoder: SpeakerEncoder, params: EmbedParams, batches: list[np.ndarray]) -> str:
-    """Digest of the inputs that fix the output tables: segments, weights, precision and batch plan."""
+def _source(layout: Layout, encoder: SpeakerEncoder, params: EmbedParams, segments: _Pass, files: _Pass | None) -> str:
+    """Digest of the inputs that fix the output tables: segments, weights, precision, utterance way and batch plans."""
+    file_plan = None if files is None else (files.rows["start_s"], files.rows["end_s"], [b.tolist() for b in files.batches])
     return fingerprint(layout.segments, encoder.model_id, encoder.dim, str(engine_dtype(encoder, params)),
-                       [b.tolist() for b in batches], _BATCH_PLAN_VERSION)
+                       [b.tolist() for b in segments.batches], params.utterance, file_plan, _BATCH_PLAN_VERSION)
 
 
 def reuse_embeddings(
@@ -310,8 +399,7 @@ def reuse_embeddings(
     if Path(out_dir).resolve() == src.resolve() or not summary_path.exists():
         return None
     summary = json.loads(summary_path.read_text())
-    durations = _durations(pq.read_table(layout.segments, columns=["start_s", "end_s"]).to_pydict())
-    if summary.get("source") != _source(layout, encoder, params, batch_plan(durations, params, encoder)):
+    if summary.get("source") != _source(layout, encoder, params, *_passes(layout, params, encoder)):
         return None
     if not all((src / name).exists() for name in _TABLES):
         return None
@@ -335,7 +423,7 @@ def reuse_embeddings(
 
 # Bump when length_buckets or the engine's batching changes: staged parts from another plan would
 # mix batch compositions.
-_BATCH_PLAN_VERSION = 1
+_BATCH_PLAN_VERSION = 2
 
 
 def _staging_key(layout: Layout, out_dir: Path) -> str:
@@ -372,18 +460,56 @@ class _Stager:
 
 
 def _merge_parts(
-    store: PartStore, out_dir: Path, layout: Layout, seg_schema: pa.Schema, encoder: SpeakerEncoder, rows_per_group: int
+    store: PartStore | None, out_dir: Path, layout: Layout, seg_schema: pa.Schema, encoder: SpeakerEncoder,
+    rows_per_group: int, *, file_store: PartStore | None = None, segment_rows: dict[str, list] | None = None,
 ) -> dict[str, int]:
     """Staged parts -> the final segment, utterance and rejects tables, each replaced atomically.
 
     Rows are re-cut into fixed-size row groups, so the file does not depend on where a run was killed.
+    With a ``file_store`` (``embed.utterance: file``) an utterance's vector is the mean of its file
+    chunks' embeddings; its other columns (speech span, segment count) still come from the segments.
+    Without a segment ``store`` (``utterances_only``) no segment table is written and those columns
+    come from ``segment_rows``.
     """
     utt_sums: dict[str, np.ndarray] = {}
     utt_meta: dict[str, dict[str, Any]] = {}
     rejects: list[dict[str, str]] = []
     written = 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(out_dir / layout.segment_embeddings.name, suffix=".parquet") as tmp:
+    if store is None:
+        assert file_store is not None and segment_rows is not None, "utterances need segments or whole files"
+        utt_meta = _segment_meta(segment_rows)
+        (out_dir / layout.segment_embeddings.name).unlink(missing_ok=True)  # not this run's: no stale table
+    else:
+        written = _write_segment_table(store, out_dir / layout.segment_embeddings.name, seg_schema, rows_per_group,
+                                       utt_sums, utt_meta, rejects)
+    if file_store is not None:
+        file_sums: dict[str, np.ndarray] = {}
+        file_meta: dict[str, dict[str, Any]] = {}
+        rejected = {r["path"] for r in rejects}  # a file the segment pass rejected is reported once
+        for part, table in file_store.iter_tables():
+            rejects.extend(r for r in part.rejects if r["path"] not in rejected)
+            _accumulate_table(file_sums, file_meta, table)
+        if store is None:
+            utt_sums = {u: file_sums[u] for u in utt_meta if u in file_sums}
+        missing = sorted(set(utt_sums) - set(file_sums))
+        if missing:
+            log.warning("embed: %d utterance(s) could not be embedded whole and keep the mean of their segments: %s",
+                        len(missing), ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        utt_sums = {u: file_sums.get(u, v) for u, v in utt_sums.items()}
+    utterances = _utterance_table(utt_sums, utt_meta, encoder)
+    atomic.write_table(out_dir / layout.utterance_embeddings.name, utterances)
+    atomic.write_table(out_dir / "rejects.parquet", pa.Table.from_pylist(rejects, schema=schema.REJECTS))
+    return {"segments": written, "utterances": utterances.num_rows, "rejected": len(rejects)}
+
+
+def _write_segment_table(
+    store: PartStore, target: Path, seg_schema: pa.Schema, rows_per_group: int,
+    utt_sums: dict[str, np.ndarray], utt_meta: dict[str, dict[str, Any]], rejects: list[dict[str, str]],
+) -> int:
+    """The staged segment parts as one table in fixed row groups; fills the per-utterance sums and rejects."""
+    written = 0
+    with atomic.atomic_path(target, suffix=".parquet") as tmp:
         with pq.ParquetWriter(tmp, seg_schema) as writer:
             buffer: list[pa.Table] = []
             buffered = 0
@@ -401,10 +527,17 @@ def _merge_parts(
             if buffered:
                 writer.write_table(pa.concat_tables(buffer), row_group_size=rows_per_group)
                 written += buffered
-    utterances = _utterance_table(utt_sums, utt_meta, encoder)
-    atomic.write_table(out_dir / layout.utterance_embeddings.name, utterances)
-    atomic.write_table(out_dir / "rejects.parquet", pa.Table.from_pylist(rejects, schema=schema.REJECTS))
-    return {"segments": written, "utterances": utterances.num_rows, "rejected": len(rejects)}
+    return written
+
+
+def _segment_meta(rows: dict[str, list]) -> dict[str, dict[str, Any]]:
+    """Per utterance: speaker, split, speech span and segment count, from the segment table itself."""
+    meta: dict[str, dict[str, Any]] = {}
+    for utt, spk, split, a, b in zip(rows["utterance_id"], rows["speaker_id"], rows["split"], rows["start_s"], rows["end_s"]):
+        m = meta.setdefault(utt, {"speaker_id": spk, "split": split, "start_s": a, "end_s": b, "num_segments": 0})
+        m["start_s"], m["end_s"] = min(m["start_s"], a), max(m["end_s"], b)
+        m["num_segments"] += 1
+    return meta
 
 
 def _segment_batch(seg: dict[str, list], idx: list[int], vectors: np.ndarray, model_id: str, sch: pa.Schema) -> pa.RecordBatch:
@@ -438,7 +571,7 @@ def _accumulate_table(sums: dict[str, np.ndarray], meta: dict[str, dict[str, Any
 
 
 def _utterance_table(sums: dict[str, np.ndarray], meta: dict[str, dict[str, Any]], encoder: SpeakerEncoder) -> pa.Table:
-    """Utterance embedding = mean of its (normalised) segment embeddings, renormalised."""
+    """Utterance embedding = the renormalised sum of its normalised segment (or file chunk) embeddings."""
     sch = schema.embedding_schema(encoder.dim, utterance_level=True)
     ids = sorted(sums)
     vectors = schema.l2_normalise(np.stack([sums[u] for u in ids])) if ids else np.zeros((0, encoder.dim), np.float32)
@@ -455,22 +588,28 @@ def _utterance_table(sums: dict[str, np.ndarray], meta: dict[str, dict[str, Any]
     return pa.Table.from_arrays([cols[f.name] for f in sch], schema=sch)
 
 
-def embed_utterance_file(encoder: SpeakerEncoder, path: str | Path, vad_params: Any | None = None) -> np.ndarray:
-    """One utterance embedding the way the pipeline builds them: VAD segments, mean, renormalise.
+def embed_utterance_file(
+    encoder: SpeakerEncoder, path: str | Path, vad_params: Any | None = None, embed_params: EmbedParams | None = None
+) -> np.ndarray:
+    """One utterance embedding the way the pipeline builds them (``embed.utterance``).
 
     Used by ``verify``/``identify``/``enroll`` so ad-hoc files are scored in the same space as the
-    indexed ones. Falls back to the whole file when VAD finds no segment (short clips).
+    indexed ones. ``file``: the whole file in one pass (chunked like the embed stage); ``segments``:
+    VAD segments, mean, renormalise, falling back to the whole file when VAD finds no segment.
     """
     from voiceprint.config import VadParams
     from voiceprint.vad import detect
 
-    vad_params = vad_params or VadParams()
+    embed_params = embed_params or EmbedParams()
     duration = audio.probe(path).duration_s
-    spans = detect(path, duration, vad_params) or [None]
+    if embed_params.utterance == "file":
+        spans = utterance_chunks(duration, embed_params.utterance_chunk_s)
+    else:
+        found = detect(path, duration, vad_params or VadParams())
+        spans = [(s.start_s, s.end_s) for s in found] or [(0.0, None)]
     vectors = []
     with torch.inference_mode():
-        for span in spans:
-            wav = audio.load(path) if span is None else audio.load(path, span.start_s, span.end_s)
-            x = torch.from_numpy(wav).unsqueeze(0).to(encoder.device)
+        for start_s, end_s in spans:
+            x = torch.from_numpy(audio.load(path, start_s, end_s)).unsqueeze(0).to(encoder.device)
             vectors.append(encoder.embed(x, torch.ones(1, device=encoder.device)).float().cpu().numpy()[0])
     return schema.l2_normalise(schema.l2_normalise(np.stack(vectors)).mean(axis=0, keepdims=True))[0]

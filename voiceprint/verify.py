@@ -66,7 +66,7 @@ class Verifier:
     def embed(self, path: str | Path) -> np.ndarray:
         if not Path(path).is_file():
             raise VerifyError(f"{path}: no such file")
-        return embed_utterance_file(self.encoder, path, self.params.vad)
+        return embed_utterance_file(self.encoder, path, self.params.vad, self.params.embed)
 
     def score(self, a: str | Path, b: str | Path) -> float:
         return float(self.embed(a) @ self.embed(b))
