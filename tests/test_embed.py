@@ -237,3 +237,29 @@ def test_only_autocast_safe_encoders_run_in_reduced_precision(encoder):
 
     assert encoder.autocast_safe and SpeakerEncoder.autocast_safe is False
     assert engine_dtype(encoder, EmbedParams(amp=False)) is None
+
+
+def test_file_pass_resolves_project_relative_paths_from_any_directory(
+    tmp_path: Path, encoder, test_other_files: list[Path], monkeypatch
+):
+    """segments.parquet stores paths relative to the project; the whole-file pass must find them from any cwd."""
+    import shutil
+
+    layout = Layout.at(tmp_path / "project")
+    raw = layout.root / "data" / "raw"
+    raw.mkdir(parents=True)
+    f = test_other_files[7]
+    shutil.copy(f, raw / f.name)
+    _segments(layout, [raw / f.name])
+    table = pq.read_table(layout.segments)
+    relative = pa.array([str(Path(p).relative_to(layout.root)) for p in table.column("path").to_pylist()])
+    pq.write_table(table.set_column(table.schema.get_field_index("path"), "path", relative), layout.segments)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    embed_segments(layout, EmbedParams(amp=False), encoder=encoder, progress=False)
+    got = schema.embeddings_matrix(pq.read_table(layout.utterance_embeddings))[0]
+    segment_mean = schema.l2_normalise(schema.embeddings_matrix(pq.read_table(layout.segment_embeddings)).sum(0, keepdims=True))[0]
+    assert not np.allclose(got, segment_mean, atol=1e-6), "fell back to the segments' mean: the file was not found"
+    assert float(got @ _one_call(encoder, raw / f.name)) > 0.999

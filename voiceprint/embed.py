@@ -233,7 +233,7 @@ def utterance_chunks(duration_s: float, chunk_s: float) -> list[tuple[float, flo
     return [(k * step, duration_s if k == n - 1 else (k + 1) * step) for k in range(n)]
 
 
-def _file_chunk_rows(seg: dict[str, list], chunk_s: float) -> dict[str, list]:
+def _file_chunk_rows(layout: Layout, seg: dict[str, list], chunk_s: float) -> dict[str, list]:
     """Rows (the segment table's columns) for the whole-file pass: the chunks of every utterance that has a segment."""
     rows: dict[str, list] = {k: [] for k in ("segment_id", "utterance_id", "speaker_id", "split", "path", "start_s", "end_s")}
     seen: set[str] = set()
@@ -242,9 +242,9 @@ def _file_chunk_rows(seg: dict[str, list], chunk_s: float) -> dict[str, list]:
             continue
         seen.add(utt)
         try:
-            duration = audio.probe(seg["path"][i]).duration_s
+            duration = audio.probe(layout.resolve(seg["path"][i])).duration_s
         except audio.AudioError:
-            duration = float(max(e for u, e in zip(seg["utterance_id"], seg["end_s"]) if u == utt))
+            continue  # unreadable: the segment pass rejects it, or the utterance keeps its segments' mean
         for k, (a, b) in enumerate(utterance_chunks(duration, chunk_s)):
             for key, value in (("segment_id", f"{utt}@file{k:03d}"), ("utterance_id", utt), ("speaker_id", seg["speaker_id"][i]),
                                ("split", seg["split"][i]), ("path", seg["path"][i]), ("start_s", a), ("end_s", b)):
@@ -274,7 +274,7 @@ def _passes(layout: Layout, params: EmbedParams, encoder: SpeakerEncoder) -> tup
     segments = _Pass.plan(layout, seg, params, encoder)
     if params.utterance != "file":
         return segments, None
-    return segments, _Pass.plan(layout, _file_chunk_rows(seg, params.utterance_chunk_s), params, encoder)
+    return segments, _Pass.plan(layout, _file_chunk_rows(layout, seg, params.utterance_chunk_s), params, encoder)
 
 
 def _run_pass(
@@ -423,7 +423,7 @@ def reuse_embeddings(
 
 # Bump when length_buckets or the engine's batching changes: staged parts from another plan would
 # mix batch compositions.
-_BATCH_PLAN_VERSION = 2
+_BATCH_PLAN_VERSION = 1
 
 
 def _staging_key(layout: Layout, out_dir: Path) -> str:
