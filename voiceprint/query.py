@@ -6,7 +6,7 @@
 view            file                                        columns
 ==============  ==========================================  =====================================
 ``embeddings``  ``data/embeddings/segments.parquet``        one row per VAD segment, ``embedding``
-``utterances``  ``data/embeddings/utterances.parquet``      one row per utterance (mean), ``embedding``
+``utterances``  ``data/embeddings/utterances.parquet``      one row per utterance (embed.utterance), ``embedding``
 ``segments``    ``data/segments.parquet``                   VAD segments, no embeddings
 ``manifest``    ``data/manifest.parquet`` (when present)    acquired audio files
 ``rejects``     ``data/rejects/*.parquet`` + embed rejects  path, stage, reason (when present)
