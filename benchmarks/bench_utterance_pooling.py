@@ -133,10 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         "segment_mean": segment_mean,
         "duration_weighted": l2_normalise(np.stack([(vectors[r] * duration[r, None]).sum(0) for r in map(rows_of.get, ids)])),
         "centered": l2_normalise(segment_mean - segment_mean[~is_eval].mean(0)),
-        "speech_concat": l2_normalise(_one_pass(encoder, [
-            np.concatenate([files[u][int(seg["start_s"][i] * sr):int(seg["end_s"][i] * sr)] for i in rows_of[u]])
-            for u in ids
-        ])),
+        "speech_concat": l2_normalise(_one_pass(encoder, [np.concatenate([segment_waves[i] for i in rows_of[u]]) for u in ids])),
         "whole_file": l2_normalise(_one_pass(encoder, [files[u] for u in ids])),
         "segment_float32": pooled(_one_pass(encoder, segment_waves)),
         **({"segment_bf16": pooled(_one_pass(encoder, segment_waves, bf16))} if bf16 is not None else {}),

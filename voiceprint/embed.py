@@ -485,18 +485,18 @@ def _merge_parts(
                                        utt_sums, utt_meta, rejects)
     if file_store is not None:
         file_sums: dict[str, np.ndarray] = {}
-        file_meta: dict[str, dict[str, Any]] = {}
         rejected = {r["path"] for r in rejects}  # a file the segment pass rejected is reported once
         for part, table in file_store.iter_tables():
             rejects.extend(r for r in part.rejects if r["path"] not in rejected)
-            _accumulate_table(file_sums, file_meta, table)
-        if store is None:
+            _accumulate_table(file_sums, None, table)
+        if store is None:  # no segment embeddings to fall back on
             utt_sums = {u: file_sums[u] for u in utt_meta if u in file_sums}
-        missing = sorted(set(utt_sums) - set(file_sums))
-        if missing:
-            log.warning("embed: %d utterance(s) could not be embedded whole and keep the mean of their segments: %s",
-                        len(missing), ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
-        utt_sums = {u: file_sums.get(u, v) for u, v in utt_sums.items()}
+        else:
+            missing = sorted(set(utt_sums) - set(file_sums))
+            if missing:
+                log.warning("embed: %d utterance(s) could not be embedded whole and keep the mean of their segments: %s",
+                            len(missing), ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+            utt_sums = {u: file_sums.get(u, v) for u, v in utt_sums.items()}
     utterances = _utterance_table(utt_sums, utt_meta, encoder)
     atomic.write_table(out_dir / layout.utterance_embeddings.name, utterances)
     atomic.write_table(out_dir / "rejects.parquet", pa.Table.from_pylist(rejects, schema=schema.REJECTS))
@@ -530,9 +530,9 @@ def _write_segment_table(
     return written
 
 
-def _segment_meta(rows: dict[str, list]) -> dict[str, dict[str, Any]]:
-    """Per utterance: speaker, split, speech span and segment count, from the segment table itself."""
-    meta: dict[str, dict[str, Any]] = {}
+def _segment_meta(rows: dict[str, list], meta: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per utterance: speaker, split, speech span and segment count of ``rows`` (segment-table columns), added to ``meta``."""
+    meta = {} if meta is None else meta
     for utt, spk, split, a, b in zip(rows["utterance_id"], rows["speaker_id"], rows["split"], rows["start_s"], rows["end_s"]):
         m = meta.setdefault(utt, {"speaker_id": spk, "split": split, "start_s": a, "end_s": b, "num_segments": 0})
         m["start_s"], m["end_s"] = min(m["start_s"], a), max(m["end_s"], b)
@@ -554,20 +554,20 @@ def _segment_batch(seg: dict[str, list], idx: list[int], vectors: np.ndarray, mo
     return pa.RecordBatch.from_arrays([cols[f.name] for f in sch], schema=sch)
 
 
-def _accumulate_table(sums: dict[str, np.ndarray], meta: dict[str, dict[str, Any]], table: pa.Table) -> None:
-    """Add a part's segment embeddings to per-utterance running sums (memory: one vector per utterance)."""
+def _accumulate_table(sums: dict[str, np.ndarray], meta: dict[str, dict[str, Any]] | None, table: pa.Table) -> None:
+    """Add a part's embeddings to per-utterance running sums (memory: one vector per utterance).
+
+    ``meta`` (speech span, segment count) is updated too where given; file chunks pass None, their
+    utterances' other columns come from the segments.
+    """
     cols = table.select(["utterance_id", "speaker_id", "split", "start_s", "end_s"]).to_pydict()
     vectors = schema.embeddings_matrix(table)
     for row, utt in enumerate(cols["utterance_id"]):
         if utt not in sums:
             sums[utt] = np.zeros(vectors.shape[1], dtype=np.float64)
-            meta[utt] = {"speaker_id": cols["speaker_id"][row], "split": cols["split"][row],
-                         "start_s": cols["start_s"][row], "end_s": cols["end_s"][row], "num_segments": 0}
         sums[utt] += vectors[row]
-        m = meta[utt]
-        m["start_s"] = min(m["start_s"], cols["start_s"][row])
-        m["end_s"] = max(m["end_s"], cols["end_s"][row])
-        m["num_segments"] += 1
+    if meta is not None:
+        _segment_meta(cols, meta)
 
 
 def _utterance_table(sums: dict[str, np.ndarray], meta: dict[str, dict[str, Any]], encoder: SpeakerEncoder) -> pa.Table:
