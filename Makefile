@@ -8,7 +8,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-fast bench prefect-server serve mlflow-ui clean
+.PHONY: install run test test-fast lint format bench prefect-server serve mlflow-ui clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,15 @@ test: install
 
 test-fast: install
 	python -m pytest -q -m 'not slow'
+
+# ruff (configured in pyproject.toml): lint and formatting check, as CI runs them.
+lint: install
+	ruff check .
+	ruff format --check .
+
+format: install
+	ruff check --fix .
+	ruff format .
 
 # Peer vs ours, one JSON line per measurement, then benchmarks/RESULTS.md (~6 min on 2 CPU cores).
 # Run it on an otherwise idle machine: contention distorts the ratios.

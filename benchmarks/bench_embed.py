@@ -5,7 +5,7 @@ Peers (SpeechBrain's own inference class, ``EncoderClassifier.encode_batch``):
 * ``sb_loop``: one file at a time, as it is usually called;
 * ``sb_padded16``: padded batches of 16 files in corpus order (no length bucketing).
 
-Ours: :func:`voiceprint.embed.run_encoder` as the ``embed`` stage runs it with the default
+Ours: :func:`voiceprint.embed.stage.run_encoder` as the ``embed`` stage runs it with the default
 ``embed`` settings (on CPU, for this 20.8 M-parameter model: one segment per call, bf16 autocast
 where the CPU has native bf16, decoding in the main process when no core is free for a worker).
 Three ablations show what each choice earns: ``ours_fp32`` (``amp: false``), ``ours_fp32_batched``
@@ -44,9 +44,9 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import REPO, emit, hardware  # noqa: E402
-from voiceprint import schema  # noqa: E402
+from voiceprint.common import schema  # noqa: E402
 from voiceprint.config import EmbedParams  # noqa: E402
-from voiceprint.embed import _Item, engine_dtype, run_encoder  # noqa: E402
+from voiceprint.embed.stage import _Item, engine_dtype, run_encoder  # noqa: E402
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint  # noqa: E402
 
 EXCERPTS = REPO.parent / "shared" / "datasets" / "librispeech-excerpts" / "test-other"
@@ -95,7 +95,7 @@ class Peers:
         out = []
         with torch.inference_mode():
             for start in range(0, len(self.files), batch):
-                wavs = [decode(p) for p, _ in self.files[start:start + batch]]
+                wavs = [decode(p) for p, _ in self.files[start : start + batch]]
                 longest = max(len(w) for w in wavs)
                 padded = torch.zeros(len(wavs), longest)
                 for row, w in enumerate(wavs):
@@ -108,8 +108,14 @@ class Peers:
 class Ours:
     """The embed stage's engine over whole files (each file one segment)."""
 
-    def __init__(self, model_dir: Path, files: list[tuple[Path, float]], params: EmbedParams, device: str = "cpu",
-                 num_workers: int | None = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        files: list[tuple[Path, float]],
+        params: EmbedParams,
+        device: str = "cpu",
+        num_workers: int | None = None,
+    ):
         self.num_workers = num_workers
         self.items = [_Item(p, 0.0, d) for p, d in files]
         self.durations = np.array([d for _, d in files])
@@ -119,20 +125,23 @@ class Ours:
 
     def run(self) -> np.ndarray:
         out = np.zeros((len(self.items), self.encoder.dim), dtype=np.float32)
-        for idx, vectors, bad in run_encoder(self.encoder, self.items, self.durations, self.params, progress=False,
-                                                 num_workers=self.num_workers):
+        for idx, vectors, bad in run_encoder(
+            self.encoder, self.items, self.durations, self.params, progress=False, num_workers=self.num_workers
+        ):
             assert not bad, bad
             out[idx] = vectors
         return out
 
 
-def interleaved(methods: dict[str, Callable[[], np.ndarray]], rounds: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def interleaved(
+    methods: dict[str, Callable[[], np.ndarray]], rounds: int
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Median seconds per method over ``rounds`` round-robin repetitions (order rotated each round)."""
     names = list(methods)
     times: dict[str, list[float]] = {n: [] for n in names}
     outputs: dict[str, np.ndarray] = {}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             started = time.perf_counter()
             outputs[name] = methods[name]()
             times[name].append(time.perf_counter() - started)
@@ -143,8 +152,9 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(schema.l2_normalise(a) * schema.l2_normalise(b), axis=1)
 
 
-def gpu_record(model_dir: Path, files: list[tuple[Path, float]], rounds: int, audio_s: float,
-               channels: int, reference: np.ndarray) -> dict:
+def gpu_record(
+    model_dir: Path, files: list[tuple[Path, float]], rounds: int, audio_s: float, channels: int, reference: np.ndarray
+) -> dict:
     name = torch.cuda.get_device_name(0)
     ours = Ours(model_dir, files, EmbedParams(device="cuda", amp=True, max_batch_s=600.0), device="cuda")
     ours.run()  # warm-up: cuDNN autotuning, allocator
@@ -154,7 +164,9 @@ def gpu_record(model_dir: Path, files: list[tuple[Path, float]], rounds: int, au
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     gflop = GFLOP_PER_AUDIO_S_C1024 * (channels / 1024) ** 2
     return {
-        "device": name, "precision": ours.precision, "realtime_factor": round(rtf, 1),
+        "device": name,
+        "precision": ours.precision,
+        "realtime_factor": round(rtf, 1),
         "roofline_fraction": round(rtf * gflop * 1e9 / (peak * 1e12), 4) if peak else None,
         "min_cosine_vs_sb_fp32": round(float(cosines(outputs["ours_cuda"], reference).min()), 6),
         "target_realtime_factor": TARGETS["gpu_realtime_factor"],
@@ -187,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         }
 
         methods: dict[str, Callable[[], np.ndarray]] = {
-            "sb_loop": peers.loop, "ours": ours.run, **{name: o.run for name, o in ablations.items()}}
+            "sb_loop": peers.loop,
+            "ours": ours.run,
+            **{name: o.run for name, o in ablations.items()},
+        }
         if not args.no_padded:
             methods["sb_padded16"] = peers.padded
         for name, fn in methods.items():  # warm-up: allocator, oneDNN primitives
@@ -209,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_vs_sb_loop": round(rtf["ours"] / rtf["sb_loop"], 2),
             "min_cosine_vs_sb_fp32": round(float(cosines(outputs["ours"], reference).min()), 6),
             "ablations": {
-                name: {"realtime_factor": round(rtf[name], 1), "ratio_vs_sb_loop": round(rtf[name] / rtf["sb_loop"], 2),
-                       "min_cosine_vs_sb_fp32": round(float(cosines(outputs[name], reference).min()), 6)}
+                name: {
+                    "realtime_factor": round(rtf[name], 1),
+                    "ratio_vs_sb_loop": round(rtf[name] / rtf["sb_loop"], 2),
+                    "min_cosine_vs_sb_fp32": round(float(cosines(outputs[name], reference).min()), 6),
+                }
                 for name in ablations
             },
             "torch_threads": torch.get_num_threads(),
@@ -219,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         if "sb_padded16" in rtf:
             record["peer_padded16_realtime_factor"] = round(rtf["sb_padded16"], 1)
             record["ratio_vs_sb_padded16"] = round(rtf["ours"] / rtf["sb_padded16"], 2)
-            record["min_cosine_sb_padded16_vs_sb_loop"] = round(float(cosines(outputs["sb_padded16"], reference).min()), 6)
+            record["min_cosine_sb_padded16_vs_sb_loop"] = round(
+                float(cosines(outputs["sb_padded16"], reference).min()), 6
+            )
         record["meets_targets"] = bool(
             record["ratio_vs_sb_loop"] >= TARGETS["vs_sb_loop"]
             and record.get("ratio_vs_sb_padded16", float("inf")) >= TARGETS["vs_sb_padded16"]

@@ -6,7 +6,7 @@ scaled so two utterances of one speaker have cosine ``--within-cos`` (0.7, like 
 scores) and two speakers ~0. Rows are stored speaker by speaker, as the pipeline's embedding tables
 are (sorted by utterance id). Queries are fresh utterances of existing speakers (not in the index).
 
-Every index is built with the pipeline's own :func:`voiceprint.index.build_index` and
+Every index is built with the pipeline's own :func:`voiceprint.index.stage.build_index` and
 :class:`~voiceprint.config.IndexParams`, so the numbers are those of ``index:`` settings in
 ``params.yaml``. One JSON line per (size, index): build time, serialized size, RSS delta and peak
 during the build, latency p50/p99 at batch 1 and batch 1024, recall@1 against the exact Flat top-1,
@@ -45,7 +45,7 @@ from benchmarks.common import (  # noqa: E402
     rss_mb,
 )
 from voiceprint.config import IndexParams  # noqa: E402
-from voiceprint.index import build_index, gpu_available, speaker_centroids, to_cpu  # noqa: E402
+from voiceprint.index.stage import build_index, gpu_available, speaker_centroids, to_cpu  # noqa: E402
 
 DIM = 192
 TARGET = {"n": 1_000_000, "recall_at_1": 0.99, "p50_ms_b1": 5.0}
@@ -74,8 +74,12 @@ def _unit_rows(a: np.ndarray) -> np.ndarray:
 
 
 def utterances(
-    rng: np.random.Generator, centroids: np.ndarray, labels: np.ndarray, scale: float,
-    out: np.ndarray | None = None, chunk: int = 65536,
+    rng: np.random.Generator,
+    centroids: np.ndarray,
+    labels: np.ndarray,
+    scale: float,
+    out: np.ndarray | None = None,
+    chunk: int = 65536,
 ) -> np.ndarray:
     """Unit vectors around ``centroids[labels]``, generated in chunks into ``out`` (float32)."""
     n, d = len(labels), centroids.shape[1]
@@ -93,8 +97,7 @@ def utterances(
 class Dataset:
     """Base vectors, their speaker labels, and held-out queries of the same speakers."""
 
-    def __init__(self, n: int, per_speaker: int, within_cos: float, n_queries: int, batch: int,
-                 seed: int) -> None:
+    def __init__(self, n: int, per_speaker: int, within_cos: float, n_queries: int, batch: int, seed: int) -> None:
         rng = np.random.default_rng([seed, n])
         self.n, self.per_speaker = n, per_speaker
         self.speakers = max(1, math.ceil(n / per_speaker))
@@ -111,8 +114,9 @@ class Dataset:
     def _cosine_stats(self, rng: np.random.Generator, pairs: int = 20000) -> dict[str, float | None]:
         """Measured cosines: two utterances of one speaker, and of two different speakers."""
         i = rng.integers(0, self.n, pairs)
-        mate = np.minimum(self.labels[i].astype(np.int64) * self.per_speaker
-                          + rng.integers(0, self.per_speaker, pairs), self.n - 1)
+        mate = np.minimum(
+            self.labels[i].astype(np.int64) * self.per_speaker + rng.integers(0, self.per_speaker, pairs), self.n - 1
+        )
         other = rng.integers(0, self.n, pairs)
         same = (self.labels[mate] == self.labels[i]) & (mate != i)
         diff = self.labels[other] != self.labels[i]
@@ -129,8 +133,13 @@ class Dataset:
         }
 
     def describe(self) -> dict[str, Any]:
-        return {"speakers": self.speakers, "per_speaker": self.per_speaker,
-                "dim": DIM, "queries": len(self.q), **self.stats}
+        return {
+            "speakers": self.speakers,
+            "per_speaker": self.per_speaker,
+            "dim": DIM,
+            "queries": len(self.q),
+            **self.stats,
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,8 +168,9 @@ def time_batches(index: faiss.Index, qb: np.ndarray, k: int, reps: int, cap_s: f
     return _time_searches(index, (qb for _ in range(reps)), k, min_samples=2, cap_s=cap_s)
 
 
-def _time_searches(index: faiss.Index, queries: Iterable[np.ndarray], k: int, *, min_samples: int,
-                   cap_s: float) -> list[float]:
+def _time_searches(
+    index: faiss.Index, queries: Iterable[np.ndarray], k: int, *, min_samples: int, cap_s: float
+) -> list[float]:
     """Seconds per ``index.search`` of each query array; stops early past ``cap_s`` once
     ``min_samples`` are in."""
     samples: list[float] = []
@@ -177,8 +187,12 @@ def _time_searches(index: faiss.Index, queries: Iterable[np.ndarray], k: int, *,
 def latency_fields(b1: list[float], bb: list[float], batch: int) -> dict[str, Any]:
     p1, pb = percentiles(b1), percentiles(bb)
     return {
-        "p50_ms_b1": p1["p50_ms"], "p99_ms_b1": p1["p99_ms"], "samples_b1": len(b1),
-        f"p50_ms_b{batch}": pb["p50_ms"], f"p99_ms_b{batch}": pb["p99_ms"], f"samples_b{batch}": len(bb),
+        "p50_ms_b1": p1["p50_ms"],
+        "p99_ms_b1": p1["p99_ms"],
+        "samples_b1": len(b1),
+        f"p50_ms_b{batch}": pb["p50_ms"],
+        f"p99_ms_b{batch}": pb["p99_ms"],
+        f"samples_b{batch}": len(bb),
         f"per_query_us_b{batch}": round(pb["p50_ms"] * 1e3 / batch, 3) if bb else None,
         f"qps_b{batch}": round(batch / (pb["p50_ms"] / 1e3)) if bb and pb["p50_ms"] else None,
     }
@@ -211,8 +225,11 @@ def effective_settings(index: faiss.Index) -> dict[str, Any]:
     except Exception:
         pass
     if isinstance(cpu, faiss.IndexHNSW):
-        out.update(hnsw_m=int(cpu.hnsw.nb_neighbors(1)), ef_search=int(cpu.hnsw.efSearch),
-                   ef_construction=int(cpu.hnsw.efConstruction))
+        out.update(
+            hnsw_m=int(cpu.hnsw.nb_neighbors(1)),
+            ef_search=int(cpu.hnsw.efSearch),
+            ef_construction=int(cpu.hnsw.efConstruction),
+        )
     return out
 
 
@@ -235,8 +252,13 @@ def params_for(kind: str, n: int, args: argparse.Namespace, use_gpu: str = "neve
         nlist = auto_nlist(n) if args.ivf_nlist == "auto" else int(args.ivf_nlist)
         return IndexParams(type="ivf", nlist=nlist, nprobe=args.ivf_nprobe, use_gpu=use_gpu)
     if kind == "hnsw":
-        return IndexParams(type="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.hnsw_ef_construction,
-                           ef_search=args.hnsw_ef_search, use_gpu="never")
+        return IndexParams(
+            type="hnsw",
+            hnsw_m=args.hnsw_m,
+            ef_construction=args.hnsw_ef_construction,
+            ef_search=args.hnsw_ef_search,
+            use_gpu="never",
+        )
     raise ValueError(kind)
 
 
@@ -261,15 +283,20 @@ def memory_needed_mb(n: int, with_graph: bool, hnsw_m: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def bench_size(n: int, args: argparse.Namespace, hnsw_builds: dict[int, float],
-               results: list[dict[str, Any]]) -> None:
+def bench_size(n: int, args: argparse.Namespace, hnsw_builds: dict[int, float], results: list[dict[str, Any]]) -> None:
     base = {"bench": BENCH, "n": n, "dim": DIM}
     kinds = list(args.types)
     with_graph = "hnsw" in kinds and n <= args.hnsw_max_n
     need, avail = memory_needed_mb(n, with_graph, args.hnsw_m), mem_available_mb()
     if avail is not None and need > avail:
-        emit({**base, "skipped": f"needs ~{need / 1024:.1f} GiB, MemAvailable {avail / 1024:.1f} GiB",
-              "hardware": hardware(threads=args.threads)}, args.out)
+        emit(
+            {
+                **base,
+                "skipped": f"needs ~{need / 1024:.1f} GiB, MemAvailable {avail / 1024:.1f} GiB",
+                "hardware": hardware(threads=args.threads),
+            },
+            args.out,
+        )
         return
 
     t0 = time.perf_counter()
@@ -295,9 +322,15 @@ def bench_size(n: int, args: argparse.Namespace, hnsw_builds: dict[int, float],
         record: dict[str, Any] = {**base, "index": name, "params": params.model_dump()}
         if kind == "hnsw" and n > args.hnsw_max_n:
             est = estimate_hnsw_build_s(hnsw_builds, n)
-            emit({**record, "skipped": f"HNSW build above --hnsw-max-n {args.hnsw_max_n}",
-                  "est_build_s": round(est, 1) if est else None,
-                  "hardware": hardware(threads=args.threads)}, args.out)
+            emit(
+                {
+                    **record,
+                    "skipped": f"HNSW build above --hnsw-max-n {args.hnsw_max_n}",
+                    "est_build_s": round(est, 1) if est else None,
+                    "hardware": hardware(threads=args.threads),
+                },
+                args.out,
+            )
             continue
 
         index, build = build_measured(data.x, params)
@@ -339,8 +372,13 @@ def bench_size(n: int, args: argparse.Namespace, hnsw_builds: dict[int, float],
     gc.collect()
 
 
-def bench_centroids(data: Dataset, base: dict[str, Any], args: argparse.Namespace,
-                    spk_acc_utt: dict[str, float], flat_p50_b1: float | None) -> dict[str, Any]:
+def bench_centroids(
+    data: Dataset,
+    base: dict[str, Any],
+    args: argparse.Namespace,
+    spk_acc_utt: dict[str, float],
+    flat_p50_b1: float | None,
+) -> dict[str, Any]:
     """Speaker-centroid gallery: one mean vector per speaker (``speaker_centroids``), Flat-indexed."""
     t0 = time.perf_counter()
     speakers, centroids, _ = speaker_centroids(data.x, data.labels)
@@ -352,8 +390,13 @@ def bench_centroids(data: Dataset, base: dict[str, Any], args: argparse.Namespac
     bb = time_batches(index, data.qb, args.k, args.batch_reps, args.time_cap)
     top1 = index.search(data.q, 1)[1][:, 0]
     record = {
-        **base, "index": "centroids-flat", "params": params.model_dump(), "speakers": len(speakers),
-        "centroids_s": round(centroid_s, 3), **build, "index_bytes": index_bytes(index),
+        **base,
+        "index": "centroids-flat",
+        "params": params.model_dump(),
+        "speakers": len(speakers),
+        "centroids_s": round(centroid_s, 3),
+        **build,
+        "index_bytes": index_bytes(index),
         **latency_fields(b1, bb, args.batch),
         "speaker_acc": round(float(np.mean(speaker_of_row[top1] == data.q_labels)), 4),
         "speaker_acc_utterance_top1": spk_acc_utt,
@@ -366,8 +409,7 @@ def bench_centroids(data: Dataset, base: dict[str, Any], args: argparse.Namespac
     return record
 
 
-def summary(results: list[dict[str, Any]], args: argparse.Namespace,
-            total_s: float) -> dict[str, Any]:
+def summary(results: list[dict[str, Any]], args: argparse.Namespace, total_s: float) -> dict[str, Any]:
     """Peer (exact Flat) vs ours (the approximate index the pipeline would use) at the largest size:
     the fastest batch-1 index with recall@1 >= 0.99, else the one with the best recall."""
     measured = [r for r in results if r["index"] in ("ivf", "hnsw")]
@@ -376,22 +418,44 @@ def summary(results: list[dict[str, Any]], args: argparse.Namespace,
         n = max(r["n"] for r in measured)
         at_n = [r for r in measured if r["n"] == n]
         good = [r for r in at_n if r["recall_at_1"] >= TARGET["recall_at_1"]]
-        ours = (min(good, key=lambda r: r["p50_ms_b1"]) if good
-                else max(at_n, key=lambda r: (r["recall_at_1"], -r["p50_ms_b1"])))
+        ours = (
+            min(good, key=lambda r: r["p50_ms_b1"])
+            if good
+            else max(at_n, key=lambda r: (r["recall_at_1"], -r["p50_ms_b1"]))
+        )
         flat = next((r for r in results if r["n"] == n and r["index"] == "flat"), None)
         rec.update(
-            n=n, ours=ours["index"], ours_params=ours["effective"],
-            ours_p50_ms_b1=ours["p50_ms_b1"], ours_p99_ms_b1=ours["p99_ms_b1"],
-            ours_recall_at_1=ours["recall_at_1"], ours_build_s=ours["build_s"],
+            n=n,
+            ours=ours["index"],
+            ours_params=ours["effective"],
+            ours_p50_ms_b1=ours["p50_ms_b1"],
+            ours_p99_ms_b1=ours["p99_ms_b1"],
+            ours_recall_at_1=ours["recall_at_1"],
+            ours_build_s=ours["build_s"],
             peer_p50_ms_b1=flat["p50_ms_b1"] if flat else None,
             ratio=ours.get("speedup_vs_flat_b1"),
             **{f"ratio_b{args.batch}": ours.get(f"speedup_vs_flat_b{args.batch}")},
-            target_met=(n >= TARGET["n"] and ours["recall_at_1"] >= TARGET["recall_at_1"]
-                        and ours["p50_ms_b1"] < TARGET["p50_ms_b1"]),
+            target_met=(
+                n >= TARGET["n"]
+                and ours["recall_at_1"] >= TARGET["recall_at_1"]
+                and ours["p50_ms_b1"] < TARGET["p50_ms_b1"]
+            ),
         )
     rec["table"] = [
-        {k: r.get(k) for k in ("n", "index", "build_s", "index_bytes", "p50_ms_b1", "p99_ms_b1",
-                               f"p50_ms_b{args.batch}", "recall_at_1", "speaker_acc")}
+        {
+            k: r.get(k)
+            for k in (
+                "n",
+                "index",
+                "build_s",
+                "index_bytes",
+                "p50_ms_b1",
+                "p99_ms_b1",
+                f"p50_ms_b{args.batch}",
+                "recall_at_1",
+                "speaker_acc",
+            )
+        }
         for r in results
     ]
     if not gpu_available():
@@ -426,21 +490,32 @@ def _types(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sizes", type=_sizes, default=None,
-                   help="comma-separated index sizes, e.g. 100000,1000000 or 100k,1m "
-                        "[default 100k,1m; --quick: 20k]")
-    p.add_argument("--with-10m", action="store_true",
-                   help="add 10M vectors (skipped with a JSON line when MemAvailable is too small)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=None,
+        help="comma-separated index sizes, e.g. 100000,1000000 or 100k,1m [default 100k,1m; --quick: 20k]",
+    )
+    p.add_argument(
+        "--with-10m",
+        action="store_true",
+        help="add 10M vectors (skipped with a JSON line when MemAvailable is too small)",
+    )
     p.add_argument("--types", type=_types, default=["flat", "ivf", "hnsw"], help="index types")
     p.add_argument("--quick", action="store_true", help="smoke run: 20k vectors, few queries")
     p.add_argument("--queries", type=int, default=1000, help="held-out queries for recall@1")
     p.add_argument("--b1-queries", type=int, default=500, help="max single-query timings per index")
     p.add_argument("--batch", type=int, default=1024, help="batch size for the batched timing")
     p.add_argument("--batch-reps", type=int, default=10, help="max batched searches per index")
-    p.add_argument("--time-cap", type=float, default=8.0,
-                   help="stop a latency series after this many seconds (min 20 single / 2 batched)")
+    p.add_argument(
+        "--time-cap",
+        type=float,
+        default=8.0,
+        help="stop a latency series after this many seconds (min 20 single / 2 batched)",
+    )
     p.add_argument("--k", type=int, default=10, help="neighbours per search in the timed searches")
     p.add_argument("--per-speaker", type=int, default=100, help="utterances per synthetic speaker")
     p.add_argument("--within-cos", type=float, default=0.7, help="same-speaker utterance cosine")
@@ -449,9 +524,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node")
     p.add_argument("--hnsw-ef-construction", type=int, default=80, help="HNSW build beam")
     p.add_argument("--hnsw-ef-search", type=int, default=128, help="HNSW search beam")
-    p.add_argument("--hnsw-max-n", type=int, default=100_000,
-                   help="skip HNSW above this size, printing its build time extrapolated from the "
-                        "largest size built (~n log n): at 1M it takes minutes on 2 cores")
+    p.add_argument(
+        "--hnsw-max-n",
+        type=int,
+        default=100_000,
+        help="skip HNSW above this size, printing its build time extrapolated from the "
+        "largest size built (~n log n): at 1M it takes minutes on 2 cores",
+    )
     p.add_argument("--no-centroids", action="store_true", help="skip the speaker-centroid path")
     p.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads [usable CPUs]")
     p.add_argument("--seed", type=int, default=0)

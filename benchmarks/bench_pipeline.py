@@ -3,7 +3,7 @@
 The 1x dataset is the VAD segments of the ``test-other`` excerpts (prepared and segmented once in
 a scratch project); the larger ones repeat those segments under new utterance ids, so the model
 sees k times the audio and the tables have k times the rows. Each size runs the real stage
-function (:func:`voiceprint.embed.embed_segments`) in a fresh process, which reports its own
+function (:func:`voiceprint.embed.stage.embed_segments`) in a fresh process, which reports its own
 peak RSS and that of its decode worker.
 
     python benchmarks/bench_pipeline.py [--scales 1,4,16] [--out FILE]
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.common import REPO, emit, hardware  # noqa: E402
-from voiceprint.layout import Layout  # noqa: E402
+from voiceprint.common.layout import Layout  # noqa: E402
 
 EXCERPTS = REPO.parent / "shared" / "datasets"
 RSS_TARGET = 1.2
@@ -38,8 +38,8 @@ DRIVER = """
 import json, resource, sys, time
 from voiceprint.config import load_params
 import torch
-from voiceprint.embed import embed_segments, load_pipeline_encoder, pick_device
-from voiceprint.layout import Layout
+from voiceprint.embed.stage import embed_segments, load_pipeline_encoder, pick_device
+from voiceprint.common.layout import Layout
 layout = Layout.at(sys.argv[1])
 params = load_params(layout.params)
 encoder = load_pipeline_encoder(layout, pick_device(params.embed.device))
@@ -60,8 +60,8 @@ print(json.dumps(summary))
 
 def base_project(root: Path, model_project: Path) -> Layout:
     """Prepare + segment the test-other excerpts; link the project's model (or a random one)."""
-    from tasks.stages import run_stage
     from voiceprint.config import set_dotted
+    from voiceprint.stages import run_stage
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     for key, value in {"data.mirror": str(EXCERPTS), "data.train_subset": None}.items():
@@ -100,8 +100,9 @@ def scaled_project(base: Layout, root: Path, scale: int) -> Layout:
         suffix = pa.scalar(f"~{k:02d}")
         copy = segs.set_column(segs.schema.get_field_index("path"), "path", paths)
         for col in ("segment_id", "utterance_id"):
-            copy = copy.set_column(copy.schema.get_field_index(col), col,
-                                   pc.binary_join_element_wise(copy.column(col), suffix, ""))
+            copy = copy.set_column(
+                copy.schema.get_field_index(col), col, pc.binary_join_element_wise(copy.column(col), suffix, "")
+            )
         copies.append(copy)
     pq.write_table(pa.concat_tables(copies), layout.segments)
     return layout
@@ -110,8 +111,9 @@ def scaled_project(base: Layout, root: Path, scale: int) -> Layout:
 def run_scale(layout: Layout) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(layout.root)], cwd=REPO, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(layout.root)], cwd=REPO, env=env, capture_output=True, text=True
+    )
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"embed failed at {layout.root}: {proc.stderr[-3000:]}")
@@ -135,24 +137,43 @@ def main(argv: list[str] | None = None) -> int:
             layout = scaled_project(base, Path(tmp) / f"x{scale}", scale)
             r = run_scale(layout)
             results[scale] = r
-            emit({
-                "bench": "pipeline", "stage": "embed", "scale": scale, "segments": r["segments"],
-                "audio_s": r["audio_s"], "stage_s": round(r["stage_s"], 2), "wall_s": round(r["wall_s"], 2),
-                "audio_s_per_s": round(r["audio_s"] / r["stage_s"], 1),
-                "peak_rss_mb": round(r["peak_rss_mb"], 1), "children_peak_rss_mb": round(r["children_peak_rss_mb"], 1),
-                "model": r["model_id"], "torch_threads": r["torch_threads"], "hardware": hardware(),
-            }, args.out)
+            emit(
+                {
+                    "bench": "pipeline",
+                    "stage": "embed",
+                    "scale": scale,
+                    "segments": r["segments"],
+                    "audio_s": r["audio_s"],
+                    "stage_s": round(r["stage_s"], 2),
+                    "wall_s": round(r["wall_s"], 2),
+                    "audio_s_per_s": round(r["audio_s"] / r["stage_s"], 1),
+                    "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                    "children_peak_rss_mb": round(r["children_peak_rss_mb"], 1),
+                    "model": r["model_id"],
+                    "torch_threads": r["torch_threads"],
+                    "hardware": hardware(),
+                },
+                args.out,
+            )
 
     lo, hi = min(scales), max(scales)
     time_ratio = results[hi]["stage_s"] / results[lo]["stage_s"]
     rss_ratio = results[hi]["peak_rss_mb"] / results[lo]["peak_rss_mb"]
-    emit({
-        "bench": "pipeline", "summary": True, "scales": scales,
-        "time_ratio": round(time_ratio, 2), "ideal_time_ratio": hi / lo,
-        "linearity": round(time_ratio / (hi / lo), 2),
-        "peak_rss_ratio": round(rss_ratio, 3), "rss_target": RSS_TARGET, "meets_target": rss_ratio <= RSS_TARGET,
-        "hardware": hardware(),
-    }, args.out)
+    emit(
+        {
+            "bench": "pipeline",
+            "summary": True,
+            "scales": scales,
+            "time_ratio": round(time_ratio, 2),
+            "ideal_time_ratio": hi / lo,
+            "linearity": round(time_ratio / (hi / lo), 2),
+            "peak_rss_ratio": round(rss_ratio, 3),
+            "rss_target": RSS_TARGET,
+            "meets_target": rss_ratio <= RSS_TARGET,
+            "hardware": hardware(),
+        },
+        args.out,
+    )
     return 0
 
 

@@ -10,7 +10,7 @@ float32, the AAM-softmax head over ``--classes`` classes, backward, gradient cli
 
 Rounds alternate between the precisions (bf16, float32, bf16, ...) so drift in machine speed hits
 both; the median of each part over the timed steps is reported, one JSON record per precision.
-bf16 is measured only where :func:`voiceprint.precision.training_autocast_dtype` would use it.
+bf16 is measured only where :func:`voiceprint.common.precision.training_autocast_dtype` would use it.
 
     python benchmarks/bench_train_step.py [--channels 128] [--batch 32] [--steps 10] [--rounds 2] [--out FILE]
 """
@@ -29,13 +29,13 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.common import emit, hardware  # noqa: E402
-from voiceprint import audio  # noqa: E402
-from voiceprint.augment import Augmenter  # noqa: E402
+from voiceprint.common import audio  # noqa: E402
+from voiceprint.common.precision import training_autocast_dtype  # noqa: E402
 from voiceprint.config import ModelParams  # noqa: E402
-from voiceprint.encoders.aam import AAMHead  # noqa: E402
 from voiceprint.encoders.ecapa import EcapaConfig  # noqa: E402
-from voiceprint.precision import training_autocast_dtype  # noqa: E402
-from voiceprint.train import GRAD_CLIP  # noqa: E402
+from voiceprint.training.aam import AAMHead  # noqa: E402
+from voiceprint.training.augment import Augmenter  # noqa: E402
+from voiceprint.training.loop import GRAD_CLIP  # noqa: E402
 
 PARTS = ("augment", "features", "forward", "backward", "optimizer")
 BENCH = "train_step"
@@ -49,12 +49,12 @@ class StepRig:
         torch.manual_seed(seed)
         self.cfg = EcapaConfig.from_channels(channels, lin_neurons=defaults.lin_neurons)
         self.model = self.cfg.build().train()
-        self.head = AAMHead(defaults.lin_neurons, classes, margin=defaults.aam_margin, scale=defaults.aam_scale)
+        self.head = AAMHead(defaults.lin_neurons, classes, margin=defaults.aam.margin, scale=defaults.aam.scale)
         self.fbank, self.norm = self.cfg.build_fbank(), self.cfg.build_norm()
         self.trainable = [*self.model.parameters(), *self.head.parameters()]
         self.optimizer = torch.optim.Adam(self.trainable, lr=defaults.lr, weight_decay=defaults.weight_decay)
-        kinds = [k for k in defaults.augment if k != "nonspeech"]
-        self.augmenter = Augmenter(kinds, int(round(crop_s * audio.TARGET_SR)), None, defaults.speeds)
+        kinds = [k for k in defaults.augment.kinds if k != "nonspeech"]
+        self.augmenter = Augmenter(kinds, int(round(crop_s * audio.TARGET_SR)), None, defaults.augment.speeds)
         self.gen = torch.Generator().manual_seed(seed)
         self.source = torch.randn(batch, self.augmenter.source_samples, generator=self.gen) * 0.1
         self.targets = torch.randint(0, classes, (batch,), generator=self.gen)
@@ -104,13 +104,21 @@ def main(argv: list[str] | None = None) -> int:
             timed[precision] += [rig.step(bf16) for _ in range(args.steps)]
     for precision, steps in timed.items():
         parts = {part: round(statistics.median(s[part] for s in steps), 4) for part in PARTS}
-        emit({
-            "bench": BENCH, "precision": precision, "channels": args.channels, "batch": args.batch,
-            "crop_s": args.crop_s, "classes": args.classes, "timed_steps": len(steps),
-            "seconds_per_step": round(statistics.median(sum(s.values()) for s in steps), 4),
-            **{f"{part}_s": v for part, v in parts.items()},
-            "hardware": hardware(threads=torch.get_num_threads()),
-        }, args.out)
+        emit(
+            {
+                "bench": BENCH,
+                "precision": precision,
+                "channels": args.channels,
+                "batch": args.batch,
+                "crop_s": args.crop_s,
+                "classes": args.classes,
+                "timed_steps": len(steps),
+                "seconds_per_step": round(statistics.median(sum(s.values()) for s in steps), 4),
+                **{f"{part}_s": v for part, v in parts.items()},
+                "hardware": hardware(threads=torch.get_num_threads()),
+            },
+            args.out,
+        )
     return 0
 
 

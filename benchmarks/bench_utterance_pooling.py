@@ -42,16 +42,15 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import emit, hardware  # noqa: E402
-from voiceprint import audio  # noqa: E402
+from voiceprint.common import audio  # noqa: E402
+from voiceprint.common.layout import Layout  # noqa: E402
+from voiceprint.common.precision import autocast_dtype  # noqa: E402
+from voiceprint.common.schema import embeddings_matrix, l2_normalise  # noqa: E402
 from voiceprint.config import load_params  # noqa: E402
 from voiceprint.encoders.base import SpeakerEncoder  # noqa: E402
-from voiceprint.encoders.registry import load_encoder  # noqa: E402
-from voiceprint.evaluate import _identification, all_pairs_scores  # noqa: E402
-from voiceprint.layout import Layout  # noqa: E402
-from voiceprint.metrics import eer  # noqa: E402
-from voiceprint.precision import autocast_dtype  # noqa: E402
-from voiceprint.schema import embeddings_matrix, l2_normalise  # noqa: E402
-
+from voiceprint.encoders.loader import load_encoder  # noqa: E402
+from voiceprint.evaluate.metrics import eer  # noqa: E402
+from voiceprint.evaluate.stage import _identification, all_pairs_scores  # noqa: E402
 
 WINDOW_S, HOP_S = 2.0, 1.0  # the training crop (model.crop_s default) and half of it
 
@@ -59,10 +58,14 @@ WINDOW_S, HOP_S = 2.0, 1.0  # the training crop (model.crop_s default) and half 
 def _one_pass(encoder: SpeakerEncoder, waves: list[np.ndarray], dtype: torch.dtype | None = None) -> np.ndarray:
     """One encoder call per wave, whatever its length (no batching: this measures accuracy); autocast to ``dtype``."""
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        return np.stack([
-            encoder.embed(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).unsqueeze(0), torch.ones(1))
-            .float().numpy()[0] for w in waves
-        ])
+        return np.stack(
+            [
+                encoder.embed(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).unsqueeze(0), torch.ones(1))
+                .float()
+                .numpy()[0]
+                for w in waves
+            ]
+        )
 
 
 def tile_to(wave: np.ndarray, samples: int) -> np.ndarray:
@@ -119,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     path_of = dict(zip(vad["utterance_id"], vad["path"]))
     files = {u: audio.load(layout.resolve(path_of[u])) for u in ids}
     sr = audio.TARGET_SR
-    segment_waves = [files[u][int(s * sr):int(e * sr)] for u, s, e in zip(seg["utterance_id"], seg["start_s"], seg["end_s"])]
+    segment_waves = [
+        files[u][int(s * sr) : int(e * sr)] for u, s, e in zip(seg["utterance_id"], seg["start_s"], seg["end_s"])
+    ]
 
     def pooled(segment_vectors: np.ndarray) -> np.ndarray:
         unit = l2_normalise(segment_vectors)
@@ -131,9 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     ways = {
         "shipped": shipped,
         "segment_mean": segment_mean,
-        "duration_weighted": l2_normalise(np.stack([(vectors[r] * duration[r, None]).sum(0) for r in map(rows_of.get, ids)])),
+        "duration_weighted": l2_normalise(
+            np.stack([(vectors[r] * duration[r, None]).sum(0) for r in map(rows_of.get, ids)])
+        ),
         "centered": l2_normalise(segment_mean - segment_mean[~is_eval].mean(0)),
-        "speech_concat": l2_normalise(_one_pass(encoder, [np.concatenate([segment_waves[i] for i in rows_of[u]]) for u in ids])),
+        "speech_concat": l2_normalise(
+            _one_pass(encoder, [np.concatenate([segment_waves[i] for i in rows_of[u]]) for u in ids])
+        ),
         "whole_file": l2_normalise(_one_pass(encoder, [files[u] for u in ids])),
         "segment_float32": pooled(_one_pass(encoder, segment_waves)),
         **({"segment_bf16": pooled(_one_pass(encoder, segment_waves, bf16))} if bf16 is not None else {}),
@@ -143,11 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     for name, x in ways.items():
         scores, same = all_pairs_scores(x[is_eval], speakers[is_eval])
         ident = _identification(x, speakers, is_eval, params)
-        emit({
-            "bench": "utterance_pooling", "way": name, "model_id": encoder.model_id,
-            "eer_pct": round(100 * eer(scores, same)[0], 2), "top1_pct": round(100 * ident["top1"], 1),
-            "hardware": hardware(),
-        }, args.out)
+        emit(
+            {
+                "bench": "utterance_pooling",
+                "way": name,
+                "model_id": encoder.model_id,
+                "eer_pct": round(100 * eer(scores, same)[0], 2),
+                "top1_pct": round(100 * ident["top1"], 1),
+                "hardware": hardware(),
+            },
+            args.out,
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.common import REPO, emit, hardware, percentiles  # noqa: E402
-from voiceprint import audio  # noqa: E402
-from voiceprint.layout import Layout  # noqa: E402
+from voiceprint.common import audio  # noqa: E402
+from voiceprint.common.layout import Layout  # noqa: E402
 from voiceprint.verify import Verifier  # noqa: E402
 
 EXCERPTS = REPO.parent / "shared" / "datasets" / "librispeech-excerpts" / "test-other"
@@ -73,9 +73,21 @@ def cold_cli_ms(layout: Layout, a: Path, b: Path, runs: int) -> list[float]:
     for _ in range(runs):
         started = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "voiceprint.cli", "--project", str(layout.root), "verify", str(a), str(b),
-             "--threshold", str(THRESHOLD)],
-            cwd=REPO, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "voiceprint.cli",
+                "--project",
+                str(layout.root),
+                "verify",
+                str(a),
+                str(b),
+                "--threshold",
+                str(THRESHOLD),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         )
         times.append((time.perf_counter() - started) * 1e3)
         if proc.returncode not in (0, 1):

@@ -155,7 +155,10 @@ def _gpu_name() -> str | None:
         try:
             out = subprocess.run(
                 [smi, "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10, check=True,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
             ).stdout.strip()
             if out:
                 return out.splitlines()[0].strip()

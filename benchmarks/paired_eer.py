@@ -7,7 +7,7 @@ first, its EER minus the first one's with a paired speaker-bootstrap interval (a
 stage reports for encoders), next to each run's own interval, and last the mean EER of all the
 runs (several seeds of one recipe) with its interval: the runs' EERs averaged per replicate. All
 of these come from one set of speaker draws and each run's replicates, computed once
-(:func:`voiceprint.bootstrap.shared_draw_eers`).
+(:func:`voiceprint.evaluate.bootstrap.shared_draw_eers`).
 
     python benchmarks/paired_eer.py PROJECT_A PROJECT_B [PROJECT_C ...] [--replicates 1000]
 
@@ -27,11 +27,11 @@ if __package__ in (None, ""):
 
 import numpy as np  # noqa: E402
 
-from voiceprint.bootstrap import percentile_interval, shared_draw_eers  # noqa: E402
-from voiceprint.compare import common_eval_trials  # noqa: E402
-from voiceprint.evaluate import pair_speakers  # noqa: E402
-from voiceprint.layout import Layout  # noqa: E402
-from voiceprint.metrics import eer  # noqa: E402
+from voiceprint.common.layout import Layout  # noqa: E402
+from voiceprint.compare.stage import common_eval_trials  # noqa: E402
+from voiceprint.evaluate.bootstrap import percentile_interval, shared_draw_eers  # noqa: E402
+from voiceprint.evaluate.metrics import eer  # noqa: E402
+from voiceprint.evaluate.stage import pair_speakers  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from voiceprint import atomic  # noqa: E402
-
+from voiceprint.common import atomic  # noqa: E402
 
 _ABLATIONS = {
     "ours_fp32": "`embed.amp: false`: float32, one segment per call",
@@ -90,13 +89,21 @@ def _index(recs: list[dict]) -> list[str]:
         )
     centroids = [r for r in recs if str(r.get("index", "")).startswith("centroids") and not r.get("skipped")]
     if centroids:
-        lines += ["", "Speaker-centroid path (the gallery `identify` searches):", "",
-                  "| n utterances | speakers | p50 ms (batch 1) | speaker-ID accuracy |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Speaker-centroid path (the gallery `identify` searches):",
+            "",
+            "| n utterances | speakers | p50 ms (batch 1) | speaker-ID accuracy |",
+            "|---|---|---|---|",
+        ]
         for r in centroids:
             lines.append(f"| {r.get('n'):,} | {r.get('speakers')} | {r.get('p50_ms_b1')} | {r.get('speaker_acc')} |")
     summary = next((r for r in recs if r.get("summary")), None)
     if summary:
-        lines += ["", "Summary: `" + json.dumps({k: v for k, v in summary.items() if k not in ("hardware", "table")}) + "`"]
+        lines += [
+            "",
+            "Summary: `" + json.dumps({k: v for k, v in summary.items() if k not in ("hardware", "table")}) + "`",
+        ]
     return lines + [""]
 
 
@@ -126,13 +133,18 @@ def _pipeline(recs: list[dict]) -> list[str]:
     for r in recs:
         if r.get("summary"):
             continue
-        lines.append(f"| {r['scale']}x | {r['segments']:,} | {r['audio_s']:,} | {r['stage_s']} | {r['audio_s_per_s']} | "
-                     f"{r['peak_rss_mb']} | {r['children_peak_rss_mb']} |")
+        lines.append(
+            f"| {r['scale']}x | {r['segments']:,} | {r['audio_s']:,} | {r['stage_s']} | {r['audio_s_per_s']} | "
+            f"{r['peak_rss_mb']} | {r['children_peak_rss_mb']} |"
+        )
     summary = next((r for r in recs if r.get("summary")), None)
     if summary:
-        lines += ["", f"Time ratio {summary['time_ratio']} for {summary['ideal_time_ratio']}x the data "
-                      f"(linearity {summary['linearity']}); peak RSS ratio {summary['peak_rss_ratio']} "
-                      f"(target <= {summary['rss_target']}): {_ok(summary.get('meets_target'))}."]
+        lines += [
+            "",
+            f"Time ratio {summary['time_ratio']} for {summary['ideal_time_ratio']}x the data "
+            f"(linearity {summary['linearity']}); peak RSS ratio {summary['peak_rss_ratio']} "
+            f"(target <= {summary['rss_target']}): {_ok(summary.get('meets_target'))}.",
+        ]
     return lines + [""]
 
 
@@ -144,7 +156,7 @@ def render(records: list[dict]) -> str:
     out = [
         "# Benchmark results",
         "",
-        f"Rendered on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the records of the last `make bench`. "
+        f"Rendered on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from the records of the last `make bench`. "
         f"Hardware: {hw.get('cpu')} ({hw.get('cpus_usable')} usable CPUs, {hw.get('mem_total_gb')} GiB), "
         f"GPU: {hw.get('gpu') or 'none'}; torch {hw.get('torch', '?')}, faiss {hw.get('faiss', '?')}. "
         "Raw JSON lines: `benchmarks/results.jsonl`.",

@@ -21,7 +21,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
-from voiceprint.atomic import write_text
+from voiceprint.common.atomic import write_text
 from voiceprint.config import ConfigError, Params, load_params
 
 PARAMS_FILE = "params.yaml"

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.params_file import apply_overrides
 from tasks.prefect_tasks import publish_metrics, run_stage
+from voiceprint.config import DatasetKind, IndexType, ModelArch, ModelInit
 
 #: Environment variable naming the DVC project a served deployment works on.
 PROJECT_DIR_ENV = "VOICEPRINT_PROJECT_DIR"
-
-Dataset = Literal["librispeech-excerpts", "librispeech", "folder"]
-ModelInit = Literal["scratch", "pretrained", "distill"]
-ModelArch = Literal["ecapa", "moe"]
-IndexType = Literal["flat", "ivf", "hnsw"]
 
 
 def resolve_project_dir(project_dir: str | None = None) -> Path:
@@ -149,7 +145,7 @@ def apply_params(project_dir: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 @flow(name="voiceprint-pipeline")
 def voiceprint_pipeline(
-    dataset: Dataset | None = None,
+    dataset: DatasetKind | None = None,
     dataset_path: str | None = None,
     model_init: ModelInit | None = None,
     model_arch: ModelArch | None = None,

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from voiceprint.config import ConfigError
-from tasks.stages import ITEM_STAGES, STAGES, ProjectBusyError, run_stage
+from voiceprint.stages import ITEM_STAGES, STAGES, ProjectBusyError, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from voiceprint import atomic
+from voiceprint.common import atomic
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from voiceprint import audio
-from voiceprint.augment import (
+from voiceprint.common import audio
+from voiceprint.training.augment import (
     KINDS,
     MAX_FREQ_MASK,
     MAX_SPEED,
@@ -21,7 +21,7 @@ from voiceprint.augment import (
     speed_perturb,
     synthetic_rir,
 )
-from voiceprint.train import load_nonspeech, nonspeech_gaps
+from voiceprint.training.data import load_nonspeech, nonspeech_gaps
 
 SR = audio.TARGET_SR
 

@@ -20,8 +20,24 @@ def test_one_step_times_every_part_and_trains_the_model() -> None:
 
 def test_main_writes_one_record_per_precision(tmp_path: Path) -> None:
     out = tmp_path / "bench.jsonl"
-    args = ["--channels", "16", "--batch", "2", "--crop-s", "0.5", "--classes", "5", "--steps", "2",
-            "--rounds", "1", "--warmup", "0", "--out", str(out)]
+    args = [
+        "--channels",
+        "16",
+        "--batch",
+        "2",
+        "--crop-s",
+        "0.5",
+        "--classes",
+        "5",
+        "--steps",
+        "2",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records and {r["precision"] for r in records} <= {"bfloat16", "float32"}

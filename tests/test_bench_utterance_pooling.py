@@ -10,22 +10,35 @@ import pytest
 import torch
 
 from benchmarks.bench_utterance_pooling import main, tile_to, windows
+from voiceprint.common.layout import Layout
+from voiceprint.common.precision import autocast_dtype
 from voiceprint.config import load_params
-from voiceprint.evaluate import evaluate
-from voiceprint.layout import Layout
-from voiceprint.precision import autocast_dtype
+from voiceprint.evaluate.stage import evaluate
 
 
 def test_every_way_is_scored_and_the_shipped_one_matches_the_evaluate_stage(
     small_project: Layout, tmp_path: Path
 ) -> None:
-    metrics = evaluate(small_project, load_params(small_project.root / "params.yaml"),
-                       out_metrics=tmp_path / "metrics.json", out_plots=tmp_path / "plots")
+    metrics = evaluate(
+        small_project,
+        load_params(small_project.root / "params.yaml"),
+        out_metrics=tmp_path / "metrics.json",
+        out_plots=tmp_path / "plots",
+    )
     out = tmp_path / "pooling.jsonl"
     main(["--project", str(small_project.root), "--out", str(out)])
     records = {r["way"]: r for r in map(json.loads, out.read_text().splitlines())}
-    expected = {"shipped", "segment_mean", "duration_weighted", "centered", "speech_concat", "whole_file",
-                "segment_float32", "tiled_2s", "windows_2s"}
+    expected = {
+        "shipped",
+        "segment_mean",
+        "duration_weighted",
+        "centered",
+        "speech_concat",
+        "whole_file",
+        "segment_float32",
+        "tiled_2s",
+        "windows_2s",
+    }
     if autocast_dtype(torch.device("cpu"), amp=True) is not None:
         expected.add("segment_bf16")
     assert set(records) == expected

@@ -16,18 +16,47 @@ from benchmarks.common import emit, percentiles
 REPO = Path(__file__).resolve().parents[1]
 
 INDEX_FIELDS = {
-    "bench", "n", "index", "params", "effective", "build_s", "index_bytes", "rss_delta_mb",
-    "p50_ms_b1", "p99_ms_b1", "p50_ms_b64", "p99_ms_b64", "recall_at_1", "speaker_acc",
-    "speedup_vs_flat_b1", "hardware", "data",
+    "bench",
+    "n",
+    "index",
+    "params",
+    "effective",
+    "build_s",
+    "index_bytes",
+    "rss_delta_mb",
+    "p50_ms_b1",
+    "p99_ms_b1",
+    "p50_ms_b64",
+    "p99_ms_b64",
+    "recall_at_1",
+    "speaker_acc",
+    "speedup_vs_flat_b1",
+    "hardware",
+    "data",
 }
 
 
 def test_bench_index_script_runs_and_prints_json_lines(tmp_path: Path) -> None:
     out = tmp_path / "results" / "bench.jsonl"
     cmd = [
-        sys.executable, str(REPO / "benchmarks" / "bench_index.py"),
-        "--sizes", "1000,2000", "--queries", "50", "--b1-queries", "20", "--batch", "64",
-        "--batch-reps", "2", "--time-cap", "0.5", "--hnsw-max-n", "1000", "--out", str(out),
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_index.py"),
+        "--sizes",
+        "1000,2000",
+        "--queries",
+        "50",
+        "--b1-queries",
+        "20",
+        "--batch",
+        "64",
+        "--batch-reps",
+        "2",
+        "--time-cap",
+        "0.5",
+        "--hnsw-max-n",
+        "1000",
+        "--out",
+        str(out),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -39,7 +68,7 @@ def test_bench_index_script_runs_and_prints_json_lines(tmp_path: Path) -> None:
     for n in (1000, 2000):
         for kind in ("flat", "ivf"):
             rec = by[(n, kind)]
-            assert INDEX_FIELDS <= rec.keys(), INDEX_FIELDS - rec.keys()
+            assert rec.keys() >= INDEX_FIELDS, INDEX_FIELDS - rec.keys()
             assert rec["params"]["type"] == kind
             assert 0.0 <= rec["recall_at_1"] <= 1.0
             assert rec["index_bytes"] > n * 192 * 4  # at least the raw float32 vectors

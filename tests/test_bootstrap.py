@@ -7,13 +7,21 @@ import itertools
 import numpy as np
 import pytest
 
-from voiceprint.bootstrap import accuracy_interval, eer_interval, paired_eer_difference, replicate_eers, speaker_counts
-from voiceprint.evaluate import all_pairs_scores, pair_speakers
-from voiceprint.metrics import eer
-from voiceprint.schema import l2_normalise
+from voiceprint.common.schema import l2_normalise
+from voiceprint.evaluate.bootstrap import (
+    accuracy_interval,
+    eer_interval,
+    paired_eer_difference,
+    replicate_eers,
+    speaker_counts,
+)
+from voiceprint.evaluate.metrics import eer
+from voiceprint.evaluate.stage import all_pairs_scores, pair_speakers
 
 
-def _speakers(rng: np.random.Generator, n_speakers: int, per_speaker: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
+def _speakers(
+    rng: np.random.Generator, n_speakers: int, per_speaker: int, noise: float
+) -> tuple[np.ndarray, np.ndarray]:
     centres = l2_normalise(rng.normal(size=(n_speakers, 16)))
     x = l2_normalise(np.repeat(centres, per_speaker, axis=0) + noise * rng.normal(size=(n_speakers * per_speaker, 16)))
     return x, np.repeat([f"spk{s:02d}" for s in range(n_speakers)], per_speaker)
@@ -33,7 +41,9 @@ def test_unit_weights_give_the_plain_eer_ties_included() -> None:
         x, labels = _speakers(np.random.default_rng(n_speakers), n_speakers, per_speaker, noise)
         scores, same = all_pairs_scores(x, labels)
         a, b = pair_speakers(labels)
-        assert replicate_eers(scores, a, b, np.ones((1, n_speakers)))[0] == pytest.approx(eer(scores, same)[0], abs=1e-12)
+        assert replicate_eers(scores, a, b, np.ones((1, n_speakers)))[0] == pytest.approx(
+            eer(scores, same)[0], abs=1e-12
+        )
 
 
 def test_a_replicate_equals_the_eer_of_the_resampled_speakers_trials() -> None:
@@ -59,11 +69,13 @@ def test_a_replicate_equals_the_eer_of_the_resampled_speakers_trials() -> None:
             u1, u2 = np.flatnonzero(codes == s1), np.flatnonzero(codes == s2)
             if (s1, k1) == (s2, k2):
                 for i, j in itertools.combinations(u1, 2):
-                    trial_scores.append(sim[i, j]); trial_same.append(True)
+                    trial_scores.append(sim[i, j])
+                    trial_same.append(True)
             elif s1 != s2:
                 for i in u1:
                     for j in u2:
-                        trial_scores.append(sim[i, j]); trial_same.append(False)
+                        trial_scores.append(sim[i, j])
+                        trial_same.append(False)
         expected = eer(np.array(trial_scores), np.array(trial_same))[0]
         assert value == pytest.approx(expected, abs=1e-9)
         checked += 1

@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from voiceprint import audio
-from voiceprint.centring import centre_embeddings, centre_output, segment_embeddings, transform_output, wccn_transform
+from voiceprint.common import audio
 from voiceprint.config import ModelParams
 from voiceprint.encoders.ecapa import EcapaConfig
 from voiceprint.encoders.moe import MoeConfig
+from voiceprint.training.centring import (
+    centre_embeddings,
+    centre_output,
+    segment_embeddings,
+    transform_output,
+    wccn_transform,
+)
 
 
 def _clips(excerpts_dir: Path, n: int = 6) -> list[np.ndarray]:
@@ -61,8 +67,9 @@ def test_centring_removes_the_training_mean_and_keeps_every_difference(
     assert cos(after)[off].mean() < cos(before)[off].mean() - 0.3
 
 
-def test_segment_embeddings_restore_training_mode(model_and_cfg: tuple[torch.nn.Module, EcapaConfig],
-                                                  excerpts_dir: Path) -> None:
+def test_segment_embeddings_restore_training_mode(
+    model_and_cfg: tuple[torch.nn.Module, EcapaConfig], excerpts_dir: Path
+) -> None:
     model, cfg = model_and_cfg
     model.train()
     clips = _clips(excerpts_dir, 2)
@@ -95,11 +102,12 @@ def test_wccn_transform_whitens_the_within_speaker_scatter() -> None:
     cond = lambda m: float(torch.linalg.cond(m))  # noqa: E731
     assert cond(wccn_transform(embs, labels, alpha=10.0)[0]) < cond(w) > 2.0
     with pytest.raises(ValueError, match="two or more segments"):
-        wccn_transform(embs[:speakers * per:per], labels[:speakers * per:per], alpha=1.0)
+        wccn_transform(embs[: speakers * per : per], labels[: speakers * per : per], alpha=1.0)
 
 
-def test_wccn_is_folded_exactly_after_the_centring(model_and_cfg: tuple[torch.nn.Module, EcapaConfig],
-                                                   excerpts_dir: Path) -> None:
+def test_wccn_is_folded_exactly_after_the_centring(
+    model_and_cfg: tuple[torch.nn.Module, EcapaConfig], excerpts_dir: Path
+) -> None:
     model, cfg = model_and_cfg
     clips = _clips(excerpts_dir)
     groups = [clips[:3], clips[3:]]
@@ -112,7 +120,7 @@ def test_wccn_is_folded_exactly_after_the_centring(model_and_cfg: tuple[torch.nn
 
 
 def test_transform_output_rejects_a_matrix_of_the_wrong_size(
-    model_and_cfg: tuple[torch.nn.Module, EcapaConfig]
+    model_and_cfg: tuple[torch.nn.Module, EcapaConfig],
 ) -> None:
     with pytest.raises(ValueError, match="cannot transform"):
         transform_output(model_and_cfg[0], torch.eye(7))

@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import silhouette_score
 
-from voiceprint.cluster_metrics import (
+from voiceprint.compare.cluster_metrics import (
     REPORT_KEYS,
     ccr,
     centroid_distances,
@@ -22,10 +22,10 @@ from voiceprint.cluster_metrics import (
     silhouette,
     umap_2d,
 )
-from voiceprint.compare_plots import plot_oiidd, plot_umap_scatter
-from voiceprint.evaluate import all_pairs_scores
-from voiceprint.metrics import eer
-from voiceprint.snorm import as_norm, as_norm_pairs, as_norm_scores, cohort_stats, upper_pairs
+from voiceprint.compare.plots import plot_oiidd, plot_umap_scatter
+from voiceprint.evaluate.metrics import eer
+from voiceprint.evaluate.snorm import as_norm, as_norm_pairs, as_norm_scores, cohort_stats, upper_pairs
+from voiceprint.evaluate.stage import all_pairs_scores
 
 SQRT1_2 = 1.0 / math.sqrt(2.0)
 
@@ -194,7 +194,7 @@ def test_umap_deterministic_with_seed(separated) -> None:
 _KERNEL_STATS = """
 import importlib, json
 import numpy as np
-from voiceprint.cluster_metrics import UMAP_KERNELS, umap_2d
+from voiceprint.compare.cluster_metrics import UMAP_KERNELS, umap_2d
 coords = umap_2d(np.random.default_rng(0).normal(size=(40, 16)), seed=0)
 stats = {}
 for dotted in UMAP_KERNELS:
@@ -211,13 +211,19 @@ def test_umap_kernels_load_from_numba_disk_cache_in_a_new_process() -> None:
     import sys
 
     runs = [
-        json.loads(subprocess.run([sys.executable, "-c", _KERNEL_STATS], check=True, capture_output=True,
-                                  text=True).stdout.strip().splitlines()[-1])
+        json.loads(
+            subprocess.run([sys.executable, "-c", _KERNEL_STATS], check=True, capture_output=True, text=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         for _ in range(2)
     ]
     hits_misses = runs[1]["stats"]
-    for kernel in ("umap.utils.fast_knn_indices", "umap.umap_.smooth_knn_dist",
-                   "umap.umap_.compute_membership_strengths"):
+    for kernel in (
+        "umap.utils.fast_knn_indices",
+        "umap.umap_.smooth_knn_dist",
+        "umap.umap_.compute_membership_strengths",
+    ):
         hits, misses = hits_misses[kernel]
         assert hits >= 1 and misses == 0, (kernel, hits_misses)
     # The cached kernels compute what freshly compiled ones did.

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from tasks.stages import run_stage
-from voiceprint.compare import COLUMNS, compare_dir
+from voiceprint.common.layout import Layout
+from voiceprint.compare.stage import COLUMNS, compare_dir
 from voiceprint.config import set_dotted
-from voiceprint.layout import Layout
+from voiceprint.stages import run_stage
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,9 @@ def test_each_encoder_gets_metrics_and_plots(compared: Layout):
         for plot in ("umap.png", "oiidd_cos.png", "oiidd_euc_umap.png", "det.png"):
             assert (out / "plots" / plot).stat().st_size > 1000, (name, plot)
         assert 0 <= m["eer"] <= 1 and 0 <= m["eer_snorm"] <= 1 and 0 <= m["cos_oiidd"] <= 1
-        assert 0 <= m["cos_ccr"] <= m["n_eval_utterances"] and m["cos_ccr_rate"] == m["cos_ccr"] / m["n_eval_utterances"]
+        assert (
+            0 <= m["cos_ccr"] <= m["n_eval_utterances"] and m["cos_ccr_rate"] == m["cos_ccr"] / m["n_eval_utterances"]
+        )
         assert -1 <= m["cos_silhouette"] <= 1 and -1 <= m["euc_silhouette_umap"] <= 1
         assert m["num_parameters"] > 0 and m["realtime_factor"] > 0 and m["embedding_dim"] == 192
     # The pipeline's own model copies the embed stage's tables; the SpeechBrain-dir spec embeds afresh.
@@ -88,14 +90,20 @@ def test_a_mixture_of_experts_embeds_again_to_report_its_gates(small_project: La
 
     import yaml
 
-    from voiceprint.embed import EMBED_SUMMARY
+    from voiceprint.embed.stage import EMBED_SUMMARY
 
     root = tmp_path / "moe-project"
     shutil.copytree(small_project.root, root, ignore=shutil.ignore_patterns("mlflow*", "compare*", ".stage.lock"))
     raw = yaml.safe_load((root / "params.yaml").read_text())
-    for key, value in {"model.arch": "moe", "model.moe_experts": 2, "model.moe_expert_channels": 16,
-                       "model.moe_gate_channels": 8, "model.steps": 10, "model.register_model": False,
-                       "compare.encoders": {"ecapa": "ecapa"}}.items():
+    for key, value in {
+        "model.arch": "moe",
+        "model.moe.experts": 2,
+        "model.moe.expert_channels": 16,
+        "model.moe.gate_channels": 8,
+        "model.steps": 10,
+        "model.register_model": False,
+        "compare.encoders": {"ecapa": "ecapa"},
+    }.items():
         set_dotted(raw, key, value)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")

@@ -12,21 +12,28 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-
-import voiceprint.distill as distill
 from test_train import _segments_table
-from voiceprint import audio
-from voiceprint.atomic import write_table
+
+import voiceprint.training.distill as distill
+from voiceprint.common import audio
+from voiceprint.common.atomic import write_table
+from voiceprint.common.layout import Layout
 from voiceprint.config import ModelParams
 from voiceprint.encoders.campplus import load_campplus
 from voiceprint.encoders.ecapa import load_ecapa
-from voiceprint.layout import Layout
-from voiceprint.train import build_model
+from voiceprint.training.stage import build_model
 
 CROPS = 4
 PARAMS = dict(
-    init="distill", channels=32, steps=60, batch_size=12, crop_s=2.0, lr=0.01, seed=0, device="cpu",
-    distill_crops_per_segment=CROPS,
+    init="distill",
+    channels=32,
+    steps=60,
+    batch_size=12,
+    crop_s=2.0,
+    lr=0.01,
+    seed=0,
+    device="cpu",
+    distill={"crops_per_segment": CROPS},
 )
 
 
@@ -50,9 +57,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, excerpts_dir: Path) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(distill, "load_campplus", no_teacher)
         untrained = build_model(ModelParams(**{**PARAMS, "steps": 0}), layout, progress=False)
-    return dict(
-        layout=layout, trained=trained, trained_dir=trained_dir, untrained=untrained, cache_mtime=cache_mtime
-    )
+    return dict(layout=layout, trained=trained, trained_dir=trained_dir, untrained=untrained, cache_mtime=cache_mtime)
 
 
 def _held_out_cosine(model_dir: Path, files: list[Path]) -> float:
@@ -64,7 +69,7 @@ def _held_out_cosine(model_dir: Path, files: list[Path]) -> float:
 
 
 def test_distillation_raises_held_out_cosine_to_the_teacher(runs: dict, test_other_files: list[Path]) -> None:
-    trained, untrained = runs["trained"], runs["untrained"]
+    trained = runs["trained"]
     assert trained["init"] == "distill" and trained["steps"] == PARAMS["steps"]
     assert trained["teacher_model_id"].startswith("campplus-192-")
     assert trained["cosine_final"] > trained["cosine_initial"] + 0.1, trained
@@ -102,14 +107,16 @@ def test_teacher_cache_is_written_once_and_reused(runs: dict) -> None:
 def test_cache_key_follows_crop_settings(runs: dict) -> None:
     """Different crop settings get a different file; identical ones the same file."""
     layout = runs["layout"]
-    from voiceprint.train import load_training_data
+    from voiceprint.training.data import load_training_data
 
     data = load_training_data(layout, progress=False)
     base = ModelParams(**PARAMS)
     sha = "0" * 64
     assert distill.cache_path(layout, data, base, sha) == distill.cache_path(layout, data, ModelParams(**PARAMS), sha)
-    for change in ({"crop_s": 1.5}, {"distill_crops_per_segment": 2}, {"seed": 1}):
-        assert distill.cache_path(layout, data, base, sha) != distill.cache_path(layout, data, ModelParams(**{**PARAMS, **change}), sha)
+    for change in ({"crop_s": 1.5}, {"distill": {"crops_per_segment": 2}}, {"seed": 1}):
+        assert distill.cache_path(layout, data, base, sha) != distill.cache_path(
+            layout, data, ModelParams(**{**PARAMS, **change}), sha
+        )
 
 
 def test_crop_offsets_are_deterministic_and_in_range() -> None:
@@ -162,16 +169,17 @@ def test_distillation_resumes_from_its_snapshot(runs: dict, tmp_path: Path) -> N
 
 def test_a_mixture_of_ecapa_experts_can_be_distilled(runs: dict, tmp_path: Path) -> None:
     """``arch: moe`` with ``init: distill``: the same cached teacher, the mixture as the student."""
+    from voiceprint.encoders.loader import load_model_dir
     from voiceprint.encoders.moe import MoeEncoder
-    from voiceprint.encoders.registry import load_model_dir
 
     layout = Layout.at(tmp_path)
     (layout.data / "teacher_cache").mkdir(parents=True)
     shutil.copy(runs["layout"].segments, layout.segments)
     cache = Path(runs["trained"]["teacher_cache"])
     shutil.copy(cache, layout.data / "teacher_cache" / cache.name)
-    params = ModelParams(**{**PARAMS, "arch": "moe", "moe_experts": 2, "moe_expert_channels": 16,
-                            "moe_gate_channels": 8, "steps": 40})
+    params = ModelParams(
+        **{**PARAMS, "arch": "moe", "moe": {"experts": 2, "expert_channels": 16, "gate_channels": 8}, "steps": 40}
+    )
     stats = build_model(params, layout, progress=False)
     assert stats["teacher_cache_reused"] and stats["arch"] == "moe" and stats["experts"] == 2
     assert stats["cosine_final"] > stats["cosine_initial"] + 0.1, stats

@@ -9,7 +9,9 @@ are checked in tests/reliability/test_safe_loading.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN, Classifier
 from speechbrain.nnet.CNN import Conv1d as SpeechBrainConv1d
 from speechbrain.processing.features import InputNormalization
 
-from voiceprint import audio
+from voiceprint.common import audio
 from voiceprint.encoders.base import SpeakerEncoder
 from voiceprint.encoders.ecapa import (
     CheckpointError,
@@ -75,8 +77,10 @@ def test_directory_has_speechbrain_layout(model_dir: Path) -> None:
         "mean_var_norm_emb.ckpt",
         "classifier.ckpt",
         "label_encoder.txt",
+        "label_encoder.ckpt",
         "model_card.json",
     }
+    assert (model_dir / "label_encoder.ckpt").read_bytes() == (model_dir / "label_encoder.txt").read_bytes()
     assert not any(p.name.endswith(".tmp") for p in model_dir.parent.iterdir())  # atomic: no leftovers
     hp = (model_dir / "hyperparams.yaml").read_text()
     for needle in (
@@ -85,9 +89,12 @@ def test_directory_has_speechbrain_layout(model_dir: Path) -> None:
         "norm_type: sentence",
         "!new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN",
         "!new:speechbrain.utils.parameter_transfer.Pretrainer",
-        "embedding_model: !ref <pretrained_path>/embedding_model.ckpt",
+        "        embedding_model: !ref <embedding_model>",
+        "        label_encoder: !ref <label_encoder>",
     ):
         assert needle in hp
+    # No location: SpeechBrain takes <source>/<loadable>.ckpt from the directory it is handed.
+    assert "pretrained_path" not in hp and "\n    paths:" not in hp and str(model_dir) not in hp
     # The embedding-norm stats load through SpeechBrain's own (weights_only) loader.
     norm = InputNormalization(norm_type="global", std_norm=False)
     norm._load(model_dir / "mean_var_norm_emb.ckpt")
@@ -161,6 +168,67 @@ def test_speechbrain_sees_classifier_and_labels(
 ) -> None:
     _, _, _, labels = speechbrain_model.classify_batch(waveforms[0].unsqueeze(0))
     assert labels[0] in LABELS
+
+
+def test_directory_loads_from_any_working_directory_and_after_a_move(
+    model_dir: Path, tmp_path: Path, waveforms: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing in the directory names where it was written: SpeechBrain and ``load_ecapa`` load it
+    by a relative path from its parent, and a copy elsewhere loads from an unrelated working
+    directory, with the same embeddings and labels."""
+    moved = tmp_path / "elsewhere" / "a-moved-model"
+    shutil.copytree(model_dir, moved)
+    wav = waveforms[0].unsqueeze(0)
+    reference = load_ecapa(model_dir).embed(wav, torch.ones(1))
+
+    monkeypatch.chdir(moved.parent)
+    relative = EncoderClassifier.from_hparams(
+        source="a-moved-model", savedir=str(tmp_path / "sb_rel"), run_opts={"device": "cpu"}
+    )
+    assert (relative.encode_batch(wav).squeeze(1) - reference).abs().max().item() < 1e-4
+    assert relative.classify_batch(wav)[3][0] in LABELS
+    assert torch.equal(load_ecapa("a-moved-model").embed(wav, torch.ones(1)), reference)
+
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    monkeypatch.chdir(unrelated)
+    absolute = EncoderClassifier.from_hparams(
+        source=str(moved), run_opts={"device": "cpu"}, savedir=str(tmp_path / "sb_abs")
+    )
+    assert (absolute.encode_batch(wav).squeeze(1) - reference).abs().max().item() < 1e-4
+    assert absolute.classify_batch(wav)[3][0] in LABELS
+
+
+def test_same_model_writes_the_same_bytes_in_any_directory(tmp_path: Path) -> None:
+    """models/ecapa is a DVC output: the same weights written in two checkouts must hash the same."""
+    torch.manual_seed(5)
+    cfg = EcapaConfig.from_channels(16)
+    model = cfg.build().eval()
+    classifier = Classifier(input_size=cfg.lin_neurons, out_neurons=len(LABELS))
+    digests = []
+    for target in (tmp_path / "a" / "ecapa", tmp_path / "a-much-longer-checkout-path" / "nested" / "ecapa"):
+        written = save_speechbrain_checkpoint(
+            target, model, cfg, classifier=classifier, labels=LABELS, extra_card={"note": "test"}
+        )
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(written.iterdir())})
+    assert digests[0] == digests[1]
+    exported = [load_ecapa(tmp_path / "a" / "ecapa").export(tmp_path / f"export{i}" / "x") for i in (1, 22)]
+    assert [p.name for p in sorted(exported[0].iterdir())] == [p.name for p in sorted(exported[1].iterdir())]
+    for a, b in zip(sorted(exported[0].iterdir()), sorted(exported[1].iterdir())):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_published_layout_still_writable_with_a_pretrained_path(tmp_path: Path) -> None:
+    """``pretrained_path`` (a Hub repo id when publishing) writes ``pretrainer.paths`` as the
+    published models have them; our loader reads either form."""
+    cfg = EcapaConfig.from_channels(16)
+    written = save_speechbrain_checkpoint(
+        tmp_path / "pub", cfg.build().eval(), cfg, pretrained_path="someone/spkrec-ecapa-test"
+    )
+    hp = (written / "hyperparams.yaml").read_text()
+    assert 'pretrained_path: "someone/spkrec-ecapa-test"' in hp
+    assert "embedding_model: !ref <pretrained_path>/embedding_model.ckpt" in hp
+    assert read_hyperparams(written / "hyperparams.yaml") == cfg
 
 
 def test_export_round_trip_keeps_model_id(model_dir: Path, tmp_path: Path, waveforms: list[torch.Tensor]) -> None:

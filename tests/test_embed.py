@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from voiceprint import audio, schema
+from voiceprint.common import audio, schema
+from voiceprint.common.layout import Layout
 from voiceprint.config import EmbedParams
-from voiceprint.embed import embed_segments, embed_utterance_file, length_buckets, utterance_chunks
+from voiceprint.embed.stage import embed_segments, embed_utterance_file, length_buckets, utterance_chunks
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
-from voiceprint.layout import Layout
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,29 @@ def _segments(layout: Layout, files: list[Path], bad: Path | None = None) -> pa.
         dur = audio.probe(f).duration_s
         # Two segments per file, of different lengths, so batches mix utterances.
         for k, (a, b) in enumerate([(0.0, min(2.0, dur)), (min(2.5, dur / 2), dur)]):
-            rows.append({"segment_id": f"{f.stem}#{k:03d}", "utterance_id": f.stem, "speaker_id": f.parent.name,
-                         "split": "eval", "path": str(f), "start_s": a, "end_s": b})
+            rows.append(
+                {
+                    "segment_id": f"{f.stem}#{k:03d}",
+                    "utterance_id": f.stem,
+                    "speaker_id": f.parent.name,
+                    "split": "eval",
+                    "path": str(f),
+                    "start_s": a,
+                    "end_s": b,
+                }
+            )
     if bad is not None:
-        rows.append({"segment_id": "bad#000", "utterance_id": "bad", "speaker_id": "x", "split": "eval",
-                     "path": str(bad), "start_s": 0.0, "end_s": 1.0})
+        rows.append(
+            {
+                "segment_id": "bad#000",
+                "utterance_id": "bad",
+                "speaker_id": "x",
+                "split": "eval",
+                "path": str(bad),
+                "start_s": 0.0,
+                "end_s": 1.0,
+            }
+        )
     table = pa.Table.from_pylist(rows, schema=schema.SEGMENTS)
     layout.data.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, layout.segments)
@@ -58,8 +76,9 @@ def test_batched_engine_matches_one_at_a_time(tmp_path: Path, encoder, test_othe
     files = test_other_files[::10][:6]
     table = _segments(layout, files, bad)
 
-    summary = embed_segments(layout, EmbedParams(max_batch_s=20.0, utterance="segments"), encoder=encoder,
-                             progress=False)
+    summary = embed_segments(
+        layout, EmbedParams(max_batch_s=20.0, utterance="segments"), encoder=encoder, progress=False
+    )
 
     seg = pq.read_table(layout.segment_embeddings)
     assert seg.schema.field("embedding").type == pa.list_(pa.float32(), encoder.dim)
@@ -114,7 +133,9 @@ def test_file_utterances_are_one_pass_over_the_whole_file(tmp_path: Path, encode
     assert summary["rejected"] == 1  # the undecodable file is rejected once and gets no utterance
     utt = pq.read_table(layout.utterance_embeddings)
     assert sorted(utt.column("utterance_id").to_pylist()) == sorted(f.stem for f in files)
-    assert set(utt.column("num_segments").to_pylist()) == {2}  # columns other than the vector still describe the segments
+    assert set(utt.column("num_segments").to_pylist()) == {
+        2
+    }  # columns other than the vector still describe the segments
     uvec = dict(zip(utt.column("utterance_id").to_pylist(), schema.embeddings_matrix(utt)))
     seg = pq.read_table(layout.segment_embeddings)
     by_id = dict(zip(seg.column("segment_id").to_pylist(), schema.embeddings_matrix(seg)))
@@ -150,15 +171,16 @@ def test_utterance_file_embedding_is_normalised_and_speaker_consistent(encoder, 
 
 def test_cpu_engine_precision_and_batching_agree_with_float32(tmp_path: Path, encoder, test_other_files: list[Path]):
     """bf16 on CPUs with native bf16, padded batches: embeddings match float32 one segment per call."""
-    from voiceprint.precision import autocast_dtype
+    from voiceprint.common.precision import autocast_dtype
 
     layout = Layout.at(tmp_path)
     files = test_other_files[1::10][:5]
     _segments(layout, files)
     fast = embed_segments(layout, EmbedParams(max_batch_s=20.0), encoder=encoder, progress=False)
     fast_table = pq.read_table(layout.segment_embeddings)
-    exact = embed_segments(layout, EmbedParams(max_batch_s=20.0, amp=False, cpu_batching=False), encoder=encoder,
-                           progress=False)
+    exact = embed_segments(
+        layout, EmbedParams(max_batch_s=20.0, amp=False, cpu_batching=False), encoder=encoder, progress=False
+    )
     exact_table = pq.read_table(layout.segment_embeddings)
 
     native = autocast_dtype(torch.device("cpu"), amp=True)
@@ -174,7 +196,7 @@ def test_reuse_copies_the_embed_stage_tables_only_when_they_match(
     tmp_path: Path, encoder, test_other_files: list[Path]
 ):
     """The comparison stage's shortcut: same segments, weights and plan -> the same files; else None."""
-    from voiceprint.embed import EMBED_SUMMARY, reuse_embeddings
+    from voiceprint.embed.stage import EMBED_SUMMARY, reuse_embeddings
 
     layout = Layout.at(tmp_path)
     _segments(layout, test_other_files[2::10][:4])
@@ -217,12 +239,15 @@ def test_reuse_copies_the_embed_stage_tables_only_when_they_match(
 
 
 def test_batch_plan_on_cpu_depends_on_model_size(encoder, monkeypatch: pytest.MonkeyPatch):
-    from voiceprint import embed
+    from voiceprint.embed import stage as embed
 
     durations = np.array([3.0, 1.0, 2.0, 8.0])
     buckets = [b.tolist() for b in length_buckets(durations, 6.0)]
     per_segment = [[1], [2], [0], [3]]
-    plan = lambda **kw: [b.tolist() for b in embed.batch_plan(durations, EmbedParams(max_batch_s=6.0, **kw), encoder)]
+
+    def plan(**kw):
+        return [b.tolist() for b in embed.batch_plan(durations, EmbedParams(max_batch_s=6.0, **kw), encoder)]
+
     assert plan() == buckets  # a small model batches
     assert plan(cpu_batching=False) == per_segment
     monkeypatch.setattr(embed, "CPU_PER_SEGMENT_MIN_PARAMS", encoder.num_parameters())
@@ -232,7 +257,7 @@ def test_batch_plan_on_cpu_depends_on_model_size(encoder, monkeypatch: pytest.Mo
 
 
 def test_only_autocast_safe_encoders_run_in_reduced_precision(encoder):
-    from voiceprint.embed import engine_dtype
+    from voiceprint.embed.stage import engine_dtype
     from voiceprint.encoders.base import SpeakerEncoder
 
     assert encoder.autocast_safe and SpeakerEncoder.autocast_safe is False
@@ -260,6 +285,8 @@ def test_file_pass_resolves_project_relative_paths_from_any_directory(
 
     embed_segments(layout, EmbedParams(amp=False), encoder=encoder, progress=False)
     got = schema.embeddings_matrix(pq.read_table(layout.utterance_embeddings))[0]
-    segment_mean = schema.l2_normalise(schema.embeddings_matrix(pq.read_table(layout.segment_embeddings)).sum(0, keepdims=True))[0]
+    segment_mean = schema.l2_normalise(
+        schema.embeddings_matrix(pq.read_table(layout.segment_embeddings)).sum(0, keepdims=True)
+    )[0]
     assert not np.allclose(got, segment_mean, atol=1e-6), "fell back to the segments' mean: the file was not found"
     assert float(got @ _one_call(encoder, raw / f.name)) > 0.999

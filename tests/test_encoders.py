@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 
-from voiceprint import audio
+from voiceprint.common import audio
 from voiceprint.encoders import campplus as campplus_module
 from voiceprint.encoders.base import SpeakerEncoder
 from voiceprint.encoders.campplus import (
@@ -29,7 +29,7 @@ from voiceprint.encoders.campplus import (
 )
 from voiceprint.encoders.ecapa import EcapaConfig, EcapaEncoder, load_ecapa, save_speechbrain_checkpoint
 from voiceprint.encoders.ge2e import GE2EEncoder, load_ge2e
-from voiceprint.encoders.registry import ENCODER_SPECS, OnnxEncoder, load_encoder
+from voiceprint.encoders.loader import ENCODER_SPECS, OnnxEncoder, load_encoder
 
 SPEAKERS = 3
 PER_SPEAKER = 3
@@ -253,8 +253,12 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_ecapa_dir: Path) ->
 
 @_quiet_export
 def test_registry_resolves_every_spec(
-    tiny_ecapa_dir: Path, tiny_onnx: tuple[Path, EcapaEncoder], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    campplus: CamPlusPlusEncoder, ge2e: GE2EEncoder,
+    tiny_ecapa_dir: Path,
+    tiny_onnx: tuple[Path, EcapaEncoder],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    campplus: CamPlusPlusEncoder,
+    ge2e: GE2EEncoder,
 ) -> None:
     onnx_path, _ = tiny_onnx
     ecapa = load_encoder("ecapa", model_dir=tiny_ecapa_dir)

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from voiceprint.common.layout import Layout
+from voiceprint.common.schema import embedding_column, embedding_schema, l2_normalise
 from voiceprint.config import EvaluateParams, Params
-from voiceprint.evaluate import all_pairs_scores, evaluate
-from voiceprint.layout import Layout
-from voiceprint.schema import embedding_column, embedding_schema, l2_normalise
+from voiceprint.evaluate.stage import all_pairs_scores, evaluate
 
 DIM = 24
 MODEL = "ecapa-test@0001"
@@ -33,9 +33,11 @@ def write_utterances(
     """Utterance embeddings around one random direction per speaker (noise 0 = identical)."""
     counts = per_speaker if isinstance(per_speaker, list) else [per_speaker] * (n_train + n_eval)
     centres = l2_normalise(rng.normal(size=(n_train + n_eval, DIM)))
-    write_speakers(layout, [
-        l2_normalise(centre + noise * rng.normal(size=(n, DIM))) for centre, n in zip(centres, counts, strict=True)
-    ], n_train)
+    write_speakers(
+        layout,
+        [l2_normalise(centre + noise * rng.normal(size=(n, DIM))) for centre, n in zip(centres, counts, strict=True)],
+        n_train,
+    )
 
 
 def write_speakers(layout: Layout, vectors: list[np.ndarray], n_train: int) -> None:
@@ -46,8 +48,17 @@ def write_speakers(layout: Layout, vectors: list[np.ndarray], n_train: int) -> N
         split = "train" if s < n_train else "eval"
         spk = f"{split}{s:03d}"
         for u in range(len(v)):
-            rows.append(dict(utterance_id=f"{spk}-{u:03d}", speaker_id=spk, split=split, start_s=0.0,
-                             end_s=3.0, num_segments=1, model_id=MODEL))
+            rows.append(
+                dict(
+                    utterance_id=f"{spk}-{u:03d}",
+                    speaker_id=spk,
+                    split=split,
+                    start_s=0.0,
+                    end_s=3.0,
+                    num_segments=1,
+                    model_id=MODEL,
+                )
+            )
             vecs.append(v[u])
     schema = embedding_schema(DIM, utterance_level=True)
     cols = {f.name: [r[f.name] for r in rows] for f in schema if f.name != "embedding"}
@@ -81,9 +92,20 @@ def test_separated_speakers_are_perfect(tmp_path: Path) -> None:
     on_disk = json.loads(layout.metrics.read_text())
     assert on_disk == metrics
     for key in (
-        "eer", "eer_threshold", "min_dcf_p0.01", "min_dcf_p0.05", "top1", "top5", "n_trials",
-        "n_target", "n_nontarget", "n_queries", "n_gallery_speakers", "n_eval_speakers",
-        "embedding_dim", "model_id",
+        "eer",
+        "eer_threshold",
+        "min_dcf_p0.01",
+        "min_dcf_p0.05",
+        "top1",
+        "top5",
+        "n_trials",
+        "n_target",
+        "n_nontarget",
+        "n_queries",
+        "n_gallery_speakers",
+        "n_eval_speakers",
+        "embedding_dim",
+        "model_id",
     ):
         assert key in metrics, key
     n = 8 * 6
@@ -112,8 +134,7 @@ def test_random_embeddings_give_chance_level(tmp_path: Path) -> None:
     # Pure noise: "speakers" are arbitrary labels on random vectors.
     write_utterances(layout, np.random.default_rng(2), n_train=0, n_eval=20, per_speaker=8, noise=50.0)
     out = tmp_path / "elsewhere"
-    metrics = evaluate(layout, _params(train_distractors=False), out_metrics=out / "m.json",
-                       out_plots=out / "plots")
+    metrics = evaluate(layout, _params(train_distractors=False), out_metrics=out / "m.json", out_plots=out / "plots")
     assert abs(metrics["eer"] - 0.5) < 0.06
     assert metrics["min_dcf_p0.01"] > 0.9
     assert metrics["top1"] < 0.25  # chance is 1/20
@@ -134,9 +155,8 @@ def test_seeded_enrollment_is_reproducible(tmp_path: Path) -> None:
 def test_small_speakers_are_skipped_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     layout = Layout.at(tmp_path)
     # eval speakers with 5, 2 and 3 utterances; enroll_per_speaker=3 leaves only the first.
-    write_utterances(layout, np.random.default_rng(4), n_train=2, n_eval=3, per_speaker=[4, 4, 5, 2, 3],
-                     noise=0.05)
-    with caplog.at_level(logging.WARNING, logger="voiceprint.evaluate"):
+    write_utterances(layout, np.random.default_rng(4), n_train=2, n_eval=3, per_speaker=[4, 4, 5, 2, 3], noise=0.05)
+    with caplog.at_level(logging.WARNING, logger="voiceprint.evaluate.stage"):
         metrics = evaluate(layout, _params(enroll_per_speaker=3))
     assert "left out" in caplog.text
     assert metrics["n_identification_skipped_speakers"] == 2
@@ -149,7 +169,7 @@ def test_small_speakers_are_skipped_not_fatal(tmp_path: Path, caplog: pytest.Log
 def test_single_eval_speaker_reports_nulls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     layout = Layout.at(tmp_path)
     write_utterances(layout, np.random.default_rng(5), n_train=0, n_eval=1, per_speaker=5, noise=0.1)
-    with caplog.at_level(logging.WARNING, logger="voiceprint.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="voiceprint.evaluate.stage"):
         metrics = evaluate(layout, _params())
     assert metrics["eer"] is None and metrics["min_dcf_p0.01"] is None and metrics["top1"] is None
     assert metrics["n_nontarget"] == 0 and metrics["n_queries"] == 0
@@ -161,7 +181,7 @@ def test_single_eval_speaker_reports_nulls(tmp_path: Path, caplog: pytest.LogCap
 def test_mlflow_run_holds_the_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
-    from voiceprint.tracking import EXPERIMENT, log_evaluation
+    from voiceprint.tracking.runs import EXPERIMENT, log_evaluation
 
     layout = Layout.at(tmp_path / "project")
     write_utterances(layout, np.random.default_rng(6), n_train=3, n_eval=5, per_speaker=6, noise=0.5)
@@ -195,7 +215,9 @@ def test_mlflow_run_holds_the_metrics(tmp_path: Path, monkeypatch: pytest.Monkey
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"metrics.json", "plots"} <= artifacts
     assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {
-        "plots/det.png", "plots/scores.png", "plots/det.csv",
+        "plots/det.png",
+        "plots/scores.png",
+        "plots/det.csv",
     }
     local = client.download_artifacts(run_id, "metrics.json", str(tmp_path / "dl"))
     assert json.loads(Path(local).read_text()) == metrics
@@ -205,11 +227,12 @@ def test_mlflow_run_holds_the_metrics(tmp_path: Path, monkeypatch: pytest.Monkey
     assert client.get_run(second).info.experiment_id == run.info.experiment_id
 
 
-def test_default_store_is_sqlite_in_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            capfd: pytest.CaptureFixture[str]) -> None:
+def test_default_store_is_sqlite_in_project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     from mlflow.tracking import MlflowClient
 
-    from voiceprint.tracking import git_commit, log_evaluation, tracking_uri
+    from voiceprint.tracking.runs import git_commit, log_evaluation, tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
@@ -261,7 +284,7 @@ def test_snorm_is_reported_beside_raw_scores_and_corrects_a_hub_speaker(tmp_path
 def test_snorm_without_a_cohort_reports_nulls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     layout = Layout.at(tmp_path)
     write_utterances(layout, np.random.default_rng(12), n_train=0, n_eval=4, per_speaker=4, noise=0.3)
-    with caplog.at_level(logging.WARNING, logger="voiceprint.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="voiceprint.evaluate.stage"):
         metrics = evaluate(layout, _params(train_distractors=False))
     assert metrics["eer"] is not None
     assert metrics["eer_snorm"] is None and metrics["min_dcf_p0.01_snorm"] is None and metrics["n_cohort"] == 0

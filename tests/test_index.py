@@ -12,8 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from voiceprint.common.layout import Layout
+from voiceprint.common.schema import embedding_column, embedding_schema, l2_normalise
 from voiceprint.config import IndexParams
-from voiceprint.index import (
+from voiceprint.index.stage import (
     EnrollmentError,
     SpeakerGallery,
     build_index,
@@ -23,8 +25,6 @@ from voiceprint.index import (
     load_enrollments,
     safe_name,
 )
-from voiceprint.layout import Layout
-from voiceprint.schema import embedding_column, embedding_schema, l2_normalise
 
 DIM = 32
 MODEL = "ecapa-test@abc123"
@@ -41,8 +41,13 @@ def _around(rng: np.random.Generator, centre: np.ndarray, n: int, noise: float =
 
 
 def write_embeddings(
-    layout: Layout, rng: np.random.Generator, n_train: int = 6, n_eval: int = 4, utts: int = 5,
-    segs: int = 3, model_id: str = MODEL,
+    layout: Layout,
+    rng: np.random.Generator,
+    n_train: int = 6,
+    n_eval: int = 4,
+    utts: int = 5,
+    segs: int = 3,
+    model_id: str = MODEL,
 ) -> dict[str, np.ndarray]:
     """Synthetic utterance- and segment-level embedding files in the pipeline's schema."""
     centres = _speakers(rng, n_train + n_eval)
@@ -53,11 +58,29 @@ def write_embeddings(
             uid = f"{spk}-u{u:02d}"
             v = _around(rng, centre, segs)
             for k in range(segs):
-                seg_rows.append(dict(segment_id=f"{uid}#{k:03d}", utterance_id=uid, speaker_id=spk,
-                                     split=split, start_s=k * 2.0, end_s=k * 2.0 + 1.5, model_id=model_id))
+                seg_rows.append(
+                    dict(
+                        segment_id=f"{uid}#{k:03d}",
+                        utterance_id=uid,
+                        speaker_id=spk,
+                        split=split,
+                        start_s=k * 2.0,
+                        end_s=k * 2.0 + 1.5,
+                        model_id=model_id,
+                    )
+                )
                 seg_vecs.append(v[k])
-            utt_rows.append(dict(utterance_id=uid, speaker_id=spk, split=split, start_s=0.0,
-                                 end_s=segs * 2.0, num_segments=segs, model_id=model_id))
+            utt_rows.append(
+                dict(
+                    utterance_id=uid,
+                    speaker_id=spk,
+                    split=split,
+                    start_s=0.0,
+                    end_s=segs * 2.0,
+                    num_segments=segs,
+                    model_id=model_id,
+                )
+            )
             utt_vecs.append(l2_normalise(v.mean(axis=0, keepdims=True))[0])
     for rows, vecs, path, utterance_level in (
         (seg_rows, seg_vecs, layout.segment_embeddings, False),
@@ -129,13 +152,18 @@ def test_build_indexes_writes_aligned_files(built: tuple[Layout, dict]) -> None:
     layout, data = built
     d = layout.index_dir
     assert {p.name for p in d.iterdir()} == {
-        "segments.faiss", "segments_ids.parquet", "speakers.faiss", "speakers_ids.parquet", "index.json",
+        "segments.faiss",
+        "segments_ids.parquet",
+        "speakers.faiss",
+        "speakers_ids.parquet",
+        "index.json",
     }
     info = json.loads((d / "index.json").read_text())
     assert info["type"] == "flat" and info["dim"] == DIM and info["model_id"] == MODEL
     assert info["counts"] == {"segments": 150, "utterances": 50, "speakers": 10}
     assert info["built_with"] == "cpu" and info["faiss_version"] == faiss.__version__
-    assert data["stats"]["counts"] == info["counts"]
+    assert "built_at" not in info and "seconds" not in info  # DVC output: no clock (the stats have the time)
+    assert data["stats"]["counts"] == info["counts"] and data["stats"]["seconds"] >= 0
 
     seg_ids = pq.read_table(d / "segments_ids.parquet")
     assert seg_ids.column_names == ["segment_id", "utterance_id", "speaker_id", "split"]
@@ -159,6 +187,19 @@ def test_build_indexes_writes_aligned_files(built: tuple[Layout, dict]) -> None:
     mine = np.array([r["embedding"] for r in utts if r["speaker_id"] == "spk03"])
     expected = l2_normalise(l2_normalise(mine).mean(axis=0, keepdims=True))[0]
     assert np.allclose(centroids[3], expected, atol=1e-5)
+
+
+def test_same_embeddings_give_byte_identical_index_anywhere(tmp_path: Path) -> None:
+    """data/index is a DVC output: two projects (different paths, built at different times) holding
+    the same embeddings must write the same bytes, or dvc.lock differs from checkout to checkout."""
+    digests = []
+    for root in (tmp_path / "a", tmp_path / "a-longer-project-path" / "nested"):
+        layout = Layout.at(root)
+        write_embeddings(layout, np.random.default_rng(7))
+        build_indexes(layout, IndexParams(type="flat", use_gpu="never"))
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(layout.index_dir.iterdir())})
+    assert digests[0] == digests[1]
+    assert str(tmp_path) not in (Layout.at(tmp_path / "a").index_dir / "index.json").read_text()
 
 
 def test_rebuild_replaces_directory_whole(built: tuple[Layout, dict]) -> None:
@@ -263,7 +304,7 @@ def test_safe_names_are_distinct() -> None:
 
 def test_gpu_path_builds_on_gpu_and_saves_cpu_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Logic of the GPU branch with faiss' GPU entry points faked (CI machines have no GPU)."""
-    import voiceprint.index as vi
+    import voiceprint.index.stage as vi
 
     moved: list[str] = []
 

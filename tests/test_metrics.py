@@ -1,4 +1,4 @@
-"""voiceprint.metrics against SpeechBrain's reference EER/minDCF and hand-made cases."""
+"""voiceprint.evaluate.metrics against SpeechBrain's reference EER/minDCF and hand-made cases."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from speechbrain.utils.metric_stats import EER as sb_eer
 from speechbrain.utils.metric_stats import minDCF as sb_min_dcf
 
-from voiceprint.metrics import det_curve, eer, identification_accuracy, min_dcf
+from voiceprint.evaluate.metrics import det_curve, eer, identification_accuracy, min_dcf
 
 
 def _trials(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

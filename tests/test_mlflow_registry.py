@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-
-from tasks import stages
 from test_train import _one_thread, _segments_table
-from voiceprint import audio
-from voiceprint.atomic import write_table
+
+from voiceprint.common import audio
+from voiceprint.common.atomic import write_table
+from voiceprint.common.layout import Layout
 from voiceprint.config import Params
 from voiceprint.encoders.ecapa import load_ecapa
-from voiceprint.layout import Layout
-from voiceprint.registry_model import REGISTERED_MODEL
+from voiceprint.tracking.pyfunc_model import REGISTERED_MODEL
+from voiceprint.training import stage as model_stage
 
 MODEL = dict(channels=32, steps=12, batch_size=8, crop_s=1.0, seed=0, device="cpu", log_every=5, checkpoint_every=0)
 
@@ -34,7 +34,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory, excerpts_dir: Path) -> dict
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("MLFLOW_REGISTRY_URI", uri)
         with _one_thread():
-            summary = stages.model(Params.model_validate({"model": MODEL}), layout)
+            summary = model_stage.run(Params.model_validate({"model": MODEL}), layout)
     return dict(layout=layout, uri=uri, summary=summary)
 
 
@@ -54,7 +54,7 @@ def test_model_stage_logs_training_curves_and_summary(staged: dict) -> None:
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "model"
     assert run.data.tags["model_id"] == summary["model_id"] and run.data.tags["stage"] == "model"
-    assert run.data.params["model.aam_scale"] == "30.0" and run.data.params["model.steps"] == "12"
+    assert run.data.params["model.aam.scale"] == "30.0" and run.data.params["model.steps"] == "12"
     for name in ("train_loss", "train_acc", "lr"):
         history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == [5, 10, 12], name  # every log_every steps, and the last
@@ -65,8 +65,9 @@ def test_model_stage_logs_training_curves_and_summary(staged: dict) -> None:
     assert "training.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_registered_pyfunc_embeds_like_the_encoder(staged: dict, tracking: str, excerpts_dir: Path,
-                                                   tmp_path: Path) -> None:
+def test_registered_pyfunc_embeds_like_the_encoder(
+    staged: dict, tracking: str, excerpts_dir: Path, tmp_path: Path
+) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -105,13 +106,14 @@ def test_registered_pyfunc_rejects_unusable_input(staged: dict, tracking: str) -
         model.predict(pd.DataFrame({"a": [[0.0] * 1000], "b": [[0.0] * 1000]}))
 
 
-def test_model_stage_without_tracking_touches_no_store(tmp_path: Path, excerpts_dir: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_stage_without_tracking_touches_no_store(
+    tmp_path: Path, excerpts_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     layout = Layout.at(tmp_path)
     write_table(layout.segments, _segments_table(excerpts_dir))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = Params.model_validate({"model": {**MODEL, "steps": 2, "log_every": 0, "register_model": False}})
     with _one_thread():
-        summary = stages.model(params, layout)
+        summary = model_stage.run(params, layout)
     assert "mlflow_run_id" not in summary and summary["model_id"].startswith("ecapa-c32-")
     assert not (layout.root / "mlflow.db").exists() and not (layout.root / "mlartifacts").exists()

@@ -9,25 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import N_SPEAKERS, _segments_table
 
-from voiceprint import audio
-from voiceprint.atomic import write_table
-from voiceprint.compare import render_gate_usage, render_markdown
+from voiceprint.common import audio
+from voiceprint.common.atomic import write_table
+from voiceprint.common.layout import Layout
+from voiceprint.compare.stage import render_gate_usage, render_markdown
 from voiceprint.config import ConfigError, ModelParams, Params, load_params
 from voiceprint.encoders.ecapa import CheckpointError, EcapaConfig
+from voiceprint.encoders.loader import load_encoder
 from voiceprint.encoders.moe import (
     MOE_CONFIG,
-    EcapaMoE,
     MoeConfig,
     MoeEncoder,
     gate_usage_stats,
     load_moe,
 )
-from voiceprint.encoders.registry import load_encoder
-from voiceprint.layout import Layout
-from voiceprint.train import build_model
-
-from test_train import N_SPEAKERS, _segments_table
+from voiceprint.training.stage import build_model
 
 
 def _tiny(experts: int = 3) -> MoeConfig:
@@ -101,16 +99,16 @@ def test_gate_usage_stats_on_known_patterns() -> None:
 
 def test_default_mixture_has_the_parameter_count_of_the_default_ecapa() -> None:
     params = ModelParams(arch="moe")
-    mixture = MoeConfig.from_params(params.moe_experts, params.moe_expert_channels, params.moe_gate_channels).build()
+    mixture = MoeConfig.from_params(params.moe.experts, params.moe.expert_channels, params.moe.gate_channels).build()
     single = EcapaConfig.from_channels(ModelParams().channels).build()
     n_moe = sum(p.numel() for p in mixture.parameters())
     n_single = sum(p.numel() for p in single.parameters())
     assert abs(n_moe / n_single - 1) < 0.02, (n_moe, n_single)
 
 
-def test_moe_with_a_pretrained_source_is_a_config_error(repo_root: Path) -> None:
+def test_moe_with_a_pretrained_source_is_a_config_error(params_writer, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.arch 'moe' needs model.init"):
-        load_params(repo_root / "params.yaml", overrides={"model.arch": "moe", "model.init": "pretrained"})
+        load_params(params_writer(tmp_path), overrides={"model.arch": "moe", "model.init": "pretrained"})
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +116,16 @@ def trained_moe(tmp_path_factory: pytest.TempPathFactory, excerpts_dir: Path) ->
     layout = Layout.at(tmp_path_factory.mktemp("moe-project"))
     write_table(layout.segments, _segments_table(excerpts_dir))
     params = ModelParams(
-        arch="moe", moe_experts=2, moe_expert_channels=16, moe_gate_channels=8, moe_balance=0.1,
-        steps=20, batch_size=12, crop_s=1.0, seed=0, device="cpu", augment=["noise"], register_model=False,
-        aam_margin_ramp=(0.0, 0.0),  # one objective throughout, so that the loss's fall is measured
+        arch="moe",
+        moe={"experts": 2, "expert_channels": 16, "gate_channels": 8, "balance": 0.1},
+        steps=20,
+        batch_size=12,
+        crop_s=1.0,
+        seed=0,
+        device="cpu",
+        augment={"kinds": ["noise"]},
+        register_model=False,
+        aam={"margin_ramp": (0.0, 0.0)},  # one objective throughout, so that the loss's fall is measured
     )
     return layout, build_model(params, layout, progress=False)
 
@@ -159,7 +164,9 @@ def test_trained_moe_loads_through_the_registry_and_logs_its_gates(
     assert encoder.gate_usage() == {}
 
 
-def test_moe_directory_that_does_not_match_its_config_is_refused(trained_moe: tuple[Layout, dict], tmp_path: Path) -> None:
+def test_moe_directory_that_does_not_match_its_config_is_refused(
+    trained_moe: tuple[Layout, dict], tmp_path: Path
+) -> None:
     layout, _ = trained_moe
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -9,8 +9,8 @@ import pytest
 
 from benchmarks.paired_eer import main
 from tests.test_evaluate import write_speakers
-from voiceprint.layout import Layout
-from voiceprint.schema import l2_normalise
+from voiceprint.common.layout import Layout
+from voiceprint.common.schema import l2_normalise
 
 
 def test_paired_eer_resolves_a_worse_run_and_marks_the_reference(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

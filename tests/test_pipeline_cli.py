@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.stages import run_stage
 from voiceprint.cli import main as cli
-from voiceprint.layout import Layout
+from voiceprint.common.layout import Layout
+from voiceprint.stages import run_stage
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_stages_produce_the_documented_layout(project: Layout, monkeypatch):
     metrics = json.loads(project.metrics.read_text())
     assert 0.0 <= metrics["eer"] <= 1.0 and metrics["n_trials"] == 20 * 19 // 2
     assert metrics["n_queries"] == 4 * 3 and metrics["n_gallery_speakers"] == 8
-    # Speaker-bootstrap intervals around the point estimates (voiceprint.bootstrap), on real audio.
+    # Speaker-bootstrap intervals around the point estimates (voiceprint.evaluate.bootstrap), on real audio.
     assert 0.0 <= metrics["eer_ci_low"] <= metrics["eer"] <= metrics["eer_ci_high"] <= 1.0
     assert 0.0 <= metrics["top1_ci_low"] <= metrics["top1"] <= metrics["top1_ci_high"] <= 1.0
     assert summary["mlflow_run_id"]
@@ -49,7 +49,9 @@ def test_verify_identify_enroll(project: Layout, excerpts_dir: Path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[0].split("\t")[0] == "1"
 
-    newcomer = sorted(p for p in (excerpts_dir / "test-other").iterdir() if p.is_dir())[-1]  # beyond max_speakers=4: not indexed
+    newcomer = sorted(p for p in (excerpts_dir / "test-other").iterdir() if p.is_dir())[
+        -1
+    ]  # beyond max_speakers=4: not indexed
     clips = sorted(newcomer.glob("*.flac"))
     # One enrollment clip queried again: its centroid is its own embedding (cosine 1), so this checks
     # enroll -> index -> identify whatever the tiny 30-step model's accuracy on other clips.
@@ -61,8 +63,19 @@ def test_verify_identify_enroll(project: Layout, excerpts_dir: Path, capsys):
 
 
 def test_query_and_bad_input_errors(project: Layout, capsys):
-    assert cli(["--project", str(project.root), "query", "--format", "json",
-                "SELECT count(*) AS n FROM utterances WHERE split = 'eval'"]) == 0
+    assert (
+        cli(
+            [
+                "--project",
+                str(project.root),
+                "query",
+                "--format",
+                "json",
+                "SELECT count(*) AS n FROM utterances WHERE split = 'eval'",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["n"] == 20
     assert cli(["--project", str(project.root), "query", f"COPY utterances TO '{project.root / 'x.parquet'}'"]) == 2
     assert "query failed" in capsys.readouterr().err and not (project.root / "x.parquet").exists()
@@ -78,8 +91,18 @@ def test_evaluate_folder_leaves_project_outputs_alone(project: Layout, excerpts_
             for f in sorted(spk.glob("*.flac"))[:4]:
                 shutil.copy(f, folder / spk.name / f.name)
     before = {p: p.stat().st_mtime_ns for p in project.data.rglob("*") if p.is_file()}
-    rc = cli(["--project", str(project.root), "evaluate", "--dataset", f"folder:{folder}",
-              "--workdir", str(tmp_path / "work"), "--no-mlflow"])
+    rc = cli(
+        [
+            "--project",
+            str(project.root),
+            "evaluate",
+            "--dataset",
+            f"folder:{folder}",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--no-mlflow",
+        ]
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert rc == 0 and last.startswith("EER=") and "minDCF(0.01)=" in last and "top1=" in last
     assert before == {p: p.stat().st_mtime_ns for p in project.data.rglob("*") if p.is_file()}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from voiceprint import precision
-from voiceprint.precision import autocast_dtype, training_autocast_dtype
+from voiceprint.common import precision
+from voiceprint.common.precision import autocast_dtype, training_autocast_dtype
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -9,7 +9,10 @@ Two projects go through the same path:
 
 * a stand-in project whose six stages (same names as ``dvc.yaml``) are tiny scripts, which checks
   the Prefect/DVC mechanics in seconds and independently of the stage code;
-* the real ``dvc.yaml``/``params.yaml`` on a small subset of the shared LibriSpeech excerpts.
+* the real ``dvc.yaml`` on a small subset of the shared LibriSpeech excerpts.
+
+Both write their own ``params.yaml`` (schema defaults plus the test's overrides): the checkout's
+params.yaml is the user's and must not change what these tests see.
 """
 
 from __future__ import annotations
@@ -31,8 +34,6 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-
-from flows.params_file import apply_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -354,11 +355,21 @@ SECTIONS = {
 }
 
 
+INDEX_TYPE_LINE = "\n  type: flat\n"
+
+
 @pytest.fixture
-def standin_project(tmp_path: Path) -> Path:
+def standin_project(tmp_path: Path, params_writer) -> Path:
     project = tmp_path / "standin"
     project.mkdir()
-    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    # A hand-edited file, as users keep it: the run's overrides must leave its comments in place.
+    params = params_writer(project, {"compare.encoders": {e: e for e in ENCODERS}})
+    text = params.read_text()
+    assert text.count(INDEX_TYPE_LINE) == 1, text
+    params.write_text(
+        "# voiceprint parameters (stand-in project)\n"
+        + text.replace(INDEX_TYPE_LINE, "\n  type: flat  # flat (exact cosine) | ivf | hnsw\n")
+    )
     (project / "fake_stage.py").write_text(FAKE_STAGE)
     stages: dict[str, Any] = {}
     previous: str | None = None
@@ -411,7 +422,7 @@ def test_served_deployment_runs_standin_pipeline_via_dvc(
     # the stage commands ran in this virtualenv although serve was started without activating it
     record = json.loads((standin_project / "fake/prepare.json").read_text())
     assert record["python"] == sys.prefix
-    # ... and know which Prefect run they belong to (voiceprint.tracking tags MLflow runs with it)
+    # ... and know which Prefect run they belong to (voiceprint.tracking.runs tags MLflow runs with it)
     assert record["flow_run_id"] == run_id
     assert_dvc_up_to_date(standin_project)
     assert_run_structure(prefect_server, run_id)
@@ -429,26 +440,45 @@ SMALL_SUBSET = {
 }
 
 
-@pytest.fixture
-def real_project(tmp_path: Path, excerpts_dir: Path) -> Path:
-    """The repo's dvc.yaml/params.yaml and the files its stages depend on, on a small subset.
+def _source_deps(stages: dict[str, Any]) -> list[str]:
+    """The ``deps`` of ``dvc.yaml`` that no stage writes: the code the stages run (``tasks/run.py``,
+    ``voiceprint/...``), as opposed to outputs of earlier stages (``data/...``, ``models/...``)."""
+    bodies = [s.get("do", s) for s in stages.values()]
+    outs = {
+        (o if isinstance(o, str) else next(iter(o))).split("${", 1)[0].rstrip("/")
+        for body in bodies
+        for o in body.get("outs", [])
+    }
 
-    The code that runs is the installed (editable) package; the copied ``voiceprint/`` is there
-    because DVC hashes the ``deps`` paths relative to the project.
+    def produced(dep: str) -> bool:
+        return any(dep == o or dep.startswith(o + "/") or o.startswith(dep + "/") for o in outs)
+
+    return sorted({d for body in bodies for d in body.get("deps", []) if not produced(d)})
+
+
+@pytest.fixture
+def real_project(tmp_path: Path, excerpts_dir: Path, params_writer) -> Path:
+    """The repo's dvc.yaml and the code its stages depend on, on a small subset.
+
+    DVC hashes the ``deps`` paths relative to the project, so the packages they are in
+    (``voiceprint/``, ``tasks/``) are copied whole: ``python -m tasks.run`` then imports the copies,
+    the same code as the checkout's. ``params.yaml`` is the schema's defaults with the small subset,
+    not the checkout's (the user's) file; no data or model of the checkout is copied.
     """
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    code_deps = sorted({d for s in stages.values() for d in s.get("deps", []) if d.startswith("voiceprint/")})
+    code_deps = _source_deps(stages)
     missing = [d for d in code_deps if not (REPO / d).exists()]
     if missing:
         pytest.fail(f"stage code not in the repo yet, dvc.yaml deps missing: {', '.join(missing)}")
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, project / name)
-    shutil.copytree(
-        REPO / "voiceprint", project / "voiceprint", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
-    apply_overrides(project, {**SMALL_SUBSET, "data.mirror": str(excerpts_dir.parent)})
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    for top in sorted({Path(d).parts[0] for d in code_deps}):
+        if (REPO / top).is_dir():
+            shutil.copytree(REPO / top, project / top, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(REPO / top, project / top)
+    params_writer(project, {**SMALL_SUBSET, "data.mirror": str(excerpts_dir.parent)})
     _init_repo(project)
     return project
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,16 +20,15 @@ import pytest
 import yaml
 
 from flows.params_file import apply_overrides
-from tasks.prefect_tasks import (
+from tasks.dvc_runner import (
     DvcRepoLocked,
     OutputLines,
     StageFailed,
-    _read_output,
     dvc_repro_command,
-    metrics_markdown,
-    run_stage,
+    read_output,
     stage_environment,
 )
+from tasks.prefect_tasks import metrics_markdown, run_stage
 from voiceprint.config import ConfigError, load_params
 
 LOGGER = "voiceprint.prefect"
@@ -178,7 +176,7 @@ def test_output_is_read_as_it_arrives() -> None:
     )
     assert proc.stdout is not None
     started = time.monotonic()
-    chunks = _read_output(proc, proc.stdout)
+    chunks = read_output(proc, proc.stdout)
     first = next(chunks)
     assert "early" in first and time.monotonic() - started < 2.5 and proc.poll() is None
     assert "late" in "".join(chunks)
@@ -240,23 +238,41 @@ def test_output_lines_strip_ansi_and_blank_lines() -> None:
 
 # ------------------------------------------------------------------ params.yaml overrides
 
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+#: A hand-edited ``params.yaml`` in the style of the shipped one (comments, aligned end-of-line
+#: comments, flow-style lists, explicit nulls). The tests write it themselves: the checkout's own
+#: params.yaml holds the user's choices, which these tests must not depend on.
+PARAMS_TEXT = """\
+# voiceprint pipeline parameters (a test's copy)
+data:
+  dataset: librispeech-excerpts   # librispeech-excerpts | librispeech | folder
+  path: null                      # folder datasets: <speaker>/<utterance>.{wav,flac} tree
+  max_speakers: null              # per split; small values make quick runs
+vad:
+  threshold: 0.5
+  max_segment_s: 10.0
+embed:
+  utterance: file                 # file | segments
+index:
+  type: flat                      # flat (exact cosine) | ivf | hnsw
+  nlist: 64
+evaluate:
+  p_targets: [0.01, 0.05]
+"""
 
 
 @pytest.fixture
 def params_project(tmp_path: Path) -> Path:
-    shutil.copy(REPO_PARAMS, tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(PARAMS_TEXT)
     return tmp_path
 
 
 def test_apply_overrides_preserves_comments_and_order(params_project: Path) -> None:
     before = (params_project / "params.yaml").read_text().splitlines()
-    steps_before = load_params(params_project / "params.yaml").model.steps
     params = apply_overrides(
         params_project,
-        {"index.type": "hnsw", "data.max_speakers": 3, "model.steps": "3", "model.init": None},
+        {"index.type": "hnsw", "data.max_speakers": 3, "index.nlist": "3", "model.init": None},
     )
-    assert params.index.type == "hnsw" and params.data.max_speakers == 3 and params.model.steps == 3
+    assert params.index.type == "hnsw" and params.data.max_speakers == 3 and params.index.nlist == 3
     after = (params_project / "params.yaml").read_text().splitlines()
     changed = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
     assert changed == [
@@ -264,11 +280,11 @@ def test_apply_overrides_preserves_comments_and_order(params_project: Path) -> N
             "  max_speakers: null              # per split; small values make quick runs",
             "  max_speakers: 3                 # per split; small values make quick runs",
         ),
-        (f"  steps: {steps_before}", "  steps: 3"),  # validated value: the int 3, not the string "3"
         (
             "  type: flat                      # flat (exact cosine) | ivf | hnsw",
             "  type: hnsw                      # flat (exact cosine) | ivf | hnsw",
         ),
+        ("  nlist: 64", "  nlist: 3"),  # validated value: the int 3, not the string "3"
     ]
 
 
@@ -278,7 +294,7 @@ def test_apply_overrides_preserves_comments_and_order(params_project: Path) -> N
         ({"index.typ": "hnsw"}, "index.typ"),
         ({"index.type": "annoy"}, "index.type"),
         ({"data.dataset": "folder"}, "data.path"),  # folder needs a path
-        ({"model.steps": 5, "modle.steps": 5}, "modle"),
+        ({"index.nlist": 5, "indx.nlist": 5}, "indx"),
     ],
 )
 def test_apply_overrides_rejects_bad_values_before_writing(
@@ -295,8 +311,8 @@ def test_apply_overrides_leaves_an_unchanged_file_alone(params_project: Path) ->
     path = params_project / "params.yaml"
     stamp = 1_000_000_000
     os.utime(path, ns=(stamp, stamp))
-    steps = load_params(path).model.steps
-    same_values = {"index.type": "flat", "model.steps": steps, "data.path": None, "vad.max_segment_s": 10}
+    nlist = load_params(path).index.nlist
+    same_values = {"index.type": "flat", "index.nlist": nlist, "data.path": None, "vad.max_segment_s": 10}
     apply_overrides(params_project, same_values)
     assert path.stat().st_mtime_ns == stamp
     apply_overrides(params_project, {})
@@ -366,7 +382,10 @@ def test_deployments_cover_pipeline_and_each_stage(tmp_path: Path) -> None:
     deps = deployments(tmp_path)
     assert [(d.flow_name, d.name) for d in deps] == [
         ("voiceprint-pipeline", "default"),
-        *((f"voiceprint-{s}", "default") for s in ("prepare", "segment", "model", "embed", "index", "evaluate", "compare")),
+        *(
+            (f"voiceprint-{s}", "default")
+            for s in ("prepare", "segment", "model", "embed", "index", "evaluate", "compare")
+        ),
     ]
     assert deps[0].entrypoint == "flows.pipeline.voiceprint_pipeline"
     assert all(d.parameters == {"project_dir": str(tmp_path.resolve())} for d in deps)
@@ -378,4 +397,3 @@ def test_serve_main_refuses_a_directory_without_dvc_yaml(tmp_path: Path, capsys:
 
     assert main(["--project-dir", str(tmp_path)]) == 2
     assert "not a voiceprint project" in capsys.readouterr().err
-

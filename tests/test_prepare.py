@@ -18,14 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from voiceprint import schema
+from voiceprint.common import schema
+from voiceprint.common.checksums import parse_checksum_file, sha256_file
+from voiceprint.common.layout import Layout
 from voiceprint.config import DataParams
-from voiceprint.datasets import librispeech
-from voiceprint.datasets.archive import read_marker
-from voiceprint.datasets.checksums import parse_checksum_file, sha256_file
-from voiceprint.datasets.download import DownloadError
-from voiceprint.datasets.prepare import PrepareError, prepare
-from voiceprint.layout import Layout
+from voiceprint.prepare import librispeech
+from voiceprint.prepare.archive import read_marker
+from voiceprint.prepare.download import DownloadError
+from voiceprint.prepare.stage import PrepareError, prepare
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -96,9 +96,7 @@ def test_mirror_is_resolved_against_the_project_root(excerpts_dir: Path, tmp_pat
     root.mkdir()
     mirror = os.path.relpath(excerpts_dir.parent, root)  # like the default "../shared/datasets"
     layout = Layout.at(root)
-    result = prepare(
-        DataParams(mirror=mirror, max_speakers=3, max_utterances_per_speaker=2), layout, progress=False
-    )
+    result = prepare(DataParams(mirror=mirror, max_speakers=3, max_utterances_per_speaker=2), layout, progress=False)
     assert result.utterances == {"train": 3, "eval": 6}
     assert result.speakers == {"train": 3, "eval": 3}
     rows = read_manifest(layout)
@@ -208,7 +206,9 @@ def test_folder_with_train_and_test_splits(excerpts_dir: Path, tmp_path: Path) -
             shutil.copy2(f, folder / split / speaker / f"{k:03d}.flac")
     layout = Layout.at(tmp_path / "project")
 
-    result = prepare(DataParams(dataset="folder", path=str(folder), max_utterances_per_speaker=1), layout, progress=False)
+    result = prepare(
+        DataParams(dataset="folder", path=str(folder), max_utterances_per_speaker=1), layout, progress=False
+    )
 
     assert result.utterances == {"eval": 2, "train": 2}
     assert result.speakers == {"eval": 2, "train": 2}
@@ -247,7 +247,7 @@ class _Server:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/resources/12"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
-    def __enter__(self) -> "_Server":
+    def __enter__(self) -> _Server:
         self.thread.start()
         return self
 
@@ -278,7 +278,9 @@ def openslr(excerpts_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     train_speakers = sorted(p for p in (excerpts_dir / "train-clean-100").iterdir() if p.is_dir())[:4]
     train_files = {s.name: sorted(s.glob("*.flac")) for s in train_speakers}
     for subset, files in (("test-tiny", eval_files), ("train-tiny", train_files)):
-        monkeypatch.setitem(librispeech.SUBSET_MD5, subset, _librispeech_tarball(served / f"{subset}.tar.gz", subset, files))
+        monkeypatch.setitem(
+            librispeech.SUBSET_MD5, subset, _librispeech_tarball(served / f"{subset}.tar.gz", subset, files)
+        )
     with _Server(tmp_path / "www") as server:
         yield server, {"eval": eval_files, "train": train_files}
 
@@ -318,7 +320,11 @@ def test_librispeech_prefers_the_local_mirror(openslr: tuple[_Server, dict], tmp
     shutil.copy2(tmp_path / "www/resources/12/test-tiny.tar.gz", mirror / "test-tiny.tar.gz")
     layout = Layout.at(tmp_path / "project")
     params = DataParams(
-        dataset="librispeech", train_subset=None, eval_subset="test-tiny", url_base=server.url, mirror=str(mirror.parent)
+        dataset="librispeech",
+        train_subset=None,
+        eval_subset="test-tiny",
+        url_base=server.url,
+        mirror=str(mirror.parent),
     )
     assert prepare(params, layout, progress=False).utterances == {"eval": 6}
     assert server.paths == []
@@ -333,11 +339,15 @@ def test_librispeech_prefers_the_local_mirror(openslr: tuple[_Server, dict], tmp
     assert server.paths == [] and not other.downloads.exists()
 
 
-def test_librispeech_bad_archive_checksum(openslr: tuple[_Server, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_librispeech_bad_archive_checksum(
+    openslr: tuple[_Server, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server, _ = openslr
     monkeypatch.setitem(librispeech.SUBSET_MD5, "test-tiny", "0" * 32)
     layout = Layout.at(tmp_path / "project")
-    params = DataParams(dataset="librispeech", train_subset=None, eval_subset="test-tiny", url_base=server.url, mirror=None)
+    params = DataParams(
+        dataset="librispeech", train_subset=None, eval_subset="test-tiny", url_base=server.url, mirror=None
+    )
     with pytest.raises(DownloadError, match="0{32}") as exc:
         prepare(params, layout, progress=False)
     assert "test-tiny.tar.gz" in str(exc.value)
@@ -353,6 +363,12 @@ def test_unknown_librispeech_subset(tmp_path: Path) -> None:
 
 def test_published_md5_table() -> None:
     assert set(librispeech.SUBSET_MD5) >= {
-        "dev-clean", "dev-other", "test-clean", "test-other", "train-clean-100", "train-clean-360", "train-other-500",
+        "dev-clean",
+        "dev-other",
+        "test-clean",
+        "test-other",
+        "train-clean-100",
+        "train-clean-360",
+        "train-other-500",
     }
     assert librispeech.subset_url("test-other") == "https://www.openslr.org/resources/12/test-other.tar.gz"

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from voiceprint.layout import Layout
+from voiceprint.common.layout import Layout
+from voiceprint.common.schema import SEGMENTS, embedding_column, embedding_schema, l2_normalise
 from voiceprint.query import connect, format_table, run_query
-from voiceprint.schema import SEGMENTS, embedding_column, embedding_schema, l2_normalise
 
 DIM = 16
 
@@ -30,13 +30,31 @@ def layout(tmp_path: Path) -> Layout:
             uid = f"{spk}-{u}"
             v = l2_normalise(centre + 0.2 * rng.normal(size=(2, DIM)))
             for k in range(2):
-                seg_rows.append(dict(
-                    segment_id=f"{uid}#{k:03d}", utterance_id=uid, speaker_id=spk, split=split,
-                    path=f"data/raw/{split}/{spk}/{uid}.flac", start_s=float(k), end_s=k + 0.9, model_id="m1",
-                ))
+                seg_rows.append(
+                    dict(
+                        segment_id=f"{uid}#{k:03d}",
+                        utterance_id=uid,
+                        speaker_id=spk,
+                        split=split,
+                        path=f"data/raw/{split}/{spk}/{uid}.flac",
+                        start_s=float(k),
+                        end_s=k + 0.9,
+                        model_id="m1",
+                    )
+                )
                 seg_vecs.append(v[k])
-            utt_rows.append(dict(utterance_id=uid, speaker_id=spk, split=split, start_s=0.0, end_s=1.9,
-                                 num_segments=2, model_id="m1", path=f"data/raw/{split}/{spk}/{uid}.flac"))
+            utt_rows.append(
+                dict(
+                    utterance_id=uid,
+                    speaker_id=spk,
+                    split=split,
+                    start_s=0.0,
+                    end_s=1.9,
+                    num_segments=2,
+                    model_id="m1",
+                    path=f"data/raw/{split}/{spk}/{uid}.flac",
+                )
+            )
             utt_vecs.append(l2_normalise(v.mean(axis=0, keepdims=True))[0])
 
     def write(path: Path, schema: pa.Schema, rows: list[dict], vecs: list[np.ndarray] | None) -> None:
@@ -62,8 +80,7 @@ def test_views_and_types(layout: Layout) -> None:
     with pytest.raises(duckdb.CatalogException):
         con.sql("SELECT * FROM manifest")
     joined = con.execute(
-        "SELECT count(*) FROM embeddings e JOIN segments s USING (segment_id) "
-        "WHERE e.speaker_id = s.speaker_id"
+        "SELECT count(*) FROM embeddings e JOIN segments s USING (segment_id) WHERE e.speaker_id = s.speaker_id"
     ).fetchone()[0]
     assert joined == 24
 
@@ -108,12 +125,14 @@ def test_missing_tables_explain_themselves(tmp_path: Path) -> None:
 
 
 def test_format_table() -> None:
-    table = pa.table({
-        "speaker_id": ["a", "bb", None],
-        "score": [0.123456789, 1.0, None],
-        "n": [1, 22, 333],
-        "embedding": pa.array([[0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0], None], pa.list_(pa.float32(), 4)),
-    })
+    table = pa.table(
+        {
+            "speaker_id": ["a", "bb", None],
+            "score": [0.123456789, 1.0, None],
+            "n": [1, 22, 333],
+            "embedding": pa.array([[0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0], None], pa.list_(pa.float32(), 4)),
+        }
+    )
     text = format_table(table, max_rows=2)
     lines = text.splitlines()
     assert lines[0].split() == ["speaker_id", "score", "n", "embedding"]
@@ -130,15 +149,20 @@ def test_rejects_view_unions_every_stage(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from voiceprint import schema
-    from voiceprint.layout import Layout
+    from voiceprint.common import schema
+    from voiceprint.common.layout import Layout
     from voiceprint.query import run_query
 
     layout = Layout.at(tmp_path)
-    for stage, path in [("prepare", layout.rejects("prepare")), ("segment", layout.rejects("segment")),
-                        ("embed", layout.embeddings / "rejects.parquet")]:
+    for stage, path in [
+        ("prepare", layout.rejects("prepare")),
+        ("segment", layout.rejects("segment")),
+        ("embed", layout.embeddings / "rejects.parquet"),
+    ]:
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist([{"path": f"{stage}.wav", "stage": stage, "reason": "bad"}],
-                                            schema=schema.REJECTS), path)
+        pq.write_table(
+            pa.Table.from_pylist([{"path": f"{stage}.wav", "stage": stage, "reason": "bad"}], schema=schema.REJECTS),
+            path,
+        )
     got = run_query(layout, "SELECT stage FROM rejects ORDER BY stage").column("stage").to_pylist()
     assert got == ["embed", "prepare", "segment"]

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from voiceprint import audio, schema
+from voiceprint.common import audio, schema
+from voiceprint.common.layout import Layout
 from voiceprint.config import VadParams
-from voiceprint.layout import Layout
-from voiceprint.segment import segment_manifest
+from voiceprint.segment.stage import segment_manifest
 
 
 def _manifest(layout: Layout, paths: list[Path]) -> None:
@@ -21,8 +21,18 @@ def _manifest(layout: Layout, paths: list[Path]) -> None:
             duration, sr, ch = info.duration_s, info.sample_rate, info.channels
         except audio.AudioError:
             duration, sr, ch = 1.0, 16000, 1
-        rows.append({"utterance_id": p.stem, "speaker_id": p.parent.name, "split": "eval", "path": str(p),
-                     "duration_s": duration, "sample_rate": sr, "channels": ch, "sha256": "-"})
+        rows.append(
+            {
+                "utterance_id": p.stem,
+                "speaker_id": p.parent.name,
+                "split": "eval",
+                "path": str(p),
+                "duration_s": duration,
+                "sample_rate": sr,
+                "channels": ch,
+                "sha256": "-",
+            }
+        )
     layout.data.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema.MANIFEST), layout.manifest)
 

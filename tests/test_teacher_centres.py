@@ -1,4 +1,4 @@
-"""model.aam_centres: teacher: CAM++ centres of every AAM class, on real speech, cached."""
+"""model.aam.centres: teacher: CAM++ centres of every AAM class, on real speech, cached."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import voiceprint.teacher_centres as tc
-from voiceprint import audio
-from voiceprint.atomic import write_table
+import voiceprint.training.teacher_centres as tc
+from voiceprint.common import audio
+from voiceprint.common.atomic import write_table
+from voiceprint.common.layout import Layout
+from voiceprint.common.precision import cpu_has_native_bf16
+from voiceprint.common.schema import SEGMENTS
 from voiceprint.config import ModelParams
-from voiceprint.layout import Layout
-from voiceprint.precision import cpu_has_native_bf16
-from voiceprint.schema import SEGMENTS
-from voiceprint.train import SpeedClasses, TrainingError, build_model
+from voiceprint.training.data import SpeedClasses, TrainingError
+from voiceprint.training.stage import build_model
 
 N_SPEAKERS = 4
 
@@ -48,7 +49,9 @@ def test_centres_are_the_teachers_map_of_the_voices_and_are_cached(
     labels, ids, clips = speech
     layout = Layout.at(tmp_path)
     classes = SpeedClasses(N_SPEAKERS, enabled=True).members()
-    first = tc.teacher_centres(layout, labels, ids, clips, classes, dim=192, centre_s=6.0, device=torch.device("cpu"), progress=False)
+    first = tc.teacher_centres(
+        layout, labels, ids, clips, classes, dim=192, centre_s=6.0, device=torch.device("cpu"), progress=False
+    )
     c = first.centres
     assert c.shape == (3 * N_SPEAKERS, 192) and not first.reused and first.teacher_model_id.startswith("campplus-192-")
     assert torch.allclose(c.norm(dim=1), torch.ones(len(classes)), atol=1e-5)
@@ -74,11 +77,15 @@ def test_centres_are_the_teachers_map_of_the_voices_and_are_cached(
         raise AssertionError("the teacher must not be loaded when the cache matches")
 
     monkeypatch.setattr(tc, "load_campplus", no_teacher)
-    again = tc.teacher_centres(layout, labels, ids, clips, classes, dim=192, centre_s=6.0, device=torch.device("cpu"), progress=False)
+    again = tc.teacher_centres(
+        layout, labels, ids, clips, classes, dim=192, centre_s=6.0, device=torch.device("cpu"), progress=False
+    )
     assert again.reused and again.path == first.path and torch.equal(again.centres, c)
     assert again.teacher_model_id == first.teacher_model_id
     with pytest.raises(AssertionError, match="must not be loaded"):  # another excerpt length is another cache
-        tc.teacher_centres(layout, labels, ids, clips, classes, dim=192, centre_s=5.0, device=torch.device("cpu"), progress=False)
+        tc.teacher_centres(
+            layout, labels, ids, clips, classes, dim=192, centre_s=5.0, device=torch.device("cpu"), progress=False
+        )
 
 
 def test_bf16_teacher_gives_nearly_the_float32_centres_in_a_cache_of_its_own(
@@ -102,20 +109,41 @@ def test_training_with_teacher_centres_records_the_teacher(excerpts_dir: Path, t
     layout = Layout.at(tmp_path)
     files = sorted((excerpts_dir / "train-clean-100").glob("*/*.flac"))[:N_SPEAKERS]
     rows = [
-        dict(segment_id=f"{f.stem}#000", utterance_id=f.stem, speaker_id=f.parent.name, split="train",
-             path=str(f.resolve()), start_s=0.0, end_s=4.0)
+        dict(
+            segment_id=f"{f.stem}#000",
+            utterance_id=f.stem,
+            speaker_id=f.parent.name,
+            split="train",
+            path=str(f.resolve()),
+            start_s=0.0,
+            end_s=4.0,
+        )
         for f in files
     ]
     write_table(layout.segments, pa.Table.from_pylist(rows, schema=SEGMENTS))
-    params = ModelParams(channels=16, steps=4, batch_size=4, crop_s=0.5, teacher_centre_s=3.0, speeds=(0.9, 1.0, 1.1), device="cpu",
-                         checkpoint_every=0, register_model=False)
+    params = ModelParams(
+        channels=16,
+        steps=4,
+        batch_size=4,
+        crop_s=0.5,
+        aam={"teacher_centre_s": 3.0},
+        augment={"speeds": (0.9, 1.0, 1.1)},
+        device="cpu",
+        checkpoint_every=0,
+        register_model=False,
+    )
     stats = build_model(params, layout, progress=False)
     assert stats["aam_classes"] == 3 * N_SPEAKERS and stats["teacher_model_id"].startswith("campplus-192-")
     assert stats["teacher_centres_reused"] is False and stats["teacher_seconds"] > 0
     assert stats["teacher_precision"] == ("bfloat16" if cpu_has_native_bf16() else "float32")  # model.amp: true
-    card = (layout.model_dir / "model_card.json").read_text()
-    assert '"aam_centres": "teacher"' in card and "campplus-192-" in card
+    card = json.loads((layout.model_dir / "model_card.json").read_text())
+    assert card["params"]["aam"]["centres"] == "teacher" and card["training"]["teacher_model_id"].startswith(
+        "campplus-192-"
+    )
     assert build_model(params, layout, progress=False)["teacher_centres_reused"] is True
 
-    with pytest.raises(TrainingError, match=r"aam_centres 'teacher' needs .* teacher's embeddings have 192 dimensions, the model's 64"):
+    with pytest.raises(
+        TrainingError,
+        match=r"model\.aam\.centres 'teacher' needs .* teacher's embeddings have 192 dimensions, the model's 64",
+    ):
         build_model(params.model_copy(update={"lin_neurons": 64}), layout, progress=False)

@@ -15,31 +15,23 @@ import pytest
 import torch
 from speechbrain.inference.speaker import EncoderClassifier
 
-from voiceprint import audio
-from voiceprint.atomic import write_table
+from voiceprint.common import audio
+from voiceprint.common.atomic import write_table
+from voiceprint.common.layout import Layout
+from voiceprint.common.schema import SEGMENTS
 from voiceprint.config import ModelParams
-from voiceprint.encoders.aam import AAMHead, aam_softmax_loss
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa
-from voiceprint.layout import Layout
-from voiceprint.schema import SEGMENTS
-from voiceprint.augment import SPEEDS, UNPERTURBED, add_noise
-from voiceprint.train import (
-    CropSampler,
-    SpeedClasses,
-    TrainingData,
-    TrainingError,
-    aam_margin_at,
-    build_model,
-    fit,
-    lr_factor,
-    training_precision,
-    train_scratch,
-)
+from voiceprint.training.aam import AAMHead, aam_softmax_loss
+from voiceprint.training.augment import SPEEDS, UNPERTURBED, add_noise
+from voiceprint.training.data import CropSampler, SpeedClasses, TrainingData, TrainingError
+from voiceprint.training.loop import fit, lr_factor
+from voiceprint.training.objectives import AamObjective, aam_margin_at
+from voiceprint.training.stage import build_model, train_scratch, training_precision
 
 N_SPEAKERS = 6
 # Tests that compare the loss at the end of a run with its start need one objective throughout: under
 # the default margin ramp the first steps train at margin 0, a lower loss than the final margin's.
-FIXED_MARGIN = {"aam_margin_ramp": (0.0, 0.0)}
+FIXED_MARGIN = {"margin_ramp": (0.0, 0.0)}
 
 
 def _segments_table(excerpts_dir: Path, first_speaker: int = 0) -> pa.Table:
@@ -51,15 +43,25 @@ def _segments_table(excerpts_dir: Path, first_speaker: int = 0) -> pa.Table:
         for k, (start, end) in enumerate([(0.0, dur / 2), (dur / 2, dur)]):
             rows.append(
                 dict(
-                    segment_id=f"{f.stem}#{k:03d}", utterance_id=f.stem, speaker_id=f.parent.name,
-                    split="train", path=str(f.resolve()), start_s=start, end_s=end,
+                    segment_id=f"{f.stem}#{k:03d}",
+                    utterance_id=f.stem,
+                    speaker_id=f.parent.name,
+                    split="train",
+                    path=str(f.resolve()),
+                    start_s=start,
+                    end_s=end,
                 )
             )
     test_file = sorted((excerpts_dir / "test-other").glob("*/*.flac"))[0]
     rows.append(
         dict(
-            segment_id=f"{test_file.stem}#000", utterance_id=test_file.stem, speaker_id=test_file.parent.name,
-            split="eval", path=str(test_file.resolve()), start_s=0.0, end_s=2.0,
+            segment_id=f"{test_file.stem}#000",
+            utterance_id=test_file.stem,
+            speaker_id=test_file.parent.name,
+            split="eval",
+            path=str(test_file.resolve()),
+            start_s=0.0,
+            end_s=2.0,
         )
     )
     return pa.Table.from_pylist(rows, schema=SEGMENTS)
@@ -71,7 +73,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, excerpts_dir: Path) -> tup
     write_table(layout.segments, _segments_table(excerpts_dir))
     # Batches of 24: the loss is compared over 5-step windows, and with 12 crops a step their noise
     # (bf16 rounding included, on CPUs that have it) left a 20-step drop of 0.8 on one machine.
-    params = ModelParams(channels=32, steps=20, batch_size=24, crop_s=1.0, seed=0, device="cpu", **FIXED_MARGIN)
+    params = ModelParams(channels=32, steps=20, batch_size=24, crop_s=1.0, seed=0, device="cpu", aam=FIXED_MARGIN)
     stats = build_model(params, layout, progress=False)
     return layout, stats
 
@@ -97,11 +99,12 @@ def test_trained_checkpoint_loads_both_ways(trained: tuple[Layout, dict], tmp_pa
     # average to zero, measured on the written checkpoint (the mean it removed is on the card).
     assert stats["centred_on_segments"] == 2 * N_SPEAKERS and stats["centre_norm"] > 0
     rows = pq.read_table(layout.segments).filter(pc.equal(pc.field("split"), "train")).to_pylist()
-    train_embs = torch.cat([
-        encoder.embed(torch.from_numpy(audio.load(r["path"], r["start_s"], r["end_s"])).unsqueeze(0),
-                      torch.ones(1))
-        for r in rows
-    ])
+    train_embs = torch.cat(
+        [
+            encoder.embed(torch.from_numpy(audio.load(r["path"], r["start_s"], r["end_s"])).unsqueeze(0), torch.ones(1))
+            for r in rows
+        ]
+    )
     assert train_embs.mean(0).norm() < 1e-3 * train_embs.norm(dim=1).mean()
 
     sb = EncoderClassifier.from_hparams(source=str(layout.model_dir), savedir=str(tmp_path / "sb"))
@@ -130,8 +133,15 @@ def test_speed_as_speakers_trains_3x_classes_and_saves_only_the_real_speakers(
     layout = Layout.at(tmp_path / "project")
     write_table(layout.segments, _segments_table(excerpts_dir))
     params = ModelParams(
-        channels=32, steps=20, batch_size=12, crop_s=1.0, seed=0, device="cpu", speed_as_speakers=True,
-        speeds=(0.9, 1.0, 1.1), register_model=False, **FIXED_MARGIN,
+        channels=32,
+        steps=20,
+        batch_size=12,
+        crop_s=1.0,
+        seed=0,
+        device="cpu",
+        register_model=False,
+        augment={"speed_as_speakers": True, "speeds": (0.9, 1.0, 1.1)},
+        aam=FIXED_MARGIN,
     )
     stats = build_model(params, layout, progress=False)
     assert stats["aam_classes"] == 3 * N_SPEAKERS and stats["num_speakers"] == N_SPEAKERS
@@ -145,27 +155,27 @@ def test_speed_as_speakers_trains_3x_classes_and_saves_only_the_real_speakers(
 
 def test_speed_as_speakers_acts_only_where_speed_perturbs() -> None:
     assert ModelParams().speed_pseudo_speakers  # the default: speed in augment, pseudo-speakers on
-    assert not ModelParams(speed_as_speakers=False).speed_pseudo_speakers
-    assert not ModelParams(augment=["noise", "reverb"]).speed_pseudo_speakers
+    assert not ModelParams(augment={"speed_as_speakers": False}).speed_pseudo_speakers
+    assert not ModelParams(augment={"kinds": ["noise", "reverb"]}).speed_pseudo_speakers
 
 
 def test_margin_ramp_schedule() -> None:
-    ramp = ModelParams(steps=100, aam_margin=0.2, aam_margin_ramp=[0.1, 0.4])
+    ramp = ModelParams(steps=100, aam={"margin": 0.2, "margin_ramp": [0.1, 0.4]})
     margins = [aam_margin_at(step, ramp) for step in range(100)]
     assert margins[:11] == [0.0] * 11  # held at 0 through the start step
     assert margins[25] == pytest.approx(0.1) and margins[39] == pytest.approx(0.2 * 29 / 30)
     assert margins[40:] == [0.2] * 60
     assert all(a <= b for a, b in zip(margins, margins[1:]))
-    off = ModelParams(steps=100, aam_margin=0.2, aam_margin_ramp=[0, 0])
+    off = ModelParams(steps=100, aam={"margin": 0.2, "margin_ramp": [0, 0]})
     assert {aam_margin_at(step, off) for step in range(100)} == {0.2}
-    assert aam_margin_at(0, ModelParams(steps=100, aam_margin_ramp=[0.5, 0.5])) == 0.0  # a step, not a ramp
-    assert aam_margin_at(50, ModelParams(steps=100, aam_margin=0.3, aam_margin_ramp=[0.5, 0.5])) == 0.3
+    assert aam_margin_at(0, ModelParams(steps=100, aam={"margin_ramp": [0.5, 0.5]})) == 0.0  # a step, not a ramp
+    assert aam_margin_at(50, ModelParams(steps=100, aam={"margin": 0.3, "margin_ramp": [0.5, 0.5]})) == 0.3
 
 
 @pytest.mark.parametrize("ramp", [[0.5, 0.2], [-0.1, 0.2], [0.1, 1.5]])
 def test_margin_ramp_must_be_ordered_fractions(ramp: list[float]) -> None:
-    with pytest.raises(ValueError, match="aam_margin_ramp"):
-        ModelParams(aam_margin_ramp=ramp)
+    with pytest.raises(ValueError, match=r"model\.aam\.margin_ramp"):
+        ModelParams(aam={"margin_ramp": ramp})
 
 
 def test_aam_head_set_margin_gives_the_loss_of_that_margin() -> None:
@@ -188,8 +198,15 @@ def test_training_follows_the_margin_ramp(excerpts_dir: Path, tmp_path: Path, mo
     set_margin = AAMHead.set_margin
     monkeypatch.setattr(AAMHead, "set_margin", lambda head, m: (seen.append(m), set_margin(head, m))[1])
     params = ModelParams(
-        channels=16, steps=8, batch_size=4, crop_s=0.5, seed=0, device="cpu", aam_margin=0.2,
-        aam_margin_ramp=[0.25, 0.75], checkpoint_every=0, register_model=False,
+        channels=16,
+        steps=8,
+        batch_size=4,
+        crop_s=0.5,
+        seed=0,
+        device="cpu",
+        aam={"margin": 0.2, "margin_ramp": [0.25, 0.75]},
+        checkpoint_every=0,
+        register_model=False,
     )
     build_model(params, layout, progress=False)
     assert seen == pytest.approx([0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2, 0.2])
@@ -210,13 +227,23 @@ def test_finetune_starts_from_the_source_and_adapts_to_new_speakers(
     layout = Layout.at(tmp_path)
     write_table(layout.segments, _segments_table(excerpts_dir, first_speaker=N_SPEAKERS))  # other people
     params = ModelParams(
-        init="pretrained", source=str(source_layout.model_dir), finetune_steps=12, channels=64,
-        batch_size=12, crop_s=1.0, lr=0.001, seed=0, device="cpu", **FIXED_MARGIN,
+        init="pretrained",
+        source=str(source_layout.model_dir),
+        finetune_steps=12,
+        channels=64,
+        batch_size=12,
+        crop_s=1.0,
+        lr=0.001,
+        seed=0,
+        device="cpu",
+        aam=FIXED_MARGIN,
     )
     stats = build_model(params, layout, progress=False)
     assert stats["init"] == "finetune" and stats["steps"] == 12
     assert stats["source_model_id"] == source_stats["model_id"]
-    assert stats["model_id"] != source_stats["model_id"] and stats["model_id"].startswith("ecapa-c32-")  # source's width
+    assert stats["model_id"] != source_stats["model_id"] and stats["model_id"].startswith(
+        "ecapa-c32-"
+    )  # source's width
     assert stats["loss_final"] < stats["loss_initial"], stats
 
     weights = lambda m: {k: p.detach() for k, p in m.named_parameters()}  # noqa: E731  (not BN running stats: they move in any training)
@@ -232,7 +259,9 @@ def test_finetune_starts_from_the_source_and_adapts_to_new_speakers(
 
 def test_pretrained_without_finetune_steps_is_adopted_unchanged(trained: tuple[Layout, dict], tmp_path: Path) -> None:
     source_layout, source_stats = trained
-    stats = build_model(ModelParams(init="pretrained", source=str(source_layout.model_dir)), Layout.at(tmp_path), progress=False)
+    stats = build_model(
+        ModelParams(init="pretrained", source=str(source_layout.model_dir)), Layout.at(tmp_path), progress=False
+    )
     assert stats["init"] == "pretrained" and stats["model_id"] == source_stats["model_id"]
 
 
@@ -302,7 +331,11 @@ def test_crop_sampler_is_speaker_balanced() -> None:
     rng = np.random.default_rng(0)
     data = TrainingData(
         labels=["a", "b", "c"],
-        clips=[[np.ones(8000, np.float32)], [np.arange(500, dtype=np.float32), np.ones(100, np.float32)], [np.zeros(40000, np.float32)]],
+        clips=[
+            [np.ones(8000, np.float32)],
+            [np.arange(500, dtype=np.float32), np.ones(100, np.float32)],
+            [np.zeros(40000, np.float32)],
+        ],
     )
     sampler = CropSampler(data, crop_samples=16000, rng=rng)
     seen: list[int] = []
@@ -337,7 +370,7 @@ def _one_thread() -> Iterator[None]:
 def test_aam_scale_1_fails_to_train_where_30_works(excerpts_dir: Path) -> None:
     """A study found that AAM-softmax with s=1 fails to train while s around 16-30 works; both run here.
 
-    Same 8 speakers, seed and 60 steps; only ``aam_scale`` differs. With s=1 the logits s·cos θ span
+    Same 8 speakers, seed and 60 steps; only ``model.aam.scale`` differs. With s=1 the logits s·cos θ span
     at most 2, so the softmax stays close to uniform whatever the embeddings do: the loss hardly
     moves from where it started (measured over seeds 0-4: to 0.75-0.79 of it) and every sample pulls
     with nearly the same weight, well classified or not. With s=30 the loss falls to 0.30-0.57 of
@@ -352,10 +385,16 @@ def test_aam_scale_1_fails_to_train_where_30_works(excerpts_dir: Path) -> None:
     with _one_thread():
         for scale in (1.0, 30.0):
             params = ModelParams(  # noise only: the calibration above was measured with it
-                channels=32, steps=60, batch_size=8, crop_s=1.0, seed=0, aam_scale=scale, device="cpu", augment=["noise"],
-                **FIXED_MARGIN,
+                channels=32,
+                steps=60,
+                batch_size=8,
+                crop_s=1.0,
+                seed=0,
+                aam={"scale": scale, **FIXED_MARGIN},
+                device="cpu",
+                augment={"kinds": ["noise"]},
             )
-            _, _, history = fit(data, params, cfg, device=torch.device("cpu"), progress=False)
+            _, _, history = fit(AamObjective(data, params), params, cfg, device=torch.device("cpu"), progress=False)
             loss, acc = np.array(history["loss"]), np.array(history["acc"])
             runs[scale] = {"loss_ratio": loss[-10:].mean() / loss[:10].mean(), "acc": acc[-10:].mean()}
     s1, s30 = runs[1.0], runs[30.0]
@@ -378,7 +417,9 @@ def test_on_step_reports_every_log_every_steps_and_the_last() -> None:
         calls.append((step, metrics))
 
     with _one_thread():
-        _, _, history = fit(data, params, cfg, device=torch.device("cpu"), progress=False, on_step=on_step)
+        _, _, history = fit(
+            AamObjective(data, params), params, cfg, device=torch.device("cpu"), progress=False, on_step=on_step
+        )
     assert [step for step, _ in calls] == [3, 6, 7]
     windows = [slice(0, 3), slice(3, 6), slice(6, 7)]  # averaged since the previous report
     warmup = max(1, round(0.1 * params.steps))
@@ -391,7 +432,7 @@ def test_on_step_reports_every_log_every_steps_and_the_last() -> None:
     calls.clear()
     quiet = params.model_copy(update={"log_every": 0})
     with _one_thread():
-        fit(data, quiet, cfg, device=torch.device("cpu"), progress=False, on_step=on_step)
+        fit(AamObjective(data, quiet), quiet, cfg, device=torch.device("cpu"), progress=False, on_step=on_step)
     assert calls == []
 
 
@@ -403,7 +444,7 @@ def test_speed_classes_members_name_each_class_in_order() -> None:
         assert on.targets(torch.tensor([speaker]), torch.tensor([SPEEDS.index(speed)])).item() == c
     assert SpeedClasses(4, enabled=False).members() == [(s, 1.0) for s in range(4)]
 
-    five = (0.8, 0.9, 1.0, 1.1, 1.2)  # model.speeds: one block of classes per speed, 1.0 first
+    five = (0.8, 0.9, 1.0, 1.1, 1.2)  # model.augment.speeds: one block of classes per speed, 1.0 first
     on5 = SpeedClasses(4, enabled=True, speeds=five)
     assert on5.count == 20 and [speed for _, speed in on5.members()[::4]] == [1.0, 1.1, 1.2, 0.8, 0.9]
     for c, (speaker, speed) in enumerate(on5.members()):
@@ -415,12 +456,16 @@ def test_fixed_centres_stay_put_while_the_encoder_trains_towards_them() -> None:
     clips = [[rng.standard_normal(12000).astype(np.float32) * 0.1] for _ in range(3)]
     data = TrainingData(labels=["a", "b", "c"], clips=clips)
     cfg = EcapaConfig.from_channels(16, lin_neurons=24)
-    params = ModelParams(channels=16, lin_neurons=24, steps=6, batch_size=3, crop_s=0.5, device="cpu", augment=["noise"])
+    params = ModelParams(
+        channels=16, lin_neurons=24, steps=6, batch_size=3, crop_s=0.5, device="cpu", augment={"kinds": ["noise"]}
+    )
     centres = torch.nn.functional.normalize(torch.randn(3, 24, generator=torch.Generator().manual_seed(1)), dim=1)
     torch.manual_seed(params.seed)
     untrained = {k: v.clone() for k, v in cfg.build().state_dict().items()}
     with _one_thread():
-        model, head, _ = fit(data, params, cfg, device=torch.device("cpu"), progress=False, centres=centres)
+        model, head, _ = fit(
+            AamObjective(data, params, centres=centres), params, cfg, device=torch.device("cpu"), progress=False
+        )
     assert torch.equal(head.classifier.weight, centres) and not head.classifier.weight.requires_grad
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in untrained.items())  # the encoder did train
     with pytest.raises(ValueError, match=r"centres of shape \(2, 24\) for a head of shape \(3, 24\)"):
@@ -431,15 +476,24 @@ def test_fixed_centres_stay_put_while_the_encoder_trains_towards_them() -> None:
 def test_model_amp_runs_the_encoder_in_bf16_and_the_aam_head_in_float32(
     monkeypatch: pytest.MonkeyPatch, amp: bool
 ) -> None:
-    from voiceprint import precision
+    from voiceprint.common import precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # bf16 also runs (emulated) elsewhere
     rng = np.random.default_rng(0)
-    data = TrainingData(labels=["a", "b", "c"], clips=[[rng.standard_normal(12000).astype(np.float32) * 0.1]
-                                                      for _ in range(3)])
+    data = TrainingData(
+        labels=["a", "b", "c"], clips=[[rng.standard_normal(12000).astype(np.float32) * 0.1] for _ in range(3)]
+    )
     cfg = EcapaConfig.from_channels(16, lin_neurons=24)
-    params = ModelParams(channels=16, lin_neurons=24, steps=4, batch_size=3, crop_s=0.5, device="cpu",
-                         augment=["noise"], amp=amp)
+    params = ModelParams(
+        channels=16,
+        lin_neurons=24,
+        steps=4,
+        batch_size=3,
+        crop_s=0.5,
+        device="cpu",
+        augment={"kinds": ["noise"]},
+        amp=amp,
+    )
     seen: dict[str, torch.dtype] = {}
     original = AAMHead.forward
 
@@ -452,7 +506,7 @@ def test_model_amp_runs_the_encoder_in_bf16_and_the_aam_head_in_float32(
     monkeypatch.setattr(AAMHead, "forward", spy)
     torch.manual_seed(0)
     with _one_thread():
-        model, _, history = fit(data, params, cfg, device=torch.device("cpu"), progress=False)
+        model, _, history = fit(AamObjective(data, params), params, cfg, device=torch.device("cpu"), progress=False)
     assert seen["embedding"] == (torch.bfloat16 if amp else torch.float32)
     assert seen["cosines"] == torch.float32
     assert all(math.isfinite(v) for v in history["loss"])

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from test_train import _segments_table
-from voiceprint.atomic import write_table
+
+from voiceprint.common.atomic import write_table
+from voiceprint.common.layout import Layout
 from voiceprint.config import ModelParams
 from voiceprint.encoders.ecapa import CLASSIFIER_CKPT, EMBEDDING_CKPT
-from voiceprint.layout import Layout
-from voiceprint.train import TrainingData, TrainState, training_fingerprint
+from voiceprint.training.data import TrainingData
+from voiceprint.training.state import TrainState, training_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = dict(channels=32, steps=20, batch_size=8, crop_s=1.0, seed=3, device="cpu", checkpoint_every=5)
@@ -28,8 +29,8 @@ PARAMS = dict(channels=32, steps=20, batch_size=8, crop_s=1.0, seed=3, device="c
 TRAIN = (
     "import json, sys\n"
     "from voiceprint.config import ModelParams\n"
-    "from voiceprint.layout import Layout\n"
-    "from voiceprint.train import train_scratch\n"
+    "from voiceprint.common.layout import Layout\n"
+    "from voiceprint.training.stage import train_scratch\n"
     "stats = train_scratch(ModelParams(**json.loads(sys.argv[2])), Layout.at(sys.argv[1]), progress=False)\n"
     "print(json.dumps(stats))\n"
 )
@@ -51,8 +52,9 @@ def _env() -> dict[str, str]:
 
 
 def _run(layout: Layout, **overrides: object) -> dict:
-    proc = subprocess.run(_train_cmd(layout, **overrides), cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        _train_cmd(layout, **overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -65,7 +67,7 @@ def _tensors(model_dir: Path, name: str) -> dict[str, torch.Tensor]:
     return torch.load(model_dir / name, weights_only=True, map_location="cpu")
 
 
-MOE = {"arch": "moe", "moe_experts": 2, "moe_expert_channels": 16, "moe_gate_channels": 8}
+MOE = {"arch": "moe", "moe": {"experts": 2, "expert_channels": 16, "gate_channels": 8}}
 # Weight averaging over steps 11-40 (snapshots at 20, 30, 40); killed only once the step-20
 # snapshot is in the saved state, so the resumed run must restore a running sum that is not empty.
 AVERAGED = {"steps": 40, "average_last": 0.75, "_kill_after_step": 20}
@@ -88,8 +90,9 @@ def test_resume_after_kill_gives_the_uninterrupted_checkpoint(
     steps = int(arch.get("steps", PARAMS["steps"]))
     # The run that gets killed starts first, so the uninterrupted one overlaps its wait.
     killed = _project(tmp_path / "killed", excerpts_dir)
-    proc = subprocess.Popen(_train_cmd(killed, **arch), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _train_cmd(killed, **arch), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 180
         while _snapshot_step(_state_path(killed)) < kill_after:
@@ -147,8 +150,10 @@ def test_fingerprint_covers_what_changes_training_and_nothing_else() -> None:
     fp = training_fingerprint(base, data, cpu)
     for operational in ({"checkpoint_every": 7}, {"log_every": 1}, {"register_model": False}):
         assert training_fingerprint(base.model_copy(update=operational), data, cpu) == fp
-    for change in ({"steps": 21}, {"seed": 4}, {"aam_scale": 16.0}, {"lr": 0.01}, {"channels": 16}, {"arch": "moe"}):
-        assert training_fingerprint(base.model_copy(update=change), data, cpu) != fp, change
+    nested = ({"aam": {"scale": 16.0}}, {"moe": {"experts": 3}}, {"augment": {"kinds": ["noise"]}})
+    for change in ({"steps": 21}, {"seed": 4}, {"lr": 0.01}, {"channels": 16}, {"arch": "moe"}, *nested):
+        changed = ModelParams(**{**base.model_dump(), **change})  # a subsection given whole: its other keys default
+        assert training_fingerprint(changed, data, cpu) != fp, change
     other = _tiny_data()
     other.clips[1][0] = other.clips[1][0] * 0.5
     assert training_fingerprint(base, other, cpu) != fp

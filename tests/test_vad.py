@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from voiceprint import audio
+from voiceprint.common import audio
 from voiceprint.config import VadParams
-from voiceprint.vad import Span, detect, shape_segments
+from voiceprint.segment.vad import Span, detect, shape_segments
 
 
 @pytest.mark.parametrize("method", ["silero", "energy"])

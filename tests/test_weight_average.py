@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from voiceprint.config import ModelParams
-from voiceprint.train import AVERAGE_EVERY, weight_average
-from voiceprint.weight_average import WeightAverage
+from voiceprint.training.loop import AVERAGE_EVERY, weight_average
+from voiceprint.training.weight_average import WeightAverage
 
 
 def _net() -> torch.nn.Module:
@@ -60,10 +60,12 @@ def test_the_running_sum_travels_in_the_state_dict() -> None:
 
 def test_window_from_params(caplog: pytest.LogCaptureFixture) -> None:
     net = _net()
-    with caplog.at_level(logging.WARNING, logger="voiceprint.train"):
+    with caplog.at_level(logging.WARNING, logger="voiceprint.training.loop"):
         assert weight_average(net, ModelParams(steps=1200, average_last=0.0)) is None
         assert not caplog.records  # off is not worth a warning
-        assert weight_average(net, ModelParams(steps=20, average_last=0.25)) is None  # 5 steps: no snapshot would fall in
+        assert (
+            weight_average(net, ModelParams(steps=20, average_last=0.25)) is None
+        )  # 5 steps: no snapshot would fall in
     assert "averages nothing" in caplog.text and "5 of 20 steps" in caplog.text
     average = weight_average(net, ModelParams(steps=1200, average_last=0.25))
     assert average is not None and average.start == 900 and average.every == AVERAGE_EVERY

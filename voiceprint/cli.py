@@ -1,7 +1,9 @@
 """``voiceprint`` command line: run stages, query embeddings, verify/identify/enroll speakers.
 
-Heavy imports (torch, faiss, duckdb, prefect) happen inside the subcommands so ``voiceprint
+Heavy imports (torch, faiss, duckdb, mlflow) happen inside the subcommands so ``voiceprint
 --help`` is instant and a missing optional dependency only affects the command that needs it.
+Serving the Prefect deployments is the orchestration layer's command, ``voiceprint-serve``
+(``flows.serve``): this package never imports ``flows`` or ``tasks`` (tests/test_layering.py).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from voiceprint.common.layout import Layout
 from voiceprint.config import ConfigError, load_params
-from voiceprint.layout import Layout
 
 
 class CliError(RuntimeError):
@@ -48,7 +50,7 @@ def _embed_files(layout: Layout, files: list[str]):
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from tasks.stages import run_stage
+    from voiceprint.stages import run_stage
 
     summary = run_stage(args.name, args.project)
     print(json.dumps({"stage": args.name, **summary}, default=str))
@@ -68,7 +70,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
-    from voiceprint.index import SpeakerGallery
+    from voiceprint.index.stage import SpeakerGallery
 
     layout = _layout(args)
     vectors, _ = _embed_files(layout, [args.file])
@@ -79,7 +81,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from voiceprint.index import enroll
+    from voiceprint.index.stage import enroll
 
     layout = _layout(args)
     vectors, encoder = _embed_files(layout, args.files)
@@ -111,10 +113,10 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """segment -> embed -> evaluate on any folder with the current model, outside the DVC outputs."""
-    from voiceprint.datasets.prepare import prepare
-    from voiceprint.embed import embed_segments
-    from voiceprint.evaluate import evaluate
-    from voiceprint.segment import segment_manifest
+    from voiceprint.embed.stage import embed_segments
+    from voiceprint.evaluate.stage import evaluate
+    from voiceprint.prepare.stage import prepare
+    from voiceprint.segment.stage import segment_manifest
 
     project = _layout(args)
     kind, _, path = args.dataset.partition(":")
@@ -133,10 +135,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     embedded = embed_segments(scratch, params.embed, encoder=encoder)
     metrics = evaluate(scratch, params)
     if args.log_mlflow:
-        from voiceprint.tracking import log_evaluation
+        from voiceprint.tracking.runs import log_evaluation
 
         metrics["mlflow_run_id"] = log_evaluation(
-            project, params, metrics, scratch.plots, run_name=f"evaluate:{folder.name}",
+            project,
+            params,
+            metrics,
+            scratch.plots,
+            run_name=f"evaluate:{folder.name}",
             extra_tags={"dataset_path": str(folder)},
         )
     print(json.dumps({"prepare": prepared.__dict__, "segment": segmented, "embed": embedded}, default=str))
@@ -147,13 +153,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"EER={100 * metrics['eer']:.2f}% minDCF(0.01)={metrics.get('min_dcf_p0.01', float('nan')):.4f} "
         f"minDCF(0.05)={metrics.get('min_dcf_p0.05', float('nan')):.4f} top1={top1_text}"
     )
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import serve_all
-
-    serve_all(Path(args.project).resolve())
     return 0
 
 
@@ -183,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_enroll)
 
-    p = sub.add_parser("query", help="run DuckDB SQL over the embeddings (views: embeddings, utterances, segments, manifest, rejects)")
+    p = sub.add_parser(
+        "query", help="run DuckDB SQL over the embeddings (views: embeddings, utterances, segments, manifest, rejects)"
+    )
     p.add_argument("sql")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--max-rows", type=int, default=50)
@@ -194,18 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="where to keep the scratch outputs (default: a temp dir)")
     p.add_argument("--no-mlflow", dest="log_mlflow", action="store_false", help="do not log the run to MLflow")
     p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL)")
-    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    from tasks.stages import ProjectBusyError
-    from voiceprint.audio import AudioError
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from voiceprint.common.audio import AudioError
+    from voiceprint.stages import ProjectBusyError
 
     try:
         return args.func(args)

@@ -3,6 +3,9 @@
 Every stage reads its parameters through :func:`load_params` so that a typo or a wrong type is
 reported *before* any work starts, naming the key and the allowed values (pydantic with
 ``extra="forbid"``), instead of surfacing as a KeyError twenty minutes into a run.
+
+Each field's ``description`` is that parameter's documentation, written once: ``docs/configuration.md``
+is generated from them (``python scripts/gen_config_docs.py``), and ``params.yaml`` carries values only.
 """
 
 from __future__ import annotations
@@ -25,151 +28,300 @@ class _Section(BaseModel):
 
 
 DatasetKind = Literal["librispeech-excerpts", "librispeech", "folder"]
+ModelInit = Literal["scratch", "pretrained", "distill"]
+ModelArch = Literal["ecapa", "moe"]
+IndexType = Literal["flat", "ivf", "hnsw"]
 
 
 class DataParams(_Section):
-    dataset: DatasetKind = "librispeech-excerpts"
-    # Local mirror searched before the network; relative paths are resolved against the project root.
-    mirror: str | None = "../shared/datasets"
-    # `folder` datasets: a <speaker>/<utterance>.{wav,flac} tree, optionally split into train/ and test/.
-    path: str | None = None
-    # `librispeech` (and excerpts): which subsets train the model and which are evaluated.
-    train_subset: str | None = "train-clean-100"
-    eval_subset: str = "test-other"
-    url_base: str = "https://www.openslr.org/resources/12"
-    # Caps for quick runs: keep the first N speakers / utterances per speaker (sorted by id).
-    max_speakers: int | None = Field(default=None, ge=1)
-    max_utterances_per_speaker: int | None = Field(default=None, ge=1)
+    """Where the audio comes from, and which part of it trains the model and which is evaluated."""
+
+    dataset: DatasetKind = Field(
+        default="librispeech-excerpts",
+        description="What to prepare: `librispeech-excerpts` (short excerpts of LibriSpeech subsets), "
+        "`librispeech` (whole subsets) or `folder` (your own recordings under `data.path`).",
+    )
+    mirror: str | None = Field(
+        default="../shared/datasets",
+        description="Local mirror searched before the network; a relative path is resolved against the "
+        "project root. null: no mirror.",
+    )
+    path: str | None = Field(
+        default=None,
+        description="`folder` datasets: a tree of `<speaker>/<utterance>.{wav,flac}`, optionally split into "
+        "`train/` and `test/`; a relative path is resolved against the project root.",
+    )
+    train_subset: str | None = Field(
+        default="train-clean-100",
+        description="LibriSpeech subset (and excerpts) that trains the model and supplies the identification "
+        "distractors and the AS-norm cohort; null: no train split.",
+    )
+    eval_subset: str = Field(
+        default="test-other",
+        description="LibriSpeech subset (and excerpts) that is evaluated: verification trials and "
+        "identification queries.",
+    )
+    url_base: str = Field(
+        default="https://www.openslr.org/resources/12",
+        description="Where LibriSpeech archives are downloaded from when no mirror holds them.",
+    )
+    max_speakers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep the first N speakers of each split (sorted by id), for quick runs; null: all.",
+    )
+    max_utterances_per_speaker: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep each speaker's first N utterances (sorted by id), for quick runs; null: all.",
+    )
 
     @model_validator(mode="after")
-    def _folder_needs_path(self) -> "DataParams":
+    def _folder_needs_path(self) -> DataParams:
         if self.dataset == "folder" and not self.path:
             raise ValueError("data.path is required when data.dataset is 'folder'")
         return self
 
 
 class VadParams(_Section):
-    method: Literal["silero", "energy"] = "silero"
-    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    min_speech_s: float = Field(default=0.25, ge=0.0)
-    min_silence_s: float = Field(default=0.1, ge=0.0)
-    max_segment_s: float = Field(default=10.0, gt=0.0)
-    min_segment_s: float = Field(default=0.5, ge=0.0)
-    pad_s: float = Field(default=0.03, ge=0.0)
+    """Voice activity detection: which stretches of each file are speech, and how they are cut into segments."""
 
-
-class ModelParams(_Section):
-    init: Literal["scratch", "pretrained", "distill"] = "scratch"
-    # ecapa: one ECAPA-TDNN of `channels`. moe: a CNN gate mixing `moe_experts` ECAPA-TDNNs of
-    # `moe_expert_channels` each (voiceprint.encoders.moe); trained by scratch or distill. The
-    # defaults (4 x C=40 + gate: 0.77 M parameters) match the default single ECAPA (C=128: 0.76 M).
-    arch: Literal["ecapa", "moe"] = "ecapa"
-    # Hugging Face repo id or local directory in SpeechBrain's layout (used when init=pretrained).
-    source: str = "speechbrain/spkrec-ecapa-voxceleb"
-    channels: int = Field(default=128, ge=8)
-    lin_neurons: int = Field(default=192, ge=8)
-    n_mels: int = Field(default=80, ge=8)
-    steps: int = Field(default=1000, ge=0)
-    # init=pretrained: AAM-softmax steps adapting model.source to this dataset's train split (0: use
-    # it as is). Uses lr, batch_size, crop_s, augment, aam_* like scratch training.
-    finetune_steps: int = Field(default=0, ge=0)
-    batch_size: int = Field(default=32, ge=1)
-    crop_s: float = Field(default=2.0, gt=0.0)
-    lr: float = Field(default=0.002, gt=0.0)
-    weight_decay: float = Field(default=2e-5, ge=0.0)
-    aam_margin: float = Field(default=0.3, ge=0.0)
-    aam_scale: float = Field(default=30.0, gt=0.0)
-    # AAM margin schedule, as WeSpeaker's margin scheduler: margin 0 until the first fraction of the
-    # steps, rising linearly to aam_margin at the second; [0, 0]: the full margin from the first step.
-    aam_margin_ramp: tuple[float, float] = (0.1, 0.4)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # bf16 autocast for the encoder's forward where the hardware runs it natively (CUDA with bf16,
-    # CPUs with AVX512-BF16 / AMX; voiceprint.precision); the AAM cosines stay float32.
-    amp: bool = True
-    # Training augmentation (voiceprint.augment): coloured noise + gain, noise cut from the non-speech
-    # parts of the training files, synthetic reverberation, speed perturbation (model.speeds).
-    augment: list[Literal["noise", "nonspeech", "reverb", "speed", "specaug"]] = Field(
-        default_factory=lambda: ["noise", "nonspeech", "reverb", "speed"]
+    method: Literal["silero", "energy"] = Field(
+        default="silero",
+        description="`silero` (the Silero VAD network) or `energy` (frames within 35 dB of the loudest one; "
+        "only as an explicit choice).",
     )
-    # WeSpeaker's recipe: a crop played at another speed counts as another speaker in AAM-softmax
-    # (len(speeds) x the classes). Acts where AAM trains on speed-perturbed crops (scratch and
-    # fine-tuning, with `speed` in augment); distillation never speed-perturbs: there it does nothing.
-    speed_as_speakers: bool = True
-    # The speeds `speed` plays crops at (1.0 included; sorted). With speed_as_speakers each other
-    # speed is one more block of pseudo-speakers, and with teacher centres one more teacher pass.
-    # Five speeds beat Kaldi's three (0.9/1.0/1.1) with teacher centres; see docs/training.md.
-    speeds: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2)
-    # AAM-softmax class centres: 'teacher' fixes each at the bundled CAM++'s embedding of that class's
-    # speech (voiceprint.teacher_centres: the student inherits the teacher's map of which voices are
-    # alike); 'learned' trains them, as plain AAM-softmax does. Scratch and fine-tuning.
-    aam_centres: Literal["teacher", "learned"] = "teacher"
-    # aam_centres=teacher: seconds of each speaker's training speech (per speed) the teacher embeds.
-    teacher_centre_s: float = Field(default=4.0, gt=0.0)
-    # Average the weights over this last fraction of the steps (a snapshot every 10 steps; WeSpeaker's
-    # model averaging) and save the average; 0: save the last step's weights. Scratch and fine-tuning.
-    average_last: float = Field(default=0.0, ge=0.0, lt=1.0)
-    # Shift the trained ECAPA-TDNN's final bias so its embeddings of the training segments have mean
-    # zero (voiceprint.centring: WeSpeaker's mean subtraction, folded into the checkpoint). Scratch
-    # and fine-tuning; a mixture of experts is left as trained.
-    centre_embeddings: bool = True
-    # After centring, fold within-class covariance normalisation into the same final layer
-    # (voiceprint.centring): W = (S_w + wccn * I)^(-1/2) of the training segments' within-speaker
-    # scatter (mean eigenvalue 1), so the value is a relative regulariser; null: no WCCN. Needs
-    # centre_embeddings.
-    wccn: float | None = Field(default=None, ge=0.0)
-    # init=distill: fixed crops per train segment whose CAM++ (teacher) embeddings are cached, and
-    # the weight of the AAM-softmax speaker loss added to the student-teacher cosine loss (0: none).
-    distill_crops_per_segment: int = Field(default=4, ge=1)
-    distill_aam_weight: float = Field(default=0.0, ge=0.0)
-    # arch=moe: experts, their width C, the gate's conv width, and the weight of the load-balancing
-    # loss that keeps the batch-average gate from collapsing onto one expert.
-    moe_experts: int = Field(default=4, ge=2)
-    moe_expert_channels: int = Field(default=40, ge=8)
-    moe_gate_channels: int = Field(default=64, ge=4)
-    moe_balance: float = Field(default=0.01, ge=0.0)
-    # Operational: they never change the trained weights (so they are left out of the model card and
-    # of the resume key). Snapshot the training state to data/train_state/ every N steps and resume
-    # from it after a kill (0: never); log loss/accuracy/lr to MLflow every N steps (0: summary only);
-    # register the result in the MLflow model registry as a pyfunc (voiceprint-ecapa).
-    checkpoint_every: int = Field(default=100, ge=0)
-    log_every: int = Field(default=10, ge=0)
-    register_model: bool = True
+    threshold: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="`silero`: speech probability above which a frame is speech."
+    )
+    min_speech_s: float = Field(default=0.25, ge=0.0, description="Speech stretches shorter than this are dropped.")
+    min_silence_s: float = Field(
+        default=0.1, ge=0.0, description="Pauses shorter than this do not split a stretch of speech."
+    )
+    max_segment_s: float = Field(
+        default=10.0, gt=0.0, description="Longer speech is split into equal segments no longer than this."
+    )
+    min_segment_s: float = Field(
+        default=0.5,
+        ge=0.0,
+        description="Segments shorter than this are dropped; a file shorter than this is rejected.",
+    )
+    pad_s: float = Field(default=0.03, ge=0.0, description="Seconds added before and after each stretch of speech.")
+
+
+class AamParams(_Section):
+    """AAM-softmax (additive angular margin) speaker classification: the objective of scratch training
+    and fine-tuning, and distillation's optional speaker loss."""
+
+    margin: float = Field(
+        default=0.3, ge=0.0, description="Angular margin m added to the angle of the target class (once ramped up)."
+    )
+    scale: float = Field(default=30.0, gt=0.0, description="Scale s of the cosine logits.")
+    margin_ramp: tuple[float, float] = Field(
+        default=(0.1, 0.4),
+        description="[start, end] fractions of the steps: margin 0 until start, then rising linearly to "
+        "`model.aam.margin` at end (WeSpeaker's margin scheduler); [0, 0]: the full margin from the first step.",
+    )
+    centres: Literal["teacher", "learned"] = Field(
+        default="teacher",
+        description="`teacher`: each class centre is fixed at the bundled CAM++'s embedding of that class's "
+        "speech, so the student inherits the teacher's map of which voices are alike (needs 192-dimensional "
+        "embeddings); `learned`: trained, as in plain AAM-softmax. Scratch and fine-tuning.",
+    )
+    teacher_centre_s: float = Field(
+        default=4.0,
+        gt=0.0,
+        description="`centres: teacher`: seconds of each speaker's training speech (per speed) the teacher embeds.",
+    )
 
     @model_validator(mode="after")
-    def _margin_ramp_is_ordered(self) -> "ModelParams":
-        start, end = self.aam_margin_ramp
+    def _margin_ramp_is_ordered(self) -> AamParams:
+        start, end = self.margin_ramp
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(
-                f"model.aam_margin_ramp {list(self.aam_margin_ramp)} must be [start, end] fractions of the "
+                f"model.aam.margin_ramp {list(self.margin_ramp)} must be [start, end] fractions of the "
                 "steps with 0 <= start <= end <= 1"
             )
         return self
 
+
+class DistillParams(_Section):
+    """`model.init: distill`: the student learns to point its embeddings where the bundled CAM++ teacher does."""
+
+    crops_per_segment: int = Field(
+        default=4,
+        ge=1,
+        description="Fixed crops per train segment whose teacher embeddings are computed once and cached "
+        "(data/teacher_cache/).",
+    )
+    aam_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Weight of the AAM-softmax speaker loss added to the student-teacher cosine loss; 0: cosine "
+        "only (the classifier still learns the speakers, without shaping the student).",
+    )
+
+
+class MoeParams(_Section):
+    """`model.arch: moe`: a small CNN gate over the log-mel input mixes several ECAPA-TDNN experts."""
+
+    experts: int = Field(default=4, ge=2, description="Number of ECAPA-TDNN experts.")
+    expert_channels: int = Field(
+        default=40,
+        ge=8,
+        description="Width C of each expert; four of C=40 plus the gate have the parameters of one C=128 ECAPA-TDNN.",
+    )
+    gate_channels: int = Field(default=64, ge=4, description="Convolution width of the gate.")
+    balance: float = Field(
+        default=0.01,
+        ge=0.0,
+        description="Weight of the load-balancing loss that keeps the batch-average gate from collapsing onto "
+        "one expert.",
+    )
+
+
+class AugmentParams(_Section):
+    """Training augmentation of the crops (voiceprint.training.augment)."""
+
+    kinds: list[Literal["noise", "nonspeech", "reverb", "speed", "specaug"]] = Field(
+        default_factory=lambda: ["noise", "nonspeech", "reverb", "speed"],
+        description="Any of `noise` (coloured noise and a random gain), `nonspeech` (noise cut from the gaps "
+        "VAD left in the training files), `reverb` (synthetic room impulse responses), `speed` (speed "
+        "perturbation by `model.augment.speeds`) and `specaug` (masks over log-mel frames and bands).",
+    )
+    speeds: tuple[float, ...] = Field(
+        default=(0.8, 0.9, 1.0, 1.1, 1.2),
+        description="The speeds `speed` plays crops at (sorted, 1.0 included). With `speed_as_speakers` each "
+        "other speed adds a block of AAM classes, and with teacher centres a teacher pass.",
+    )
+    speed_as_speakers: bool = Field(
+        default=True,
+        description="A crop played at another speed counts as another speaker in AAM-softmax (WeSpeaker's "
+        "recipe). Acts where AAM trains on speed-perturbed crops (scratch and fine-tuning with `speed` in "
+        "`kinds`); distillation never perturbs the speed.",
+    )
+
     @model_validator(mode="after")
-    def _speeds_are_usable(self) -> "ModelParams":
+    def _speeds_are_usable(self) -> AugmentParams:
         speeds = self.speeds
         if 1.0 not in speeds or list(speeds) != sorted(set(speeds)) or not all(0.5 <= v <= 2.0 for v in speeds):
             raise ValueError(
-                f"model.speeds {list(speeds)} must be distinct, sorted, between 0.5 and 2.0, and include 1.0 "
-                "(the unperturbed crop)"
+                f"model.augment.speeds {list(speeds)} must be distinct, sorted, between 0.5 and 2.0, and include "
+                "1.0 (the unperturbed crop)"
             )
         return self
 
+
+class ModelParams(_Section):
+    """The `model` stage: train a speaker encoder on the train split, adopt a pretrained one, or fine-tune it."""
+
+    init: ModelInit = Field(
+        default="scratch",
+        description="`scratch`: train on the train split; `pretrained`: adopt `model.source` (fine-tuned when "
+        "`model.finetune_steps` > 0); `distill`: train a student to reproduce the bundled CAM++.",
+    )
+    arch: ModelArch = Field(
+        default="ecapa",
+        description="`ecapa`: one ECAPA-TDNN of `model.channels`; `moe`: a gated mixture of ECAPA-TDNN experts "
+        "(`model.moe`), trained by `scratch` or `distill`.",
+    )
+    source: str = Field(
+        default="speechbrain/spkrec-ecapa-voxceleb",
+        description="`init: pretrained`: Hugging Face repo id or local directory in SpeechBrain's layout.",
+    )
+    channels: int = Field(
+        default=128,
+        ge=8,
+        description="ECAPA-TDNN width C (layers of C, C, C, C and 3C channels; SpeechBrain's released model: 1024).",
+    )
+    lin_neurons: int = Field(default=192, ge=8, description="Embedding size.")
+    n_mels: int = Field(default=80, ge=8, description="Mel bands of the log-mel front end.")
+    steps: int = Field(default=1000, ge=0, description="Training steps (scratch and distill).")
+    finetune_steps: int = Field(
+        default=0,
+        ge=0,
+        description="`init: pretrained`: AAM-softmax steps adapting `model.source` to this dataset's train split, "
+        "with scratch training's settings; 0: use it as is.",
+    )
+    batch_size: int = Field(
+        default=32, ge=1, description="Crops per step; every speaker appears once per pass over the speakers."
+    )
+    crop_s: float = Field(default=2.0, gt=0.0, description="Seconds of each training crop.")
+    lr: float = Field(
+        default=0.002,
+        gt=0.0,
+        description="Adam's peak learning rate: linear warm-up over the first 10 % of the steps, then cosine "
+        "decay to 1 % of it.",
+    )
+    weight_decay: float = Field(default=2e-5, ge=0.0, description="Adam's weight decay.")
+    seed: int = Field(
+        default=0,
+        description="Seeds every random draw of training; the same seed, data and device give the same weights.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="`auto` (CUDA when available, else CPU), `cpu` or `cuda`."
+    )
+    amp: bool = Field(
+        default=True,
+        description="bf16 autocast for the encoder's forward where the hardware runs it natively (CUDA with bf16, "
+        "CPUs with AVX512-BF16 or AMX); the AAM cosines stay float32.",
+    )
+    average_last: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Save the mean of the weights over this last fraction of the steps (a snapshot every 10 "
+        "steps, WeSpeaker's model averaging); 0: the last step's weights. Scratch and fine-tuning.",
+    )
+    centre_embeddings: bool = Field(
+        default=True,
+        description="Shift the trained ECAPA-TDNN's final bias so that its embeddings of the training segments "
+        "have mean zero (WeSpeaker's mean subtraction, folded into the checkpoint). Scratch and fine-tuning; "
+        "a mixture of experts is left as trained.",
+    )
+    wccn: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="After centring, fold within-class covariance normalisation into the same final layer: "
+        "(S_w + wccn I)^(-1/2) of the training segments' within-speaker scatter scaled to mean eigenvalue 1, "
+        "so the value is a relative regulariser; null: off. Needs `model.centre_embeddings`.",
+    )
+    checkpoint_every: int = Field(
+        default=100,
+        ge=0,
+        description="Snapshot the training state to data/train_state/ every N steps and resume from it after a "
+        "kill; 0: never. Operational: it never changes the weights.",
+    )
+    log_every: int = Field(
+        default=10,
+        ge=0,
+        description="Log training loss, accuracy and learning rate to MLflow every N steps; 0: the final "
+        "summary only. Operational.",
+    )
+    register_model: bool = Field(
+        default=True,
+        description="Register the trained encoder in the MLflow model registry as a pyfunc (voiceprint-ecapa). "
+        "Operational.",
+    )
+    aam: AamParams = Field(default_factory=AamParams, description="AAM-softmax speaker classification.")
+    distill: DistillParams = Field(default_factory=DistillParams, description="Distillation from CAM++.")
+    moe: MoeParams = Field(default_factory=MoeParams, description="The mixture of experts.")
+    augment: AugmentParams = Field(default_factory=AugmentParams, description="Training augmentation.")
+
     @model_validator(mode="after")
-    def _wccn_follows_centring(self) -> "ModelParams":
+    def _wccn_follows_centring(self) -> ModelParams:
         if self.wccn is not None and not self.centre_embeddings:
             raise ValueError("model.wccn needs model.centre_embeddings: true (it whitens the centred embeddings)")
         return self
 
     @property
     def speed_pseudo_speakers(self) -> bool:
-        """Whether speed-perturbed crops really train as other speakers: ``speed_as_speakers`` acts
-        only where ``speed`` perturbs the crops."""
-        return self.speed_as_speakers and "speed" in self.augment
+        """Whether speed-perturbed crops really train as other speakers: ``augment.speed_as_speakers``
+        acts only where ``speed`` perturbs the crops."""
+        return self.augment.speed_as_speakers and "speed" in self.augment.kinds
 
     @model_validator(mode="after")
-    def _moe_is_trained_here(self) -> "ModelParams":
+    def _moe_is_trained_here(self) -> ModelParams:
         if self.arch == "moe" and self.init == "pretrained":
             raise ValueError(
                 "model.arch 'moe' needs model.init 'scratch' or 'distill': the experts are trained here "
@@ -179,57 +331,108 @@ class ModelParams(_Section):
 
 
 class EmbedParams(_Section):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Length-bucketed batches are capped by total audio seconds rather than item count.
-    max_batch_s: float = Field(default=120.0, gt=0.0)
-    amp: bool = True
-    # CPU: length-bucketed batches (true) or one segment per call (false); auto: batches below 10 M
-    # parameters (measured: small models gain from batching on CPU, large ones lose).
-    cpu_batching: Literal["auto"] | bool = "auto"
-    # The utterance embedding: one encoder pass over the whole file (file), or the mean of its VAD
-    # segments' embeddings (segments). Files longer than utterance_chunk_s are embedded in equal chunks.
-    utterance: Literal["file", "segments"] = "file"
-    utterance_chunk_s: float = Field(default=60.0, gt=0.0)
+    """The `embed` stage: an embedding of every segment and every utterance."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="`auto` (CUDA when available, else CPU), `cpu` or `cuda`."
+    )
+    max_batch_s: float = Field(
+        default=120.0,
+        gt=0.0,
+        description="Audio seconds per length-bucketed batch (batches are capped by audio, not by item count).",
+    )
+    amp: bool = Field(
+        default=True,
+        description="bf16 autocast where the hardware runs it natively (CUDA, CPUs with AVX512-BF16 or AMX), "
+        "fp16 on GPUs without bf16.",
+    )
+    cpu_batching: Literal["auto"] | bool = Field(
+        default="auto",
+        description="On CPU: length-bucketed batches (true) or one segment per call (false); `auto`: batches "
+        "for models below 10 M parameters, which gain from them where large ones lose.",
+    )
+    utterance: Literal["file", "segments"] = Field(
+        default="file",
+        description="The utterance embedding: one encoder pass over the whole file (`file`) or the mean of its "
+        "VAD segments' embeddings (`segments`).",
+    )
+    utterance_chunk_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="`utterance: file`: longer files are embedded in equal chunks of at most this many seconds, "
+        "averaged.",
+    )
 
 
 class IndexParams(_Section):
-    type: Literal["flat", "ivf", "hnsw"] = "flat"
-    nlist: int = Field(default=64, ge=1)
-    nprobe: int = Field(default=8, ge=1)
-    hnsw_m: int = Field(default=32, ge=2)
-    ef_search: int = Field(default=128, ge=1)
-    ef_construction: int = Field(default=200, ge=1)
-    use_gpu: Literal["auto", "never"] = "auto"
+    """The `index` stage: a faiss index of the embeddings for nearest-neighbour search by cosine."""
+
+    type: IndexType = Field(
+        default="flat", description="`flat` (exact), `ivf` (inverted lists) or `hnsw` (a proximity graph)."
+    )
+    nlist: int = Field(
+        default=64,
+        ge=1,
+        description="`ivf`: number of lists, reduced when there are too few vectors to train that many.",
+    )
+    nprobe: int = Field(default=8, ge=1, description="`ivf`: lists scanned per query.")
+    hnsw_m: int = Field(default=32, ge=2, description="`hnsw`: links per node.")
+    ef_search: int = Field(default=128, ge=1, description="`hnsw`: candidate list size while searching.")
+    ef_construction: int = Field(default=200, ge=1, description="`hnsw`: candidate list size while building.")
+    use_gpu: Literal["auto", "never"] = Field(
+        default="auto",
+        description="`auto`: build `flat` and `ivf` indexes on the GPU when faiss has one; `never`: CPU only.",
+    )
 
 
 class EvaluateParams(_Section):
-    enroll_per_speaker: int = Field(default=3, ge=1)
-    # Add the training speakers to the identification gallery as distractors.
-    train_distractors: bool = True
-    p_targets: list[float] = Field(default_factory=lambda: [0.01, 0.05])
-    c_miss: float = 1.0
-    c_fa: float = 1.0
-    seed: int = 0
-    # Adaptive s-norm (AS-norm), reported beside the raw cosine scores: impostor cohort = the
-    # train-split utterances, top-K cohort scores per side of a trial; 0: not computed.
-    snorm_top_k: int = Field(default=100, ge=0)
-    # Speaker-level bootstrap intervals of eer / eer_snorm / top1 (voiceprint.bootstrap): replicates
-    # (0: off) and the interval's coverage.
-    bootstrap: int = Field(default=1000, ge=0)
-    bootstrap_level: float = Field(default=0.95, gt=0.0, lt=1.0)
+    """The `evaluate` stage: speaker verification and identification on the eval split."""
+
+    enroll_per_speaker: int = Field(
+        default=3,
+        ge=1,
+        description="Identification: utterances of each eval speaker that are enrolled; the others are queries.",
+    )
+    train_distractors: bool = Field(
+        default=True, description="Add the training speakers to the identification gallery as distractors."
+    )
+    p_targets: list[float] = Field(
+        default_factory=lambda: [0.01, 0.05], description="Target priors at which minDCF is reported."
+    )
+    c_miss: float = Field(default=1.0, description="minDCF: cost of a miss.")
+    c_fa: float = Field(default=1.0, description="minDCF: cost of a false alarm.")
+    seed: int = Field(default=0, description="Seeds the choice of enrolled utterances and the bootstrap.")
+    snorm_top_k: int = Field(
+        default=100,
+        ge=0,
+        description="Adaptive s-norm (AS-norm), reported beside the raw cosine scores: the train-split "
+        "utterances are the impostor cohort, and the top K cohort scores of each side of a trial normalise "
+        "it; 0: not computed.",
+    )
+    bootstrap: int = Field(
+        default=1000,
+        ge=0,
+        description="Speaker-level bootstrap replicates for the intervals of eer, eer_snorm and top1 "
+        "(voiceprint.evaluate.bootstrap); 0: off.",
+    )
+    bootstrap_level: float = Field(default=0.95, gt=0.0, lt=1.0, description="Coverage of the bootstrap intervals.")
 
 
 class CompareParams(_Section):
-    # name -> encoder spec (voiceprint.encoders.registry): ecapa | campplus | ge2e | speechbrain:DIR | onnx:FILE.
-    # Names become DVC stage items (compare-encoder@NAME) and folders (data/compare/NAME).
+    """The `compare` stage: several encoders embed the same segments and are scored side by side."""
+
     encoders: dict[str, str] = Field(
-        default_factory=lambda: {"ecapa": "ecapa", "campplus": "campplus", "ge2e": "ge2e"}, min_length=1
+        default_factory=lambda: {"ecapa": "ecapa", "campplus": "campplus", "ge2e": "ge2e"},
+        min_length=1,
+        description="Name -> encoder spec (voiceprint.encoders.loader): `ecapa` (this pipeline's model), "
+        "`campplus` (bundled CAM++), `ge2e` (bundled GE2E), `speechbrain:DIR` or `onnx:FILE`. Names become "
+        "DVC stage items (compare-encoder@NAME) and folders (data/compare/NAME).",
     )
-    umap_neighbors: int = Field(default=15, ge=2)
-    seed: int = 0
+    umap_neighbors: int = Field(default=15, ge=2, description="Neighbours per point of the UMAP projection.")
+    seed: int = Field(default=0, description="Seeds the UMAP projection.")
 
     @model_validator(mode="after")
-    def _names_are_slugs(self) -> "CompareParams":
+    def _names_are_slugs(self) -> CompareParams:
         bad = [n for n in self.encoders if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n)]
         if bad:
             raise ValueError(f"compare.encoders names must be letters, digits, '_', '.', '-': {bad}")
@@ -237,13 +440,34 @@ class CompareParams(_Section):
 
 
 class Params(_Section):
-    data: DataParams = Field(default_factory=DataParams)
-    vad: VadParams = Field(default_factory=VadParams)
-    model: ModelParams = Field(default_factory=ModelParams)
-    embed: EmbedParams = Field(default_factory=EmbedParams)
-    index: IndexParams = Field(default_factory=IndexParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
-    compare: CompareParams = Field(default_factory=CompareParams)
+    """Every parameter of the pipeline (``params.yaml``), one section per stage."""
+
+    data: DataParams = Field(default_factory=DataParams, description="Datasets and splits (`prepare` stage).")
+    vad: VadParams = Field(default_factory=VadParams, description="Voice activity detection (`segment` stage).")
+    model: ModelParams = Field(default_factory=ModelParams, description="The speaker encoder (`model` stage).")
+    embed: EmbedParams = Field(default_factory=EmbedParams, description="Embeddings (`embed` stage).")
+    index: IndexParams = Field(default_factory=IndexParams, description="The search index (`index` stage).")
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Metrics (`evaluate` stage).")
+    compare: CompareParams = Field(default_factory=CompareParams, description="Encoder comparison (`compare` stage).")
+
+
+#: Keys of the flat ``model`` section that moved into its subsections, for the error message of an
+#: old ``params.yaml``.
+RENAMED_KEYS = {
+    "model.aam_margin": "model.aam.margin",
+    "model.aam_scale": "model.aam.scale",
+    "model.aam_margin_ramp": "model.aam.margin_ramp",
+    "model.aam_centres": "model.aam.centres",
+    "model.teacher_centre_s": "model.aam.teacher_centre_s",
+    "model.distill_crops_per_segment": "model.distill.crops_per_segment",
+    "model.distill_aam_weight": "model.distill.aam_weight",
+    "model.moe_experts": "model.moe.experts",
+    "model.moe_expert_channels": "model.moe.expert_channels",
+    "model.moe_gate_channels": "model.moe.gate_channels",
+    "model.moe_balance": "model.moe.balance",
+    "model.speeds": "model.augment.speeds",
+    "model.speed_as_speakers": "model.augment.speed_as_speakers",
+}
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
@@ -260,6 +484,8 @@ def _describe_error(e: Mapping[str, Any]) -> str:
     key = ".".join(str(p) for p in e["loc"]) or "<root>"
     kind = e["type"]
     if kind == "extra_forbidden":
+        if key in RENAMED_KEYS:
+            return f"{key}: unknown key (renamed: {RENAMED_KEYS[key]})"
         section = _section_for(e["loc"][:-1])
         allowed = ", ".join(sorted(section.model_fields)) if section else "?"
         return f"{key}: unknown key (allowed: {allowed})"
@@ -268,6 +494,8 @@ def _describe_error(e: Mapping[str, Any]) -> str:
         return f"{key}: {e.get('ctx', {}).get('error', e['msg'])}"
     if kind == "missing":
         return f"{key}: {e['msg']}"
+    if key == "model.augment" and isinstance(e.get("input"), list):  # the flat layout's list of kinds
+        return f"{key}: a section now; the list {e['input']!r} belongs in model.augment.kinds"
     return f"{key}: {e['msg']}, got {e.get('input')!r}"
 
 

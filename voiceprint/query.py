@@ -71,7 +71,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from voiceprint.layout import Layout
+from voiceprint.common.layout import Layout
 
 __all__ = ["VIEWS", "connect", "format_table", "run_query", "view_paths"]
 
@@ -121,9 +121,7 @@ def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
         elif required:
             message = f"{name}: {path} does not exist yet; run the {stage} stage first"
             # The WHERE clause makes even count(*) fail (a bare error() column would be pruned).
-            con.execute(
-                f"CREATE VIEW {name} AS SELECT NULL AS missing WHERE error({_sql_string(message)}) IS NULL"
-            )
+            con.execute(f"CREATE VIEW {name} AS SELECT NULL AS missing WHERE error({_sql_string(message)}) IS NULL")
 
     rejects = _reject_tables(layout)
     if rejects:
@@ -185,8 +183,7 @@ def format_table(table: pa.Table, max_rows: int = 40, max_width: int = 40) -> st
     shown = table.slice(0, max_rows).to_pylist()
     columns: list[list[str]] = [[_cell(row[n], max_width) for row in shown] for n in names]
     numeric = [
-        pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_decimal(f.type)
-        for f in table.schema
+        pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_decimal(f.type) for f in table.schema
     ]
     widths = [max([len(n), *map(len, col)]) for n, col in zip(names, columns, strict=True)]
 

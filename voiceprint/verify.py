@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from voiceprint.common.layout import Layout
 from voiceprint.config import load_params
-from voiceprint.embed import embed_utterance_file, load_pipeline_encoder, pick_device
+from voiceprint.embed.stage import embed_utterance_file, load_pipeline_encoder, pick_device
 from voiceprint.encoders.base import SpeakerEncoder
-from voiceprint.layout import Layout
 
 
 class VerifyError(RuntimeError):
@@ -77,9 +77,11 @@ class Verifier:
 
     def warm_up(self) -> None:
         """Run the VAD model and the encoder once, so the first real call is not the slow one."""
-        from voiceprint.vad import _silero_sequence_model
+        from voiceprint.segment.vad import _silero_sequence_model
 
         if self.params.vad.method == "silero":
             _silero_sequence_model()
         with torch.inference_mode():
-            self.encoder.embed(torch.zeros(1, 16_000, device=self.encoder.device), torch.ones(1, device=self.encoder.device))
+            self.encoder.embed(
+                torch.zeros(1, 16_000, device=self.encoder.device), torch.ones(1, device=self.encoder.device)
+            )

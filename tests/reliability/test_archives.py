@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from voiceprint.datasets import archive as archive_mod
-from voiceprint.datasets.archive import MARKER_NAME, ArchiveError, read_marker, safe_extract
+from voiceprint.prepare import archive as archive_mod
+from voiceprint.prepare.archive import MARKER_NAME, ArchiveError, read_marker, safe_extract
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,8 +42,13 @@ class M:
 def _tarinfo(m: M) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(m.name)
     ti.type = {
-        "file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
-        "hardlink": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE,
+        "file": tarfile.REGTYPE,
+        "dir": tarfile.DIRTYPE,
+        "symlink": tarfile.SYMTYPE,
+        "hardlink": tarfile.LNKTYPE,
+        "chr": tarfile.CHRTYPE,
+        "blk": tarfile.BLKTYPE,
+        "fifo": tarfile.FIFOTYPE,
     }[m.kind]
     ti.size = len(m.data) if m.kind == "file" else 0
     ti.linkname = m.link
@@ -60,8 +65,12 @@ def make_tar(path: Path, members: list[M]) -> Path:
     return path
 
 
-_ZIP_MODES = {"symlink": stat.S_IFLNK | 0o777, "chr": stat.S_IFCHR | 0o644, "blk": stat.S_IFBLK | 0o644,
-              "fifo": stat.S_IFIFO | 0o644}
+_ZIP_MODES = {
+    "symlink": stat.S_IFLNK | 0o777,
+    "chr": stat.S_IFCHR | 0o644,
+    "blk": stat.S_IFBLK | 0o644,
+    "fifo": stat.S_IFIFO | 0o644,
+}
 
 
 def make_zip(path: Path, members: list[M]) -> Path:
@@ -167,8 +176,12 @@ def test_extracts_tar_made_from_dot(tmp_path: Path) -> None:
 
 
 def test_extracts_zip(tmp_path: Path) -> None:
-    members = [M("dir", "dir"), M("dir/a.txt", data=b"alpha"), M("dir/deeper/b.txt", data=b"beta"),
-               M("dir/link", "symlink", link="a.txt")]
+    members = [
+        M("dir", "dir"),
+        M("dir/a.txt", data=b"alpha"),
+        M("dir/deeper/b.txt", data=b"beta"),
+        M("dir/link", "symlink", link="a.txt"),
+    ]
     arc = make_zip(tmp_path / "good.zip", members)
     target = tmp_path / "out"
     files = safe_extract(arc, target)
@@ -206,8 +219,9 @@ def test_not_an_archive(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_crash_mid_extraction_leaves_no_target(tmp_path: Path, site: Path, fmt: str,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_mid_extraction_leaves_no_target(
+    tmp_path: Path, site: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     members = [m for m in good_members() if not (fmt == "zip" and m.kind == "hardlink")]
     arc = make_archive(site / "downloads", fmt, members)
     before = snapshot(tmp_path)
@@ -264,10 +278,14 @@ HOSTILE: dict[str, tuple[list[M], str, str]] = {
     "symlink-absolute": ([OK, M("etc", "symlink", link="/etc")], "etc", "absolute"),
     "symlink-up": ([OK, M("a/up", "symlink", link="../../outside")], "a/up", "outside"),
     "symlink-then-write-through": (
-        [OK, M("d", "symlink", link="."), M("d/x.txt", data=b"x")], "d/x.txt", "through the symlink",
+        [OK, M("d", "symlink", link="."), M("d/x.txt", data=b"x")],
+        "d/x.txt",
+        "through the symlink",
     ),
     "symlink-to-symlink": (
-        [OK, M("a", "symlink", link="."), M("b", "symlink", link="a/x")], "b", "link target goes through the symlink",
+        [OK, M("a", "symlink", link="."), M("b", "symlink", link="a/x")],
+        "b",
+        "link target goes through the symlink",
     ),
     "hardlink-absolute": ([OK, M("passwd", "hardlink", link="/etc/passwd")], "passwd", "absolute"),
     "hardlink-up": ([OK, M("h", "hardlink", link="../../etc/passwd")], "h", "outside"),

@@ -32,7 +32,7 @@ Reject paths name the file a person has to fix: prepare reports the source file 
 segment the copy under ``data/raw`` (the manifest does not keep the source path).
 
 The stages run as they do under DVC: prepare and segment in a child process (through
-``tasks.stages.run_stage``), which also measures its own peak RSS; embed and evaluate in this
+``voiceprint.stages.run_stage``), which also measures its own peak RSS; embed and evaluate in this
 process with a tiny random-init ECAPA. Measured on the 2-core dev machine: the whole module takes
 about a minute.
 """
@@ -55,13 +55,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from voiceprint import schema
+from voiceprint.common import schema
+from voiceprint.common.layout import Layout
 from voiceprint.config import VadParams, load_params
-from voiceprint.embed import embed_segments
-from voiceprint.evaluate import reject_counts
-from voiceprint.layout import Layout
+from voiceprint.embed.stage import embed_segments
+from voiceprint.evaluate.stage import reject_counts
 from voiceprint.query import run_query
-from voiceprint.segment import SegmentError, segment_manifest
+from voiceprint.segment.stage import SegmentError, segment_manifest
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -79,8 +79,9 @@ MEMORY_LIMIT_MIB = DECODED_MIB / 2
 # file in a single VAD window, which is what a reader without windows would do.
 DRIVER = r"""
 import json, resource, sys
-from tasks.stages import run_stage
-from voiceprint import audio, vad
+from voiceprint.stages import run_stage
+from voiceprint.common import audio
+from voiceprint.segment import vad
 
 def peak_mib():
     # VmHWM is this process's own high-water mark. ru_maxrss is not: Linux carries the parent's
@@ -136,7 +137,10 @@ def run(bad_audio_dataset, tiny_encoder, excerpts_dir: Path, tmp_path_factory: p
 
     child = subprocess.run(
         [sys.executable, "-c", DRIVER, str(baseline), str(project), str(bad_audio_dataset.long_file)],
-        cwd=REPO, capture_output=True, text=True, timeout=400,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert child.returncode == 0, child.stderr[-4000:]
     driver = json.loads(child.stdout.strip().splitlines()[-1])
@@ -144,7 +148,7 @@ def run(bad_audio_dataset, tiny_encoder, excerpts_dir: Path, tmp_path_factory: p
     layout = Layout.at(project)
     embedded = embed_segments(layout, load_params(layout.params).embed, encoder=tiny_encoder, progress=False)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    from tasks.stages import run_stage
+    from voiceprint.stages import run_stage
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -206,9 +210,7 @@ def test_every_usable_file_is_embedded(run: Run, bad_audio_dataset) -> None:
     segments = pq.read_table(run.layout.segments)
     embedded = pq.read_table(run.layout.segment_embeddings)
     assert sorted(embedded.column("segment_id").to_pylist()) == sorted(segments.column("segment_id").to_pylist())
-    long_speech = sum(
-        r["end_s"] - r["start_s"] for r in segments.to_pylist() if r["utterance_id"] == "long"
-    )
+    long_speech = sum(r["end_s"] - r["start_s"] for r in segments.to_pylist() if r["utterance_id"] == "long")
     assert long_speech > 0.5 * 3600  # tiled read speech: VAD finds most of the hour
 
 
@@ -244,8 +246,9 @@ def test_reject_counts_reach_metrics_json_and_mlflow(run: Run, bad_audio_dataset
     assert {k: logged[k] for k in expected} == {k: float(v) for k, v in expected.items()}
     # The same numbers as the DuckDB view.
     by_stage = run_query(run.layout, "SELECT stage, count(*) AS n FROM rejects GROUP BY stage").to_pylist()
-    assert {f"rejects_{r['stage']}": r["n"] for r in by_stage} == {k: v for k, v in expected.items()
-                                                                   if k != "rejects_total" and v}
+    assert {f"rejects_{r['stage']}": r["n"] for r in by_stage} == {
+        k: v for k, v in expected.items() if k != "rejects_total" and v
+    }
 
 
 def test_long_file_is_processed_in_bounded_memory(run: Run) -> None:
@@ -269,14 +272,23 @@ def test_long_file_is_processed_in_bounded_memory(run: Run) -> None:
 
 
 def _manifest(layout: Layout, files: list[Path]) -> None:
-    from voiceprint import audio
+    from voiceprint.common import audio
 
     rows = []
     for f in files:
         info = audio.probe(f)
-        rows.append({"utterance_id": f.stem, "speaker_id": f.parent.name, "split": "eval", "path": str(f),
-                     "duration_s": info.duration_s, "sample_rate": info.sample_rate,
-                     "channels": info.channels, "sha256": "-"})
+        rows.append(
+            {
+                "utterance_id": f.stem,
+                "speaker_id": f.parent.name,
+                "split": "eval",
+                "path": str(f),
+                "duration_s": info.duration_s,
+                "sample_rate": info.sample_rate,
+                "channels": info.channels,
+                "sha256": "-",
+            }
+        )
     layout.data.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema.MANIFEST), layout.manifest)
 
@@ -284,7 +296,7 @@ def _manifest(layout: Layout, files: list[Path]) -> None:
 def test_an_unexpected_vad_error_is_one_reject(
     tmp_path: Path, test_other_files: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import voiceprint.segment as segment
+    import voiceprint.segment.stage as segment
 
     files = test_other_files[:3]
     victim = files[1]
@@ -298,7 +310,7 @@ def test_an_unexpected_vad_error_is_one_reject(
     monkeypatch.setattr(segment, "detect", flaky_detect)
     layout = Layout.at(tmp_path)
     _manifest(layout, files)
-    with caplog.at_level(logging.WARNING, logger="voiceprint.segment"):
+    with caplog.at_level(logging.WARNING, logger="voiceprint.segment.stage"):
         summary = segment_manifest(layout, VadParams(), progress=False)
 
     assert summary["rejected"] == 1
@@ -312,7 +324,7 @@ def test_an_unexpected_vad_error_is_one_reject(
 def test_vad_failing_on_every_file_is_an_error_not_an_empty_result(
     tmp_path: Path, test_other_files: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import voiceprint.segment as segment
+    import voiceprint.segment.stage as segment
 
     def broken(*args: object) -> None:
         raise ImportError("onnxruntime is not installed")
@@ -327,7 +339,7 @@ def test_vad_failing_on_every_file_is_an_error_not_an_empty_result(
 
 def test_folder_scan_follows_symlinks_and_reports_broken_ones(tmp_path: Path, test_other_files: list[Path]) -> None:
     from voiceprint.config import DataParams
-    from voiceprint.datasets.prepare import prepare
+    from voiceprint.prepare.stage import prepare
 
     store = tmp_path / "store"
     (store / "extra").mkdir(parents=True)
@@ -356,8 +368,7 @@ def test_folder_scan_follows_symlinks_and_reports_broken_ones(tmp_path: Path, te
 
 def test_reject_counts_without_and_with_rejects(tmp_path: Path) -> None:
     layout = Layout.at(tmp_path)
-    assert reject_counts(layout) == {"rejects_total": 0, "rejects_prepare": 0, "rejects_segment": 0,
-                                     "rejects_embed": 0}
+    assert reject_counts(layout) == {"rejects_total": 0, "rejects_prepare": 0, "rejects_segment": 0, "rejects_embed": 0}
     tables = {
         layout.rejects("prepare"): ["prepare"] * 2,
         layout.rejects("segment"): ["segment"],
@@ -369,6 +380,11 @@ def test_reject_counts_without_and_with_rejects(tmp_path: Path) -> None:
         rows = [{"path": f"f{i}.wav", "stage": s, "reason": "r"} for i, s in enumerate(stages)]
         pq.write_table(pa.Table.from_pylist(rows, schema=schema.REJECTS), path)
     counts = reject_counts(layout)
-    assert counts == {"rejects_total": 7, "rejects_prepare": 2, "rejects_segment": 1, "rejects_embed": 3,
-                      "rejects_extra": 1}
+    assert counts == {
+        "rejects_total": 7,
+        "rejects_prepare": 2,
+        "rejects_segment": 1,
+        "rejects_embed": 3,
+        "rejects_extra": 1,
+    }
     assert all(type(v) is int for v in counts.values())  # JSON ints in metrics.json

@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.stages import STAGE_LOCK, ProjectBusyError, project_lock
-from voiceprint.index import INDEX_INFO, LOCK_NAME, load_enrollments
-from voiceprint.layout import Layout
+from voiceprint.common.layout import Layout
+from voiceprint.index.stage import INDEX_INFO, LOCK_NAME, load_enrollments
+from voiceprint.stages import STAGE_LOCK, ProjectBusyError, project_lock
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,8 +36,9 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DVC_NO_AN
 BIN = Path(sys.executable).parent
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0,
-              procs: tuple[subprocess.Popen, ...] = ()) -> None:
+def _wait_for(
+    condition: Callable[[], bool], what: str, timeout_s: float = 60.0, procs: tuple[subprocess.Popen, ...] = ()
+) -> None:
     """Poll ``condition``; fail early (with its stderr) if one of ``procs`` dies meanwhile."""
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -77,8 +77,8 @@ _ENROLL_WORKER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import numpy as np
-    from voiceprint.index import enroll
-    from voiceprint.layout import Layout
+    from voiceprint.index.stage import enroll
+    from voiceprint.common.layout import Layout
 
     root, seed, model, dim = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     go = Path(root) / "go"
@@ -98,8 +98,14 @@ def test_racing_enrollments_lose_nothing(tmp_path: Path) -> None:
     model, dim = "ecapa-test@abc123", 32
     _write_index_info(layout, model, dim)
     procs = [
-        subprocess.Popen([sys.executable, "-c", _ENROLL_WORKER, str(layout.root), str(seed), model, str(dim)],
-                         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _ENROLL_WORKER, str(layout.root), str(seed), model, str(dim)],
+            cwd=REPO,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for seed in (1, 2)
     ]
     time.sleep(0.2)
@@ -113,14 +119,17 @@ def test_racing_enrollments_lose_nothing(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def enroll_project(tmp_path_factory: pytest.TempPathFactory) -> Layout:
-    """A project with a (random, small) ECAPA model and an index built with it: enough for the CLI."""
+def enroll_project(tmp_path_factory: pytest.TempPathFactory, params_writer) -> Layout:
+    """A project with a (random, small) ECAPA model and an index built with it: enough for the CLI.
+
+    Its params.yaml holds the defaults, not the checkout's (the user's) settings.
+    """
     import torch
 
     from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
 
     layout = Layout.at(tmp_path_factory.mktemp("enroll-project"))
-    shutil.copy(REPO / "params.yaml", layout.params)
+    params_writer(layout.root)
     torch.manual_seed(0)
     cfg = EcapaConfig.from_channels(16)
     save_speechbrain_checkpoint(layout.model_dir, cfg.build().eval(), cfg)
@@ -140,7 +149,9 @@ def _blocked_on(lock: Path) -> set[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
-def test_two_voiceprint_enroll_processes_wait_for_each_other(enroll_project: Layout, test_other_files: list[Path]) -> None:
+def test_two_voiceprint_enroll_processes_wait_for_each_other(
+    enroll_project: Layout, test_other_files: list[Path]
+) -> None:
     """Both CLI processes are held at the enrollment lock at the same time, then both land."""
     layout = enroll_project
     clips = test_other_files[:3]
@@ -152,12 +163,18 @@ def test_two_voiceprint_enroll_processes_wait_for_each_other(enroll_project: Lay
     ]
     with open(lock, "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # what a third, slow enroll would hold
-        procs = [subprocess.Popen(c, cwd=layout.root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for c in commands]
+        procs = [
+            subprocess.Popen(c, cwd=layout.root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for c in commands
+        ]
         try:
             pids = {p.pid for p in procs}
-            _wait_for(lambda: pids <= _blocked_on(lock), "both enroll processes to block on the lock",
-                      timeout_s=120, procs=tuple(procs))
+            _wait_for(
+                lambda: pids <= _blocked_on(lock),
+                "both enroll processes to block on the lock",
+                timeout_s=120,
+                procs=tuple(procs),
+            )
             assert not list(layout.enrollments.glob("*.parquet"))  # neither wrote past the lock
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
@@ -182,8 +199,9 @@ stages:
 
 
 def _dvc(root: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "dvc"), *args], cwd=root, env=_dvc_env(root), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "dvc"), *args], cwd=root, env=_dvc_env(root), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _dvc_env(root: Path) -> dict[str, str]:
@@ -196,8 +214,14 @@ def test_second_dvc_repro_is_refused_while_one_runs(tmp_path: Path) -> None:
     root.mkdir()
     assert _dvc(root, "init", "--no-scm", "-q").returncode == 0
     (root / "dvc.yaml").write_text(SLOW_STAGE)
-    first = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=root, env=_dvc_env(root),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [str(BIN / "dvc"), "repro"],
+        cwd=root,
+        env=_dvc_env(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for(lambda: (root / "started").exists(), "the first dvc repro to start its stage", procs=(first,))
         second = _dvc(root, "repro")
@@ -228,7 +252,7 @@ _SLOW_STAGE_DRIVER = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from tasks import stages
+    from voiceprint import stages
 
     root = Path(sys.argv[1])
 
@@ -239,7 +263,7 @@ _SLOW_STAGE_DRIVER = textwrap.dedent(
         (layout.data / "slow-output.txt").write_text("done")
         return {"ok": True}
 
-    stages.STAGES["embed"] = slow
+    stages.stage_entry = lambda name: slow
     print(json.dumps(stages.run_stage("embed", root)))
     """
 )
@@ -251,8 +275,14 @@ def holder(tmp_path: Path) -> Iterator[tuple[Layout, subprocess.Popen]]:
     layout = Layout.at(tmp_path / "project")
     layout.root.mkdir()
     layout.params.write_text("{}\n")
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_STAGE_DRIVER, str(layout.root)], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_STAGE_DRIVER, str(layout.root)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(lambda: (layout.root / "started").exists(), "the holder to start its stage", procs=(proc,))
         yield layout, proc
@@ -268,19 +298,19 @@ def holder(tmp_path: Path) -> Iterator[tuple[Layout, subprocess.Popen]]:
 
 SECOND_STAGE = {
     "tasks.run": (lambda root: [sys.executable, "-m", "tasks.run", "embed"], "error: "),
-    "voiceprint-stage": (lambda root: [*_voiceprint(), "--project", str(root), "stage", "embed"], "voiceprint: error: "),
+    "voiceprint-stage": (
+        lambda root: [*_voiceprint(), "--project", str(root), "stage", "embed"],
+        "voiceprint: error: ",
+    ),
 }
 
 
 @pytest.mark.parametrize("entry", sorted(SECOND_STAGE))
-def test_second_stage_process_is_refused_naming_the_holder(
-    holder: tuple[Layout, subprocess.Popen], entry: str
-) -> None:
+def test_second_stage_process_is_refused_naming_the_holder(holder: tuple[Layout, subprocess.Popen], entry: str) -> None:
     layout, proc = holder
     command, prefix = SECOND_STAGE[entry]
     before = _tree(layout.root)
-    second = subprocess.run(command(layout.root), cwd=layout.root, env=ENV, capture_output=True, text=True,
-                            timeout=90)
+    second = subprocess.run(command(layout.root), cwd=layout.root, env=ENV, capture_output=True, text=True, timeout=90)
     assert second.returncode == 2
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
@@ -296,9 +326,8 @@ def test_second_stage_process_is_refused_naming_the_holder(
 
 def test_holder_finishes_and_releases_the_lock(holder: tuple[Layout, subprocess.Popen]) -> None:
     layout, proc = holder
-    with pytest.raises(ProjectBusyError, match=f"PID {proc.pid}"):
-        with project_lock(layout, "index"):
-            pytest.fail("the lock was granted while another process holds it")
+    with pytest.raises(ProjectBusyError, match=f"PID {proc.pid}"), project_lock(layout, "index"):
+        pytest.fail("the lock was granted while another process holds it")
     (layout.root / "release").touch()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

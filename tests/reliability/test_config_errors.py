@@ -46,8 +46,15 @@ BAD_PARAMS: dict[str, tuple[str, list[str]]] = {
         ["vad.treshold: unknown key", "; model.steps: Input should be a valid integer"],
     ),
     "not-yaml": ("vad: [0.5\n", ["not valid YAML"]),
-    "speeds-without-1.0": ("model:\n  speeds: [0.9, 1.1]\n", ["model.speeds [0.9, 1.1] must be distinct, sorted", "include 1.0"]),
-    "speeds-unsorted": ("model:\n  speeds: [1.0, 0.9]\n", ["model.speeds [1.0, 0.9] must be distinct, sorted"]),
+    "speeds-without-1.0": (
+        "model:\n  augment:\n    speeds: [0.9, 1.1]\n",
+        ["model.augment.speeds [0.9, 1.1] must be distinct, sorted", "include 1.0"],
+    ),
+    "speeds-unsorted": (
+        "model:\n  augment:\n    speeds: [1.0, 0.9]\n",
+        ["model.augment.speeds [1.0, 0.9] must be distinct, sorted"],
+    ),
+    "flat-model-key": ("model:\n  aam_margin: 0.2\n", ["model.aam_margin: unknown key (renamed: model.aam.margin)"]),
 }
 
 

@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import torch
 
-from voiceprint import audio, schema
+from voiceprint.common import audio, schema
+from voiceprint.common.layout import Layout
 from voiceprint.encoders.ecapa import EcapaConfig, save_speechbrain_checkpoint
-from voiceprint.layout import Layout
 
 REPO = Path(__file__).resolve().parents[2]
 KILL_TRIALS = 5
@@ -38,8 +37,8 @@ EMBED_DRIVER = """
 import json, sys, torch
 torch.set_num_threads(1)
 from voiceprint.config import EmbedParams
-from voiceprint.embed import embed_segments, load_pipeline_encoder
-from voiceprint.layout import Layout
+from voiceprint.embed.stage import embed_segments, load_pipeline_encoder
+from voiceprint.common.layout import Layout
 layout = Layout.at(sys.argv[1])
 encoder = load_pipeline_encoder(layout, torch.device("cpu"))
 summary = embed_segments(layout, EmbedParams(max_batch_s=6.0, device="cpu"), encoder=encoder,
@@ -50,9 +49,9 @@ print(json.dumps(summary))
 PREPARE_DRIVER = """
 import json, sys
 from voiceprint.config import load_params
-from voiceprint.datasets import librispeech
-from voiceprint.datasets.prepare import prepare
-from voiceprint.layout import Layout
+from voiceprint.prepare import librispeech
+from voiceprint.prepare.stage import prepare
+from voiceprint.common.layout import Layout
 librispeech.SUBSET_MD5[sys.argv[2]] = sys.argv[3]
 layout = Layout.at(sys.argv[1])
 result = prepare(load_params(layout.params).data, layout, progress=False)
@@ -62,16 +61,22 @@ print(json.dumps(result.utterances))
 INDEX_DRIVER = """
 import json, sys
 from voiceprint.config import IndexParams
-from voiceprint.index import build_indexes
-from voiceprint.layout import Layout
+from voiceprint.index.stage import build_indexes
+from voiceprint.common.layout import Layout
 print(json.dumps(build_indexes(Layout.at(sys.argv[1]), IndexParams(type="hnsw", hnsw_m=16, ef_construction=80)), default=str))
 """
 
 
 def _start(driver: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", driver, *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", driver, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -89,7 +94,8 @@ def _kill(proc: subprocess.Popen) -> int:
 def _tree_digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -97,7 +103,7 @@ def _index_digest(index_dir: Path) -> dict[str, object]:
     """Every index file byte for byte; ``index.json`` minus its build timestamp."""
     digest: dict[str, object] = _tree_digest(index_dir)
     info = json.loads((index_dir / "index.json").read_text())
-    info.pop("built_at")
+    info.pop("built_at", None)  # older index.json files carried one
     digest["index.json"] = info
     return digest
 
@@ -110,10 +116,28 @@ def _embed_project(root: Path, files: list[Path], bad: Path) -> Layout:
     for f in files:
         dur = audio.probe(f).duration_s
         for k, (a, b) in enumerate([(0.0, min(1.5, dur)), (dur / 3, min(dur, dur / 3 + 2.5)), (dur / 2, dur)]):
-            rows.append({"segment_id": f"{f.stem}#{k:03d}", "utterance_id": f.stem, "speaker_id": f.parent.name,
-                         "split": "eval", "path": str(f), "start_s": a, "end_s": b})
-    rows.append({"segment_id": "bad#000", "utterance_id": "bad", "speaker_id": "x", "split": "eval",
-                 "path": str(bad), "start_s": 0.0, "end_s": 1.0})
+            rows.append(
+                {
+                    "segment_id": f"{f.stem}#{k:03d}",
+                    "utterance_id": f.stem,
+                    "speaker_id": f.parent.name,
+                    "split": "eval",
+                    "path": str(f),
+                    "start_s": a,
+                    "end_s": b,
+                }
+            )
+    rows.append(
+        {
+            "segment_id": "bad#000",
+            "utterance_id": "bad",
+            "speaker_id": "x",
+            "split": "eval",
+            "path": str(bad),
+            "start_s": 0.0,
+            "end_s": 1.0,
+        }
+    )
     layout.data.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema.SEGMENTS), layout.segments)
     torch.manual_seed(0)
@@ -214,11 +238,21 @@ def _librispeech_mirror(mirror: Path, excerpts_dir: Path, subset: str) -> str:
 
 
 def _prepare_project(root: Path, mirror: Path, subset: str) -> Layout:
+    """Default parameters (not the checkout's params.yaml: that is the user's) on a local mirror."""
     import yaml
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["data"].update({"dataset": "librispeech", "mirror": str(mirror), "train_subset": None,
-                        "eval_subset": subset, "url_base": "http://127.0.0.1:9/unreachable"})
+    from voiceprint.config import Params
+
+    raw = Params().model_dump(mode="json")
+    raw["data"].update(
+        {
+            "dataset": "librispeech",
+            "mirror": str(mirror),
+            "train_subset": None,
+            "eval_subset": subset,
+            "url_base": "http://127.0.0.1:9/unreachable",
+        }
+    )
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return Layout.at(root)

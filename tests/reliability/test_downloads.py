@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from voiceprint.datasets import download as download_mod
-from voiceprint.datasets.checksums import md5_file, parse_checksum_file, parse_checksum_text, sha256_file
-from voiceprint.datasets.download import MAX_BACKOFF_S, DownloadError, download, part_path
+from voiceprint.common.checksums import md5_file, parse_checksum_file, parse_checksum_text, sha256_file
+from voiceprint.prepare import download as download_mod
+from voiceprint.prepare.download import MAX_BACKOFF_S, DownloadError, download, part_path
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -356,10 +356,7 @@ def test_file_digests(tmp_path: Path) -> None:
 
 
 def test_parse_checksum_text() -> None:
-    text = (
-        f"# comment\n{SHA}  ./test-other/1/1-2-3.flac\n\n{MD5} *bin/file\n"
-        f"\\{SHA}  dir/back\\\\slash\n"
-    )
+    text = f"# comment\n{SHA}  ./test-other/1/1-2-3.flac\n\n{MD5} *bin/file\n\\{SHA}  dir/back\\\\slash\n"
     assert parse_checksum_text(text) == {
         "test-other/1/1-2-3.flac": SHA,
         "bin/file": MD5,

@@ -34,10 +34,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from voiceprint.common.layout import Layout
+from voiceprint.common.schema import SEGMENTS, embedding_column, embedding_schema, l2_normalise
 from voiceprint.encoders.ecapa import CheckpointError, EcapaConfig, load_ecapa, save_speechbrain_checkpoint
-from voiceprint.layout import Layout
 from voiceprint.query import connect, run_query
-from voiceprint.schema import SEGMENTS, embedding_column, embedding_schema, l2_normalise
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -164,7 +164,9 @@ def test_campplus_wrong_architecture_is_a_clear_error(
     dropped = sorted(k for k in state if k.startswith("xvector.block1"))[0]
     del state[dropped]
     torch.save(state, ckpt)
-    with pytest.raises(ValueError, match=rf"{re.escape(str(ckpt))}: not a CAM\+\+ state_dict for this architecture") as err:
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(ckpt))}: not a CAM\+\+ state_dict for this architecture"
+    ) as err:
         load_campplus(ckpt)
     assert dropped in str(err.value)
     # An ECAPA checkpoint handed to the CAM++ loader is named for what it is not.
@@ -175,9 +177,13 @@ def test_campplus_wrong_architecture_is_a_clear_error(
 def _torch_load_calls(path: Path) -> list[ast.Call]:
     tree = ast.parse(path.read_text(), filename=str(path))
     return [
-        node for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
-        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "load"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "torch"
     ]
 
 
@@ -187,9 +193,12 @@ def test_every_torch_load_in_the_project_is_weights_only() -> None:
     calls = {f"{p.relative_to(REPO)}:{c.lineno}": c for p in sources for c in _torch_load_calls(p)}
     assert len(calls) >= 4  # ecapa (x2), campplus, ge2e: the scan does see them
     unsafe = [
-        where for where, call in calls.items()
-        if not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                   for k in call.keywords)
+        where
+        for where, call in calls.items()
+        if not any(
+            k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+            for k in call.keywords
+        )
     ]
     assert unsafe == []
 
@@ -205,9 +214,19 @@ def project(tmp_path: Path) -> Layout:
     layout = Layout.at(tmp_path / "project")
     rng = np.random.default_rng(0)
     rows = [
-        dict(segment_id=f"s{s}-{u}#000", utterance_id=f"s{s}-{u}", speaker_id=f"s{s}", split="eval",
-             path=f"data/raw/eval/s{s}/s{s}-{u}.flac", start_s=0.0, end_s=1.0, num_segments=1, model_id="m1")
-        for s in range(2) for u in range(2)
+        dict(
+            segment_id=f"s{s}-{u}#000",
+            utterance_id=f"s{s}-{u}",
+            speaker_id=f"s{s}",
+            split="eval",
+            path=f"data/raw/eval/s{s}/s{s}-{u}.flac",
+            start_s=0.0,
+            end_s=1.0,
+            num_segments=1,
+            model_id="m1",
+        )
+        for s in range(2)
+        for u in range(2)
     ]
     vectors = l2_normalise(rng.normal(size=(len(rows), DIM)))
     for path, schema, with_vectors in (
@@ -271,8 +290,10 @@ def test_hostile_sql_fails_clearly_and_changes_nothing(
     with pytest.raises((duckdb.PermissionException, duckdb.InvalidInputException)) as err:
         run_query(project, sql)
     message = str(err.value)
-    assert "disabled by configuration" in message or "disabled through configuration" in message or (
-        "the configuration has been locked" in message
+    assert (
+        "disabled by configuration" in message
+        or "disabled through configuration" in message
+        or ("the configuration has been locked" in message)
     ), message
     assert _tree(tmp_path) == before
     assert run_query(project, "SELECT count(*) AS n FROM embeddings").to_pylist() == [{"n": 4}]
@@ -281,8 +302,9 @@ def test_hostile_sql_fails_clearly_and_changes_nothing(
 def test_in_memory_statements_are_harmless(project: Layout, tmp_path: Path) -> None:
     """CREATE/DROP act on the throw-away in-memory database only: allowed, and files stay as they were."""
     before = _tree(tmp_path)
-    result = run_query(project, "CREATE TABLE t AS SELECT * FROM utterances WHERE speaker_id = 's1'; "
-                                "SELECT count(*) AS n FROM t")
+    result = run_query(
+        project, "CREATE TABLE t AS SELECT * FROM utterances WHERE speaker_id = 's1'; SELECT count(*) AS n FROM t"
+    )
     assert result.to_pylist() == [{"n": 2}]
     assert run_query(project, "DROP VIEW embeddings").num_rows <= 1
     assert _tree(tmp_path) == before
@@ -291,15 +313,21 @@ def test_in_memory_statements_are_harmless(project: Layout, tmp_path: Path) -> N
 
 def test_connection_settings_are_locked_down(project: Layout) -> None:
     con = connect(project)
-    settings = dict(con.sql(
-        "SELECT name, value FROM duckdb_settings() WHERE name IN ('enable_external_access', 'allowed_paths', "
-        "'lock_configuration', 'autoinstall_known_extensions', 'autoload_known_extensions', "
-        "'allow_community_extensions', 'allow_persistent_secrets')"
-    ).fetchall())
+    settings = dict(
+        con.sql(
+            "SELECT name, value FROM duckdb_settings() WHERE name IN ('enable_external_access', 'allowed_paths', "
+            "'lock_configuration', 'autoinstall_known_extensions', 'autoload_known_extensions', "
+            "'allow_community_extensions', 'allow_persistent_secrets')"
+        ).fetchall()
+    )
     assert settings == {
-        "enable_external_access": "false", "allowed_paths": "[]", "lock_configuration": "true",
-        "autoinstall_known_extensions": "false", "autoload_known_extensions": "false",
-        "allow_community_extensions": "false", "allow_persistent_secrets": "false",
+        "enable_external_access": "false",
+        "allowed_paths": "[]",
+        "lock_configuration": "true",
+        "autoinstall_known_extensions": "false",
+        "autoload_known_extensions": "false",
+        "allow_community_extensions": "false",
+        "allow_persistent_secrets": "false",
     }
     # DuckDB always allows its temp directory: it must be the private scratch one, outside the project.
     temp_dir = Path(con.execute("SELECT current_setting('temp_directory')").fetchone()[0])
@@ -326,8 +354,14 @@ def test_voiceprint_query_cli_refuses_and_changes_nothing(project: Layout, tmp_p
     outside.mkdir()
     before = _tree(tmp_path)
     sql = _hostile_sql(project, outside)[case]
-    proc = subprocess.run([*_voiceprint(), "--project", str(project.root), "query", sql], cwd=outside,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(
+        [*_voiceprint(), "--project", str(project.root), "query", sql],
+        cwd=outside,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("voiceprint: error: query failed: Permission Error: "), proc.stderr
@@ -342,7 +376,7 @@ def _make_recipe(target: str) -> str:
     lines = (REPO / "Makefile").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if re.match(rf"^{re.escape(target)}\s*:", line))
     recipe = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.startswith("\t"):
             break
         recipe.append(line.strip())
@@ -350,7 +384,9 @@ def _make_recipe(target: str) -> str:
     return "\n".join(recipe)
 
 
-@pytest.mark.parametrize(("target", "program"), [("prefect-server", "prefect server start"), ("mlflow-ui", "mlflow ui")])
+@pytest.mark.parametrize(
+    ("target", "program"), [("prefect-server", "prefect server start"), ("mlflow-ui", "mlflow ui")]
+)
 def test_makefile_servers_bind_to_loopback(target: str, program: str) -> None:
     recipe = _make_recipe(target)
     assert program in recipe
@@ -360,15 +396,18 @@ def test_makefile_servers_bind_to_loopback(target: str, program: str) -> None:
 
 def test_no_code_binds_to_all_interfaces() -> None:
     sources = [REPO / "Makefile", *[p for d in ("voiceprint", "flows", "tasks") for p in (REPO / d).rglob("*.py")]]
-    offenders = [str(p.relative_to(REPO)) for p in sources if re.search(r"0\.0\.0\.0|host\s*=\s*['\"]::['\"]", p.read_text())]
+    offenders = [
+        str(p.relative_to(REPO)) for p in sources if re.search(r"0\.0\.0\.0|host\s*=\s*['\"]::['\"]", p.read_text())
+    ]
     assert offenders == []
 
 
 def test_prefect_defaults_and_flows_serve_stay_on_loopback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """``prefect server start`` without --host, and the runner ``flows.serve`` starts, stay local."""
+    from prefect.settings import get_current_settings
+
     import flows.serve as serve_mod
     from flows.pipeline import PROJECT_DIR_ENV
-    from prefect.settings import get_current_settings
 
     settings = get_current_settings()
     assert settings.server.api.host == "127.0.0.1"
@@ -398,7 +437,7 @@ def _listening(port: int) -> list[str]:
                 assert len(host_hex) == width
                 raw = bytes.fromhex(host_hex)
                 # /proc/net prints each 32-bit word in host (little-endian) order.
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
                 addresses.append(socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6, raw))
     return addresses
 
@@ -419,8 +458,15 @@ def test_mlflow_ui_from_the_makefile_listens_on_loopback_only(tmp_path: Path) ->
     argv = shlex.split(recipe)
     argv[argv.index("--port") + 1] = str(port)
     argv[0] = str(Path(sys.executable).with_name(argv[0]))
-    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "MLFLOW_HOST": "0.0.0.0"})
+    proc = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_HOST": "0.0.0.0"},
+    )
     try:
         deadline = time.monotonic() + 150
         while not _listening(port):

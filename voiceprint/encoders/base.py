@@ -31,7 +31,7 @@ class SpeakerEncoder(ABC):
     def embed(self, wavs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
-    def to(self, device: str | torch.device) -> "SpeakerEncoder": ...
+    def to(self, device: str | torch.device) -> SpeakerEncoder: ...
 
     @property
     @abstractmethod
@@ -63,7 +63,7 @@ class ModuleEncoder(SpeakerEncoder):
     def device(self) -> torch.device:
         return self._device
 
-    def to(self, device: str | torch.device) -> "ModuleEncoder":
+    def to(self, device: str | torch.device) -> ModuleEncoder:
         self._device = torch.device(device)
         for module in self._modules():
             module.to(self._device)

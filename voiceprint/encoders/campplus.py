@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 
-from voiceprint.datasets.checksums import sha256_file
+from voiceprint.common.checksums import sha256_file
 from voiceprint.encoders.base import ModuleEncoder
 from voiceprint.encoders.bundled import MissingExtraError, package_dir, package_file
 
@@ -263,7 +263,6 @@ class CamPlusPlusEncoder(ModuleEncoder):
     @property
     def model_id(self) -> str:
         return f"campplus-{self.dim}-{self.weights_sha256[:12]}"
-
 
     def features(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean-normalised Kaldi fbank of each item's valid samples, zero-padded: ``(B, T, F), (B,)``.

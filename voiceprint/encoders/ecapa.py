@@ -7,10 +7,14 @@ A model directory looks exactly like the Hugging Face repo ``speechbrain/spkrec-
     mean_var_norm_emb.ckpt    global embedding-norm statistics (identity when we trained the model)
     classifier.ckpt           AAM classifier weights (only for models trained here)
     label_encoder.txt         speaker labels of the classifier rows (CategoricalEncoder format)
+    label_encoder.ckpt        the same bytes, under the name SpeechBrain's Pretrainer looks for
     model_card.json           what produced the directory (config, fingerprint, training stats)
 
 so ``speechbrain.inference.speaker.EncoderClassifier.from_hparams(source=dir)`` loads it unchanged,
-and a published SpeechBrain model loads here unchanged.
+and a published SpeechBrain model loads here unchanged. No file in the directory names a path: the
+pretrainer in ``hyperparams.yaml`` lists its loadables without ``paths``, so SpeechBrain takes each
+one as ``<source>/<name>.ckpt`` from whatever directory it is given, and the directory loads from any
+working directory, after a move or a copy, and hashes the same in every checkout (a DVC output).
 
 Loading deliberately does *not* go through HyperPyYAML: that format instantiates arbitrary Python
 objects (``!new:os.system``), so a downloaded ``hyperparams.yaml`` is code. We parse it with a
@@ -40,8 +44,8 @@ from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 from speechbrain.nnet.CNN import Conv1d as SpeechBrainConv1d
 from speechbrain.processing.features import InputNormalization
 
-from voiceprint.atomic import atomic_dir
-from voiceprint.datasets.checksums import sha256_file
+from voiceprint.common.atomic import atomic_dir
+from voiceprint.common.checksums import sha256_file
 from voiceprint.encoders.base import ModuleEncoder
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,9 @@ EMBEDDING_CKPT = "embedding_model.ckpt"
 EMB_NORM_CKPT = "mean_var_norm_emb.ckpt"
 CLASSIFIER_CKPT = "classifier.ckpt"
 LABEL_ENCODER = "label_encoder.txt"
+# SpeechBrain's Pretrainer fetches a loadable given no path as ``<source>/<name>.ckpt``; the labels
+# are written under that name too, so the hyperparams need no path to find them (see render_hyperparams).
+LABEL_ENCODER_SB = "label_encoder.ckpt"
 MODEL_CARD = "model_card.json"
 
 _ECAPA_CLASS = "speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN"
@@ -100,7 +107,7 @@ class EcapaConfig:
     sentence_std_norm: bool = False
 
     @classmethod
-    def from_channels(cls, channels: int, *, lin_neurons: int = 192, n_mels: int = 80) -> "EcapaConfig":
+    def from_channels(cls, channels: int, *, lin_neurons: int = 192, n_mels: int = 80) -> EcapaConfig:
         """The VoxCeleb recipe's shape scaled to ``channels``: ``[C, C, C, C, 3C]``."""
         return cls(n_mels=n_mels, channels=[channels] * 4 + [3 * channels], lin_neurons=lin_neurons)
 
@@ -147,8 +154,10 @@ def skip_pointwise_padding(model: torch.nn.Module) -> int:
     switched = 0
     for module in model.modules():
         if (
-            isinstance(module, SpeechBrainConv1d) and module.padding == "same"
-            and module.kernel_size == 1 and module.stride == 1
+            isinstance(module, SpeechBrainConv1d)
+            and module.padding == "same"
+            and module.kernel_size == 1
+            and module.stride == 1
         ):
             module.padding = "valid"
             switched += 1
@@ -286,10 +295,11 @@ def save_speechbrain_checkpoint(
     """Write ``embedding_model`` (and optionally its AAM classifier) as a SpeechBrain model directory.
 
     The directory is built under a temporary name and swapped in whole, so a crash never leaves a
-    half-written model for the embedding stage to pick up. ``pretrained_path`` is what the
-    ``pretrainer.paths`` entries point at; it defaults to the absolute path of ``model_dir`` so
-    ``EncoderClassifier.from_hparams(source=model_dir)`` works in place (after moving the directory,
-    pass ``overrides={"pretrained_path": new_dir}``, or give a Hugging Face repo id when publishing).
+    half-written model for the embedding stage to pick up. By default ``hyperparams.yaml`` names no
+    path: ``EncoderClassifier.from_hparams(source=DIR)`` finds the checkpoint files in ``DIR``,
+    wherever the directory lies and whatever the working directory (and two checkouts write the same
+    bytes). ``pretrained_path`` (a Hugging Face repo id when publishing) instead writes
+    ``pretrainer.paths`` entries pointing there, as the published SpeechBrain models do.
     ``mean_var_norm_emb.ckpt`` holds identity statistics (zero mean, unit std): SpeechBrain's
     ``encode_batch(normalize=True)`` then equals ``normalize=False`` instead of failing.
     """
@@ -340,10 +350,12 @@ def _write_model_dir(
     model_dir = Path(model_dir).resolve()
     with atomic_dir(model_dir) as tmp:
         write_files(tmp)
+        if has_labels:
+            shutil.copyfile(tmp / LABEL_ENCODER, tmp / LABEL_ENCODER_SB)
         (tmp / HYPERPARAMS).write_text(
             render_hyperparams(
                 cfg,
-                pretrained_path=pretrained_path or str(model_dir),
+                pretrained_path=pretrained_path,
                 n_classes=n_classes,
                 has_labels=has_labels,
             ),
@@ -366,8 +378,17 @@ def _write_model_dir(
 
 
 def write_model_card(
-    model_dir: Path, *, format: str, architecture: str, model_id: str, sha: str, embedding_dim: int,
-    num_parameters: int, num_classes: int | None, config: dict[str, Any], extra: dict[str, Any] | None,
+    model_dir: Path,
+    *,
+    format: str,
+    architecture: str,
+    model_id: str,
+    sha: str,
+    embedding_dim: int,
+    num_parameters: int,
+    num_classes: int | None,
+    config: dict[str, Any],
+    extra: dict[str, Any] | None,
 ) -> None:
     """``model_card.json``: what produced a model directory, for people and for the model id.
 
@@ -395,11 +416,18 @@ def write_model_card(
 def render_hyperparams(
     cfg: EcapaConfig,
     *,
-    pretrained_path: str,
+    pretrained_path: str | None = None,
     n_classes: int | None = None,
     has_labels: bool = False,
 ) -> str:
-    """HyperPyYAML text in the shape of ``speechbrain/spkrec-ecapa-voxceleb``'s ``hyperparams.yaml``."""
+    """HyperPyYAML text in the shape of ``speechbrain/spkrec-ecapa-voxceleb``'s ``hyperparams.yaml``.
+
+    Without ``pretrained_path`` the pretrainer has no ``paths``: SpeechBrain then fetches every
+    loadable as ``<source>/<name>.ckpt``, ``source`` being the directory (or repo id) handed to
+    ``from_hparams``, so the text names no location and loads wherever the directory is. With one
+    (a repo id, say), ``pretrainer.paths`` point at ``<pretrained_path>/<file>`` as in the published
+    models.
+    """
 
     def lst(values: list[int]) -> str:
         return "[" + ", ".join(str(int(v)) for v in values) + "]"
@@ -414,10 +442,13 @@ def render_hyperparams(
         "# Feature parameters",
         f"n_mels: {cfg.n_mels}",
         "",
-        "# Where the pretrainer finds the checkpoint files",
-        f"pretrained_path: {json.dumps(pretrained_path)}",
-        "",
     ]
+    if pretrained_path is not None:
+        out += [
+            "# Where the pretrainer finds the checkpoint files",
+            f"pretrained_path: {json.dumps(pretrained_path)}",
+            "",
+        ]
     if n_classes is not None:
         out += ["# Output parameters", f"out_n_neurons: {n_classes}", ""]
     out += [
@@ -474,10 +505,16 @@ def render_hyperparams(
     if has_labels:
         loadables.append("label_encoder")
         paths.append(LABEL_ENCODER)
+    if pretrained_path is None:
+        out += [
+            "# No paths: SpeechBrain's Pretrainer takes each loadable from the source given to from_hparams",
+            "# (this directory) as <name>.ckpt, so the directory loads wherever it lies.",
+        ]
     out += ["pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer", "    loadables:"]
     out += [f"        {name}: !ref <{name}>" for name in loadables]
-    out += ["    paths:"]
-    out += [f"        {name}: !ref <pretrained_path>/{fname}" for name, fname in zip(loadables, paths)]
+    if pretrained_path is not None:
+        out += ["    paths:"]
+        out += [f"        {name}: !ref <pretrained_path>/{fname}" for name, fname in zip(loadables, paths)]
     return "\n".join(out) + "\n"
 
 
@@ -544,7 +581,9 @@ def load_ecapa(
     emb_path = files[EMBEDDING_CKPT]
     state = load_state_dict(emb_path)
     check_state_dict(
-        state, model, emb_path,
+        state,
+        model,
+        emb_path,
         f"ECAPA_TDNN(channels={cfg.channels}, lin_neurons={cfg.lin_neurons}, n_mels={cfg.n_mels}) from {HYPERPARAMS}",
     )
     model.load_state_dict(state, strict=True)
@@ -556,7 +595,9 @@ def _locate_files(source: str | Path, cache_dir: str | Path | None) -> dict[str,
     """Local paths of the model files: the directory itself, or the HF cache after download."""
     src = Path(source).expanduser()
     if src.is_dir():
-        files = {name: src / name for name in (HYPERPARAMS, EMBEDDING_CKPT, EMB_NORM_CKPT, CLASSIFIER_CKPT, LABEL_ENCODER)}
+        files = {
+            name: src / name for name in (HYPERPARAMS, EMBEDDING_CKPT, EMB_NORM_CKPT, CLASSIFIER_CKPT, LABEL_ENCODER)
+        }
         for required in (HYPERPARAMS, EMBEDDING_CKPT):
             if not files[required].is_file():
                 raise CheckpointError(f"{files[required]}: missing (not a SpeechBrain model directory)")

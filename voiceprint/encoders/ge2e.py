@@ -79,7 +79,7 @@ class GE2EEncoder(SpeakerEncoder):
     def device(self) -> torch.device:
         return torch.device(self.model.device)
 
-    def to(self, device: str | torch.device) -> "GE2EEncoder":
+    def to(self, device: str | torch.device) -> GE2EEncoder:
         # VoiceEncoder.embed_utterance sends its mel partials to ``self.device``.
         self.model.device = torch.device(device)
         self.model.to(self.model.device)
@@ -117,10 +117,12 @@ class GE2EEncoder(SpeakerEncoder):
         stacks = [self.partial_mels(wav) for wav in wavs]
         partials = np.concatenate(stacks)
         with torch.inference_mode():
-            embedded = np.concatenate([
-                self.model(torch.from_numpy(partials[i : i + _MAX_PARTIALS_PER_CALL]).to(self.device)).cpu().numpy()
-                for i in range(0, len(partials), _MAX_PARTIALS_PER_CALL)
-            ])
+            embedded = np.concatenate(
+                [
+                    self.model(torch.from_numpy(partials[i : i + _MAX_PARTIALS_PER_CALL]).to(self.device)).cpu().numpy()
+                    for i in range(0, len(partials), _MAX_PARTIALS_PER_CALL)
+                ]
+            )
         bounds = np.cumsum([0] + [len(s) for s in stacks])
         means = np.stack([embedded[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
         return means / np.linalg.norm(means, axis=1, keepdims=True)

@@ -6,7 +6,7 @@ embedding is L2-normalised *before* mixing, so an expert cannot win the mixture 
 its vectors, only by the gate's weight; the mixture is L2-normalised again, ready for cosine
 scoring and the AAM-softmax head. The gate's last layer starts at zero: every expert starts with
 weight 1/K and the gate only learns to prefer one where the loss says so. A load-balancing term
-(``model.moe_balance`` x :meth:`EcapaMoE.balance_loss`) keeps the batch-average weights from
+(``model.moe.balance`` x :meth:`EcapaMoE.balance_loss`) keeps the batch-average weights from
 collapsing onto one expert.
 
 No SpeechBrain class describes this network, so its directory has a format of its own::
@@ -17,7 +17,7 @@ No SpeechBrain class describes this network, so its directory has a format of it
     label_encoder.txt      its speaker labels
     model_card.json        format "voiceprint-moe", model id, training stats
 
-:func:`voiceprint.encoders.registry.load_model_dir` tells the two formats apart, so the embedding
+:func:`voiceprint.encoders.loader.load_model_dir` tells the two formats apart, so the embedding
 stage, the comparison stage and the MLflow pyfunc load either without being told which.
 """
 
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from speechbrain.dataio.dataio import length_to_mask
 
-from voiceprint.atomic import atomic_dir
-from voiceprint.datasets.checksums import sha256_file
+from voiceprint.common.atomic import atomic_dir
+from voiceprint.common.checksums import sha256_file
 from voiceprint.encoders.ecapa import (
     CLASSIFIER_CKPT,
     EMBEDDING_CKPT,
@@ -68,8 +68,9 @@ class MoeConfig:
     gate_channels: int = 64
 
     @classmethod
-    def from_params(cls, experts: int, expert_channels: int, gate_channels: int, *, lin_neurons: int = 192,
-                    n_mels: int = 80) -> "MoeConfig":
+    def from_params(
+        cls, experts: int, expert_channels: int, gate_channels: int, *, lin_neurons: int = 192, n_mels: int = 80
+    ) -> MoeConfig:
         expert = EcapaConfig.from_channels(expert_channels, lin_neurons=lin_neurons, n_mels=n_mels)
         return cls(experts=experts, expert=expert, gate_channels=gate_channels)
 
@@ -89,7 +90,7 @@ class MoeConfig:
     def width(self) -> int:
         return self.expert.width
 
-    def build(self) -> "EcapaMoE":
+    def build(self) -> EcapaMoE:
         return EcapaMoE(self)
 
     def build_fbank(self) -> torch.nn.Module:
@@ -99,11 +100,15 @@ class MoeConfig:
         return self.expert.build_norm()
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": CONFIG_VERSION, "experts": self.experts, "gate_channels": self.gate_channels,
-                "expert": asdict(self.expert)}
+        return {
+            "version": CONFIG_VERSION,
+            "experts": self.experts,
+            "gate_channels": self.gate_channels,
+            "expert": asdict(self.expert),
+        }
 
     @classmethod
-    def read(cls, path: Path) -> "MoeConfig":
+    def read(cls, path: Path) -> MoeConfig:
         """Parse ``moe_config.json``; any malformed field is a :class:`CheckpointError` naming the file."""
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -114,7 +119,9 @@ class MoeConfig:
                 raise ValueError("experts and gate_channels must be positive")
             expert = EcapaConfig(**raw["expert"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{path}: not a usable mixture-of-experts config ({type(err).__name__}: {err})") from None
+            raise CheckpointError(
+                f"{path}: not a usable mixture-of-experts config ({type(err).__name__}: {err})"
+            ) from None
         return cls(experts=experts, expert=expert, gate_channels=gate)
 
 
@@ -259,8 +266,13 @@ def is_moe_dir(path: str | Path) -> bool:
 
 
 def save_moe_checkpoint(
-    model_dir: str | Path, model: EcapaMoE, cfg: MoeConfig, *, classifier: torch.nn.Module,
-    labels: list[str], extra_card: dict[str, Any] | None = None,
+    model_dir: str | Path,
+    model: EcapaMoE,
+    cfg: MoeConfig,
+    *,
+    classifier: torch.nn.Module,
+    labels: list[str],
+    extra_card: dict[str, Any] | None = None,
 ) -> Path:
     """Write the mixture, its AAM classifier and labels to ``model_dir`` (built aside, swapped in whole)."""
     model_dir = Path(model_dir).resolve()
@@ -294,6 +306,8 @@ def load_moe(model_dir: str | Path, *, device: str | torch.device = "cpu") -> Mo
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a mixture-of-experts directory needs its weights)")
     state = load_state_dict(path)
-    check_state_dict(state, model, path, f"EcapaMoE({cfg.experts} experts of channels={cfg.channels}) from {MOE_CONFIG}")
+    check_state_dict(
+        state, model, path, f"EcapaMoE({cfg.experts} experts of channels={cfg.channels}) from {MOE_CONFIG}"
+    )
     model.load_state_dict(state, strict=True)
     return MoeEncoder(model, cfg, weights_sha256=sha256_file(path)).to(device)

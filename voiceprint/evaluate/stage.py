@@ -1,0 +1,448 @@
+"""The ``evaluate`` stage: verification and closed-set identification on the eval split.
+
+Verification scores **every** pair of eval utterances (cosine of the L2-normalised embeddings)
+rather than a sampled trial list: with a few thousand utterances that is a few million trials,
+cheap with blockwise matrix products and the ``O(n log n)`` metrics in :mod:`voiceprint.evaluate.metrics`,
+and it removes the sampling noise that would otherwise make two runs incomparable.
+
+Identification simulates enrollment: for each eval speaker ``enroll_per_speaker`` utterances
+(chosen with a seeded RNG, so reruns pick the same ones) form its centroid, the speaker's other
+utterances are the queries, and the gallery optionally also holds one centroid per *training*
+speaker as distractors, which is what a deployed gallery looks like (many known voices, few of
+them the one asked about).
+
+Beside the raw cosine scores, the same trials are scored after adaptive s-norm (AS-norm, the
+score normalisation WeSpeaker and the VoxSRC systems report): each side of a trial is z-normalised
+by its top-``evaluate.snorm_top_k`` scores against an impostor cohort, here the train-split
+utterances, whose speakers are disjoint from the eval ones. It corrects speakers whose impostor
+scores run high; ``eer`` stays the raw cosine's, and the normalised numbers carry ``_snorm``.
+
+``metrics.json`` also carries how many input files the pipeline rejected (``rejects_total`` and
+``rejects_<stage>``), so a run that silently lost half its audio to bad files cannot report a
+good EER without saying so; the numbers reach MLflow with the other numeric metrics.
+
+Every headline number also gets a speaker-level bootstrap interval (:mod:`voiceprint.evaluate.bootstrap`;
+``eer_ci_low`` / ``eer_ci_high``, the same for ``eer_snorm`` and ``top1``; ``evaluate.bootstrap``
+replicates, ``evaluate.bootstrap_level`` coverage): with ten eval speakers the interval is several
+times wider than the differences between recipes, and the report should say so.
+
+Outputs: ``metrics.json`` (flat, for ``dvc metrics``), ``det.png``, ``scores.png`` and ``det.csv``
+(``fpr``/``fnr`` columns, for ``dvc plots``), each written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from voiceprint.common.atomic import atomic_path, write_json, write_text
+from voiceprint.common.layout import Layout
+from voiceprint.common.schema import embeddings_matrix, l2_normalise
+from voiceprint.config import IndexParams, Params
+from voiceprint.evaluate.bootstrap import accuracy_interval, eer_interval
+from voiceprint.evaluate.metrics import det_curve, eer, identification_accuracy, min_dcf
+from voiceprint.evaluate.snorm import as_norm_pairs
+from voiceprint.index.stage import build_index, speaker_centroids
+
+log = logging.getLogger(__name__)
+
+__all__ = ["all_pairs_scores", "dcf_key", "evaluate", "pair_speakers", "reject_counts", "snorm_metrics"]
+
+TOP_KS = (1, 5)
+DET_CSV_POINTS = 600  # DET rows kept for dvc plots; millions of trials would make it unusable
+_PAIR_BLOCK = 1024
+REJECT_STAGES = ("prepare", "segment", "embed")  # always reported, 0 when clean: stable metric keys
+
+
+def dcf_key(p_target: float) -> str:
+    """Metric name for a ``p_target``: 0.01 -> ``min_dcf_p0.01``."""
+    return f"min_dcf_p{p_target:g}"
+
+
+def all_pairs_scores(vectors: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine score and same-label flag of every unordered pair ``i < j``.
+
+    Computed in row blocks so peak memory is ``block x N`` on top of the ``N(N-1)/2`` results,
+    instead of a full ``N x N`` matrix.
+    """
+    x = l2_normalise(np.asarray(vectors, dtype=np.float32))
+    codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)[1]
+    n = len(x)
+    scores: list[np.ndarray] = []
+    same: list[np.ndarray] = []
+    for start in range(0, n, _PAIR_BLOCK):
+        stop = min(n, start + _PAIR_BLOCK)
+        block = x[start:stop] @ x[start:].T  # row r is item start+r, column c is item start+c
+        upper = np.triu(np.ones(block.shape, dtype=bool), k=1)  # c > r  <=>  j > i
+        scores.append(block[upper])
+        same.append((codes[start:stop, None] == codes[None, start:])[upper])
+    if not scores:
+        return np.zeros(0, np.float32), np.zeros(0, bool)
+    return np.concatenate(scores).astype(np.float32), np.concatenate(same)
+
+
+def pair_speakers(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Speaker codes of both sides of every pair ``i < j``, in the order of :func:`all_pairs_scores`."""
+    codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)[1].astype(np.int32)
+    rows, cols = np.triu_indices(len(codes), k=1)
+    return codes[rows], codes[cols]
+
+
+def _absent_interval(name: str, params: Params) -> dict[str, Any]:
+    """The interval keys as None, so metrics.json has the same keys when a metric cannot be computed."""
+    return {f"{name}_ci_low": None, f"{name}_ci_high": None} if params.evaluate.bootstrap else {}
+
+
+def _interval_keys(name: str, params: Params, scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """``<name>_ci_low`` / ``<name>_ci_high``: the speaker-bootstrap interval of the EER of the all-pairs trials."""
+    cfg = params.evaluate
+    if cfg.bootstrap == 0:
+        return {}
+    a, b = pair_speakers(labels)
+    interval = eer_interval(scores, a, b, replicates=cfg.bootstrap, level=cfg.bootstrap_level, seed=cfg.seed)
+    return {f"{name}_ci_low": interval.low, f"{name}_ci_high": interval.high}
+
+
+def reject_counts(layout: Layout) -> dict[str, int]:
+    """``rejects_total`` and ``rejects_<stage>`` over every rejects table the stages wrote.
+
+    The files are the ones the DuckDB ``rejects`` view unions (:meth:`Layout.reject_tables`):
+    ``data/rejects/*.parquet`` plus the embed stage's ``data/embeddings/rejects.parquet``. Rows are
+    counted by their ``stage`` column, so the numbers match ``SELECT stage, count(*) FROM rejects``.
+    """
+    counts = dict.fromkeys(REJECT_STAGES, 0)
+    for path in layout.reject_tables():
+        for stage in pq.read_table(path, columns=["stage"]).column("stage").to_pylist():
+            counts[str(stage)] = counts.get(str(stage), 0) + 1
+    return {"rejects_total": sum(counts.values()), **{f"rejects_{stage}": n for stage, n in counts.items()}}
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN/inf; ``None`` (null) marks a metric that could not be computed."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _verification(
+    scores: np.ndarray, same: np.ndarray, labels: np.ndarray, params: Params
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
+    n_target = int(same.sum())
+    out: dict[str, Any] = {
+        "n_trials": int(same.size),
+        "n_target": n_target,
+        "n_nontarget": int(same.size - n_target),
+        "eer": None,
+        "eer_threshold": None,
+        **_absent_interval("eer", params),
+    }
+    for p in params.evaluate.p_targets:
+        out[dcf_key(p)] = None
+        out[f"{dcf_key(p)}_threshold"] = None
+    if out["n_target"] == 0 or out["n_nontarget"] == 0:
+        log.warning(
+            "verification skipped: %d target and %d non-target trials (need both; at least two "
+            "eval speakers, one of them with two utterances)",
+            out["n_target"],
+            out["n_nontarget"],
+        )
+        return out, None
+    out["eer"], out["eer_threshold"] = eer(scores, same)
+    out.update(_interval_keys("eer", params, scores, labels))
+    for p in params.evaluate.p_targets:
+        value, threshold = min_dcf(scores, same, p, params.evaluate.c_miss, params.evaluate.c_fa)
+        out[dcf_key(p)] = value
+        out[f"{dcf_key(p)}_threshold"] = _finite_or_none(threshold)
+    out["score_mean_target"] = float(scores[same].mean())
+    out["score_mean_nontarget"] = float(scores[~same].mean())
+    fpr, fnr, _ = det_curve(scores, same)
+    return out, (fpr, fnr)
+
+
+def snorm_metrics(x_eval: np.ndarray, speakers_eval: np.ndarray, cohort: np.ndarray, params: Params) -> dict[str, Any]:
+    """EER / minDCF of the all-pairs eval trials after AS-norm against ``cohort`` (train-split utterances).
+
+    Keys ``eer_snorm``, ``min_dcf_p<P>_snorm`` and ``n_cohort``; the metrics are None (with a
+    warning) when there is no cohort or no target/non-target trials, and absent with
+    ``evaluate.snorm_top_k: 0``.
+    """
+    top_k = params.evaluate.snorm_top_k
+    if top_k == 0:
+        return {}
+    out: dict[str, Any] = {"eer_snorm": None, **_absent_interval("eer_snorm", params), "n_cohort": int(len(cohort))}
+    for p in params.evaluate.p_targets:
+        out[f"{dcf_key(p)}_snorm"] = None
+    if len(cohort) == 0:
+        log.warning("s-norm skipped: no train-split utterances to form the impostor cohort")
+        return out
+    scores, same = as_norm_pairs(x_eval, speakers_eval, cohort, top_k=top_k)
+    if same.all() or not same.any():
+        return out  # _verification has already warned about the missing trials
+    out["eer_snorm"] = float(eer(scores, same)[0])
+    out.update(_interval_keys("eer_snorm", params, scores, speakers_eval))
+    for p in params.evaluate.p_targets:
+        out[f"{dcf_key(p)}_snorm"] = float(min_dcf(scores, same, p, params.evaluate.c_miss, params.evaluate.c_fa)[0])
+    return out
+
+
+def _identification(
+    x: np.ndarray,
+    speakers: np.ndarray,
+    is_eval: np.ndarray,
+    params: Params,
+) -> dict[str, Any]:
+    cfg = params.evaluate
+    rng = np.random.default_rng(cfg.seed)
+    eval_idx = np.flatnonzero(is_eval)
+    eval_speakers = sorted(set(speakers[eval_idx]))
+
+    gallery_vecs: list[np.ndarray] = []
+    gallery_labels: list[str] = []
+    query_idx: list[np.ndarray] = []
+    skipped: list[str] = []
+    for spk in eval_speakers:
+        idx = eval_idx[speakers[eval_idx] == spk]  # table order is sorted: same choice every run
+        if len(idx) <= cfg.enroll_per_speaker:
+            skipped.append(spk)
+            continue
+        perm = rng.permutation(len(idx))
+        enroll_rows, query_rows = idx[perm[: cfg.enroll_per_speaker]], idx[perm[cfg.enroll_per_speaker :]]
+        gallery_vecs.append(l2_normalise(x[enroll_rows].mean(axis=0, keepdims=True))[0])
+        gallery_labels.append(spk)
+        query_idx.append(query_rows)
+    if skipped:
+        log.warning(
+            "identification: %d eval speaker(s) have <= %d utterances (enroll_per_speaker) and are left out: %s",
+            len(skipped),
+            cfg.enroll_per_speaker,
+            ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""),
+        )
+    n_eval_in_gallery = len(gallery_labels)
+    n_distractors = 0
+    if cfg.train_distractors and n_eval_in_gallery:
+        train_idx = np.flatnonzero(~is_eval)
+        # A speaker also present in eval is not a distractor (it would duplicate the true label).
+        train_idx = train_idx[~np.isin(speakers[train_idx], eval_speakers)]
+        if len(train_idx):
+            names, centroids, _ = speaker_centroids(x[train_idx], speakers[train_idx])
+            gallery_vecs.extend(centroids)
+            gallery_labels.extend(names)
+            n_distractors = len(names)
+
+    queries = np.concatenate(query_idx) if query_idx else np.zeros(0, dtype=np.int64)
+    out: dict[str, Any] = {
+        "n_queries": int(len(queries)),
+        "n_gallery_speakers": len(gallery_labels),
+        "n_gallery_eval_speakers": n_eval_in_gallery,
+        "n_gallery_distractors": n_distractors,
+        "n_identification_skipped_speakers": len(skipped),
+    }
+    for k in TOP_KS:
+        out[f"top{k}"] = None
+    out.update(_absent_interval("top1", params))
+    if len(gallery_labels) < 2 or len(queries) == 0:
+        log.warning(
+            "identification skipped: %d gallery speaker(s), %d queries (need >= 2 and >= 1)",
+            len(gallery_labels),
+            len(queries),
+        )
+        out["n_queries"] = 0
+        return out
+
+    flat = IndexParams(type="flat", use_gpu=params.index.use_gpu)
+    index = build_index(np.stack(gallery_vecs), flat)
+    k = min(max(TOP_KS), len(gallery_labels))
+    _, rows = index.search(np.ascontiguousarray(x[queries]), k)
+    labels = np.asarray(gallery_labels, dtype=object)
+    ranked = [[labels[r] for r in row if r >= 0] for row in rows]
+    truth = speakers[queries]
+    out.update(identification_accuracy(ranked, truth.tolist(), ks=TOP_KS))
+    if cfg.bootstrap:
+        correct = np.array([bool(r) and r[0] == t for r, t in zip(ranked, truth)])
+        interval = accuracy_interval(correct, truth, replicates=cfg.bootstrap, level=cfg.bootstrap_level, seed=cfg.seed)
+        out["top1_ci_low"], out["top1_ci_high"] = interval.low, interval.high
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+
+def _probit(p: np.ndarray, eps: float) -> np.ndarray:
+    from scipy.stats import norm
+
+    return norm.ppf(np.clip(p, eps, 1.0 - eps))
+
+
+def _thin_curve(fpr: np.ndarray, fnr: np.ndarray, max_points: int = DET_CSV_POINTS) -> np.ndarray:
+    """Indices of at most ~``max_points`` DET points, evenly spaced along the curve in probit space.
+
+    Even spacing along the drawn curve (not in threshold) keeps the shape in the tails, where the
+    interesting low-error points are, while dropping the near-duplicate points in the middle.
+    """
+    n = len(fpr)
+    if n <= max_points:
+        return np.arange(n)
+    x, y = _probit(fpr, 1e-6), _probit(fnr, 1e-6)
+    length = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(x), np.diff(y)))])
+    step = length[-1] / (max_points - 1) if length[-1] > 0 else 1.0
+    bins = np.floor(length / step)
+    keep = np.concatenate([[True], bins[1:] != bins[:-1]])
+    keep[-1] = True
+    return np.flatnonzero(keep)
+
+
+def _save_figure(fig: Figure, target: Path) -> None:
+    FigureCanvasAgg(fig)  # attach the Agg canvas: no pyplot, no global backend switch
+    with atomic_path(target, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def _plot_det(curve: tuple[np.ndarray, np.ndarray] | None, metrics: dict[str, Any], target: Path) -> None:
+    fig = Figure(figsize=(5.5, 5.5))
+    ax = fig.add_subplot()
+    ticks = np.array([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4])
+    eps = 0.0005
+    if curve is None:
+        ax.text(0.5, 0.5, "not enough trials for a DET curve", ha="center", va="center")
+    else:
+        fpr, fnr = curve
+        ax.plot(_probit(fpr, eps), _probit(fnr, eps), lw=1.5, label="DET")
+        if metrics.get("eer") is not None:
+            e = _probit(np.array([metrics["eer"]]), eps)[0]
+            ax.plot([e], [e], "o", color="C3", label=f"EER {100 * metrics['eer']:.2f}%")
+        lo, hi = _probit(np.array([eps, 0.6]), eps)
+        ax.plot([lo, hi], [lo, hi], ":", color="grey", lw=0.8)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xticks(_probit(ticks, eps), [f"{100 * t:g}" for t in ticks])
+        ax.set_yticks(_probit(ticks, eps), [f"{100 * t:g}" for t in ticks])
+        ax.legend(loc="upper right")
+    ax.set_xlabel("False acceptance rate (%)")
+    ax.set_ylabel("False rejection rate (%)")
+    ax.set_title("DET curve (probit axes), eval split")
+    ax.grid(True, alpha=0.3)
+    _save_figure(fig, target)
+
+
+def _plot_scores(scores: np.ndarray, same: np.ndarray, metrics: dict[str, Any], target: Path) -> None:
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    if same.any() and (~same).any():
+        bins = np.linspace(float(scores.min()), float(scores.max()), 80)
+        ax.hist(scores[~same], bins=bins, density=True, alpha=0.55, label=f"non-target ({(~same).sum():,})")
+        ax.hist(scores[same], bins=bins, density=True, alpha=0.55, label=f"target ({same.sum():,})")
+        if metrics.get("eer_threshold") is not None:
+            ax.axvline(
+                metrics["eer_threshold"],
+                color="k",
+                ls="--",
+                lw=1,
+                label=f"EER threshold {metrics['eer_threshold']:.3f}",
+            )
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "not enough trials", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("cosine score")
+    ax.set_ylabel("density")
+    ax.set_title("Verification scores, eval split (all pairs)")
+    _save_figure(fig, target)
+
+
+def _write_det_csv(curve: tuple[np.ndarray, np.ndarray] | None, target: Path) -> None:
+    lines = ["fpr,fnr"]
+    if curve is not None:
+        fpr, fnr = curve
+        for i in _thin_curve(fpr, fnr):
+            lines.append(f"{fpr[i]:.8g},{fnr[i]:.8g}")
+    write_text(target, "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    layout: Layout,
+    params: Params,
+    *,
+    out_metrics: str | Path | None = None,
+    out_plots: str | Path | None = None,
+    embeddings: str | Path | None = None,
+) -> dict[str, Any]:
+    """Compute verification and identification metrics; write metrics.json and plots.
+
+    Returns the metrics dictionary written to ``out_metrics`` (default ``layout.metrics``).
+    Metrics that cannot be computed (too few speakers or utterances) are ``None`` with a warning
+    in the log, never an exception, so a small ``folder`` dataset still gets a report.
+    """
+    started = time.perf_counter()
+    out_metrics = Path(out_metrics) if out_metrics is not None else layout.metrics
+    out_plots = Path(out_plots) if out_plots is not None else layout.plots
+
+    path = Path(embeddings) if embeddings is not None else layout.utterance_embeddings
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: utterance embeddings not found; run the embed stage first")
+    table = pq.read_table(path, columns=["utterance_id", "speaker_id", "split", "model_id", "embedding"])
+    table = table.sort_by([("speaker_id", "ascending"), ("utterance_id", "ascending")])
+    model_ids = sorted({m for m in table.column("model_id").unique().to_pylist() if m is not None})
+    if len(model_ids) > 1:
+        raise ValueError(f"{path}: embeddings from several models {model_ids}; re-run the embed stage")
+    x = l2_normalise(embeddings_matrix(table))
+    speakers = np.asarray(table.column("speaker_id").to_pylist(), dtype=object).astype(str)
+    is_eval = np.asarray(table.column("split").to_pylist(), dtype=object) == "eval"
+    n_eval_speakers = len(set(speakers[is_eval]))
+    if n_eval_speakers < 2:
+        log.warning("only %d eval speaker(s): need at least 2 to evaluate", n_eval_speakers)
+
+    scores, same = all_pairs_scores(x[is_eval], speakers[is_eval])
+    verification, curve = _verification(scores, same, speakers[is_eval], params)
+    normalised = snorm_metrics(x[is_eval], speakers[is_eval], x[~is_eval], params)
+    identification = _identification(x, speakers, is_eval, params)
+
+    metrics: dict[str, Any] = {
+        **verification,
+        **normalised,
+        **identification,
+        "n_eval_speakers": n_eval_speakers,
+        "n_eval_utterances": int(is_eval.sum()),
+        "n_train_speakers": len(set(speakers[~is_eval])),
+        "embedding_dim": int(x.shape[1]),
+        "model_id": model_ids[0] if model_ids else "unknown",
+        **reject_counts(layout),
+    }
+    metrics = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in metrics.items()}
+
+    out_plots.mkdir(parents=True, exist_ok=True)
+    _plot_det(curve, metrics, out_plots / "det.png")
+    _plot_scores(scores, same, metrics, out_plots / "scores.png")
+    _write_det_csv(curve, out_plots / "det.csv")
+    write_json(out_metrics, metrics)
+    log.info(
+        "evaluated %d trials, %d queries in %.1fs: %s",
+        metrics["n_trials"],
+        metrics["n_queries"],
+        time.perf_counter() - started,
+        json.dumps({k: metrics.get(k) for k in ("eer", "eer_snorm", "top1", "top5")}),
+    )
+    return metrics
+
+
+def run(params: Params, layout: Layout) -> dict[str, Any]:
+    """The ``evaluate`` stage: :func:`evaluate`, logged to MLflow with its plots."""
+    from voiceprint.tracking.runs import log_evaluation
+
+    metrics = evaluate(layout, params)
+    run_id = log_evaluation(layout, params, metrics, layout.plots)
+    return {**metrics, "mlflow_run_id": run_id}

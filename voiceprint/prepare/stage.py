@@ -1,0 +1,486 @@
+"""The ``prepare`` stage: acquire a dataset, verify it, copy it into ``data/raw`` and list it.
+
+Whatever the source (the LibriSpeech excerpts mirror, OpenSLR LibriSpeech, or a plain folder), the
+output is the same: audio under ``data/raw/<split>/<speaker>/<utterance>.<ext>``, a manifest
+(:data:`voiceprint.common.schema.MANIFEST`) and a rejects table (:data:`voiceprint.common.schema.REJECTS`).
+
+Design choices:
+
+* **Bad files are rows, not crashes.** A checksum mismatch, a missing file or undecodable audio
+  becomes a reject with a reason in words, and the rest of the dataset proceeds; one corrupt FLAC
+  should not cost a 6 GB download. Reject paths name the *source* file, since that is what a person
+  has to fix (rejected files never enter ``data/raw``).
+* **Copies are verified as they are written.** The SHA-256 is computed over the bytes being copied,
+  so the digest in the manifest describes exactly the file on disk, and a mismatch against the
+  reference aborts that copy before it replaces anything.
+* **Reruns are cheap.** A destination already holding the right bytes is not copied again.
+* **``data/raw`` mirrors the manifest.** Files left over from an earlier run with other caps or a
+  different dataset are removed, so the DVC output never carries audio the manifest does not list.
+* **Every kept file decodes.** After the copy the whole file is decoded block by block
+  (:func:`voiceprint.common.audio.validate`, bounded memory for hour-long files): zero-byte, truncated or
+  undecodable files, text or random bytes with an audio name, NaN/Inf samples and digital silence
+  become rejects here, so later stages only see audio that decodes end to end. Odd but usable
+  audio (any rate, stereo, 24-bit or float samples, clipping) is kept; ``load`` resamples and
+  downmixes it. Too-short files are the segment stage's call (it knows ``vad.min_segment_s``).
+* **Folder scans terminate.** Symlinked sub-folders are followed (datasets are often symlink
+  farms) but never into a folder already visited; a link back to an enclosing folder, a symlink
+  loop and a dangling link are each one reject, not a hang, a crash or a silent omission.
+* **Caps are applied to the listing**, before verification: ``max_speakers`` keeps the first N
+  speaker ids (sorted as strings) of each split and ``max_utterances_per_speaker`` the first N
+  utterance ids, so a quick run always looks at the same files, and a reject is not silently
+  replaced by the next file in line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from voiceprint.common import schema
+from voiceprint.common.atomic import atomic_path, write_table
+from voiceprint.common.audio import AudioError, os_reason, validate
+from voiceprint.common.checksums import CHUNK_SIZE, parse_checksum_file, sha256_file
+from voiceprint.common.layout import Layout
+from voiceprint.config import DataParams, Params
+from voiceprint.prepare import librispeech
+
+log = logging.getLogger(__name__)
+
+STAGE = "prepare"
+TRAIN, EVAL = "train", "eval"
+AUDIO_SUFFIXES = (".wav", ".flac")
+EXCERPTS_DIR = "librispeech-excerpts"
+EXCERPTS_MANIFEST = "MANIFEST.sha256"
+
+
+class PrepareError(RuntimeError):
+    """The dataset as configured cannot be prepared at all (as opposed to individual bad files)."""
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """Counts per split of what went into the manifest, and how many files were rejected.
+
+    Plain JSON types throughout (paths as strings) because stages report this dict as a summary.
+    """
+
+    utterances: dict[str, int]
+    speakers: dict[str, int]
+    rejects: int
+    manifest: str
+    rejects_path: str
+
+    @property
+    def total_utterances(self) -> int:
+        return sum(self.utterances.values())
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    split: str
+    speaker_id: str
+    utterance_id: str
+    source: Path
+    suffix: str
+    expected_sha256: str | None = None  # the reference digest, when the source publishes one
+    problem: str | None = None  # known unusable before looking at it (missing, unlisted, ...)
+
+
+@dataclass
+class _Outcome:
+    rows: list[dict[str, object]] = field(default_factory=list)
+    rejects: list[dict[str, str]] = field(default_factory=list)
+    kept: set[Path] = field(default_factory=set)
+
+
+def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> PrepareResult:
+    """Acquire ``params.dataset``, verify and copy it into ``layout.raw``, write manifest and rejects."""
+    outcome = _Outcome()
+    if params.dataset == "librispeech-excerpts":
+        candidates, splits = _excerpts_candidates(params, layout)
+    elif params.dataset == "librispeech":
+        candidates, splits = _librispeech_candidates(params, layout, progress=progress)
+    elif params.dataset == "folder":
+        candidates, splits, stray = _folder_candidates(params, layout)
+        for path, problem in stray:
+            reason = problem or "audio file outside a speaker folder (expected <speaker>/<utterance>.{wav,flac})"
+            outcome.rejects.append({"path": _display(layout, path), "stage": STAGE, "reason": reason})
+    else:  # pragma: no cover - DataParams validates the literal
+        raise PrepareError(f"unknown dataset kind {params.dataset!r}")
+
+    candidates = _apply_caps(candidates, params.max_speakers, params.max_utterances_per_speaker)
+    duplicates = _duplicate_ids(candidates)
+    for cand in tqdm(candidates, desc="prepare", unit="file", disable=None if progress else True):
+        if cand in duplicates:
+            cand = replace(cand, problem=duplicates[cand])
+        _materialise(cand, layout, outcome)
+
+    _prune(layout.raw, outcome.kept)
+    rows = sorted(outcome.rows, key=lambda r: (r["split"], r["speaker_id"], r["utterance_id"]))
+    write_table(layout.manifest, pa.Table.from_pylist(rows, schema=schema.MANIFEST))
+    rejects = sorted((_as_configured(r, params, layout) for r in outcome.rejects), key=lambda r: r["path"])
+    rejects_path = layout.rejects(STAGE)
+    write_table(rejects_path, pa.Table.from_pylist(rejects, schema=schema.REJECTS))
+
+    utterances = {split: 0 for split in splits}
+    speakers_by_split: dict[str, set[str]] = {split: set() for split in splits}
+    for row in rows:
+        utterances[str(row["split"])] = utterances.get(str(row["split"]), 0) + 1
+        speakers_by_split.setdefault(str(row["split"]), set()).add(str(row["speaker_id"]))
+    result = PrepareResult(
+        utterances=utterances,
+        speakers={split: len(s) for split, s in speakers_by_split.items()},
+        rejects=len(rejects),
+        manifest=str(layout.manifest),
+        rejects_path=str(rejects_path),
+    )
+    if rejects:
+        log.warning("prepare: %d file(s) rejected; see %s", len(rejects), rejects_path)
+    if not utterances.get(EVAL):
+        log.warning("prepare: the eval split is empty")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# sources
+
+
+def _resolve(layout: Layout, path: str) -> Path:
+    """Config paths are relative to the project root, not to wherever the command was started."""
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() else layout.root / p).resolve()
+
+
+def _is_audio(path: Path) -> bool:
+    return path.suffix.lower() in AUDIO_SUFFIXES and not path.name.startswith(".")
+
+
+def _excerpts_candidates(params: DataParams, layout: Layout) -> tuple[list[_Candidate], list[str]]:
+    if params.mirror is None:
+        raise PrepareError(
+            "data.dataset is 'librispeech-excerpts' but data.mirror is not set; set data.mirror in "
+            f"params.yaml to the folder that contains {EXCERPTS_DIR}/"
+        )
+    source = _resolve(layout, params.mirror) / EXCERPTS_DIR
+    checksum_file = source / EXCERPTS_MANIFEST
+    if not checksum_file.is_file():
+        raise PrepareError(
+            f"LibriSpeech excerpts not found: looked for {checksum_file} (data.mirror={params.mirror!r}, "
+            f"resolved against {layout.root}); set data.mirror in params.yaml to the folder that "
+            f"contains {EXCERPTS_DIR}/"
+        )
+    reference = parse_checksum_file(checksum_file)
+    subsets = {TRAIN: params.train_subset, EVAL: params.eval_subset}
+    available = sorted(p.name for p in source.iterdir() if p.is_dir())
+    candidates: list[_Candidate] = []
+    splits: list[str] = []
+    for split, subset in subsets.items():
+        if subset is None:
+            continue
+        listed = {rel for rel in reference if rel.startswith(f"{subset}/")}
+        if not (source / subset).is_dir() and not listed:
+            raise PrepareError(
+                f"{source} has no {subset!r} folder for the {split} split (available: {', '.join(available)}); "
+                f"set data.{'train' if split == TRAIN else 'eval'}_subset accordingly"
+            )
+        splits.append(split)
+        on_disk = {p.relative_to(source).as_posix() for p in (source / subset).glob("*/*") if _is_audio(p)}
+        for rel in sorted(listed | on_disk):
+            parts = rel.split("/")
+            path = source / rel
+            if len(parts) != 3 or not _is_audio(path):
+                continue
+            problem = None
+            if rel not in reference:
+                problem = f"not listed in {EXCERPTS_MANIFEST}, so it cannot be verified"
+            elif rel not in on_disk:
+                problem = f"listed in {EXCERPTS_MANIFEST} but missing from {source}"
+            candidates.append(
+                _Candidate(split, parts[1], path.stem, path, path.suffix.lower(), reference.get(rel), problem)
+            )
+    return candidates, splits
+
+
+def _librispeech_candidates(
+    params: DataParams, layout: Layout, *, progress: bool
+) -> tuple[list[_Candidate], list[str]]:
+    mirror = _resolve(layout, params.mirror) if params.mirror else None
+    candidates: list[_Candidate] = []
+    splits: list[str] = []
+    for split, subset in ((TRAIN, params.train_subset), (EVAL, params.eval_subset)):
+        if subset is None:
+            continue
+        try:
+            root = librispeech.fetch_subset(
+                subset, downloads=layout.downloads, mirror=mirror, url_base=params.url_base, progress=progress
+            )
+        except librispeech.LibriSpeechError as err:
+            raise PrepareError(f"data.{'train' if split == TRAIN else 'eval'}_subset: {err}") from None
+        splits.append(split)
+        for utt in librispeech.iter_utterances(root):
+            candidates.append(_Candidate(split, utt.speaker_id, utt.utterance_id, utt.path, utt.path.suffix.lower()))
+    return candidates, splits
+
+
+def _folder_candidates(
+    params: DataParams, layout: Layout
+) -> tuple[list[_Candidate], list[str], list[tuple[Path, str | None]]]:
+    """Candidates, the splits present, and what lies outside any speaker folder: stray audio files
+    (problem None) and symlinks that cannot be followed (with the problem)."""
+    assert params.path is not None  # DataParams requires it for dataset=folder
+    root = _resolve(layout, params.path)
+    if not root.is_dir():
+        raise PrepareError(
+            f"data.path: {root} is not a directory (data.path={params.path!r}, resolved against {layout.root})"
+        )
+    split_dirs = {name: root / name for name in ("train", "test", "eval") if (root / name).is_dir()}
+    if split_dirs:
+        if "test" in split_dirs and "eval" in split_dirs:
+            raise PrepareError(f"{root}: has both test/ and eval/; keep one of them as the evaluation split")
+        eval_dir = split_dirs.get("test") or split_dirs.get("eval")
+        if eval_dir is None:
+            raise PrepareError(f"{root}: has train/ but no test/ or eval/ folder for the evaluation split")
+        layout_by_split = {EVAL: eval_dir, **({TRAIN: split_dirs["train"]} if "train" in split_dirs else {})}
+    else:
+        layout_by_split = {EVAL: root}
+
+    candidates: list[_Candidate] = []
+    bases = [root, *(base for base in layout_by_split.values() if base != root)]
+    stray: list[tuple[Path, str | None]] = [item for base in bases for item in _loose_entries(base)]
+    for split, base in layout_by_split.items():
+        for speaker in _speaker_dirs(base):
+            for path, problem in _walk_audio(speaker):
+                suffix = path.suffix.lower()
+                candidates.append(_Candidate(split, speaker.name, path.stem, path, suffix, problem=problem))
+    # Folder datasets often name files 001.wav per speaker; file stems are then not unique ids, so
+    # the speaker becomes part of every id (and of the copied file's name, keeping id == stem).
+    stems = defaultdict(set)
+    for c in candidates:
+        stems[c.utterance_id].add((c.split, c.speaker_id))
+    if any(len(owners) > 1 for owners in stems.values()):
+        candidates = [replace(c, utterance_id=f"{c.speaker_id}-{c.utterance_id}") for c in candidates]
+    return candidates, list(layout_by_split), stray
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why a symlink cannot be followed (loop, dangling target), or None when it resolves."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except OSError as err:
+        return os_reason(path, err)
+    return None
+
+
+def _loose_entries(base: Path) -> list[tuple[Path, str | None]]:
+    """What lies directly in ``base`` that is no speaker folder but matters: audio files (strays) and
+    symlinks that cannot be followed, each with its problem (None for a plain stray file)."""
+    out: list[tuple[Path, str | None]] = []
+    for path in sorted(base.iterdir()):
+        if path.name.startswith("."):
+            continue
+        problem = _link_problem(path)
+        if problem or (path.is_file() and _is_audio(path)):
+            out.append((path, problem))
+    return out
+
+
+def _speaker_dirs(base: Path) -> list[Path]:
+    """Speaker folders of a split, symlinked ones included (broken links are _loose_entries' rows)."""
+    return [
+        path
+        for path in sorted(base.iterdir())
+        if not path.name.startswith(".") and _link_problem(path) is None and path.is_dir()
+    ]
+
+
+def _walk_audio(folder: Path) -> list[tuple[Path, str | None]]:
+    """Audio files under a speaker folder, sorted, each with a problem that makes it unusable (or None).
+
+    Written out instead of ``rglob`` so that links are decided explicitly: a symlinked sub-folder is
+    followed once; one that leads back to a folder on the current path is a symlink loop (reported,
+    not followed); a link that loops or dangles is reported whatever its name, since the scan
+    cannot tell whether it was meant to be a file or a folder (``rglob``/``is_file`` would silently
+    drop it). Hidden entries are skipped.
+    """
+    found: list[tuple[Path, str | None]] = []
+    visited: set[str] = set()
+
+    def visit(directory: Path, ancestors: tuple[str, ...]) -> None:
+        real = os.path.realpath(directory)
+        visited.add(real)
+        try:
+            entries = sorted(directory.iterdir())
+        except OSError as err:
+            found.append((directory, f"folder could not be listed ({err.strerror or err})"))
+            return
+        for path in entries:
+            if path.name.startswith("."):
+                continue
+            problem = _link_problem(path)
+            if problem:
+                found.append((path, problem))
+            elif path.is_dir():
+                target = os.path.realpath(path)
+                if target in ancestors or target == real:
+                    found.append((path, f"symlink loop: links back to the enclosing folder {target}; not followed"))
+                elif target not in visited:
+                    visit(path, (*ancestors, real))
+            elif path.is_file() and _is_audio(path):
+                found.append((path, None))
+
+    visit(folder, ())
+    return sorted(found, key=lambda item: item[0].as_posix())
+
+
+# --------------------------------------------------------------------------------------------------
+# selection and copying
+
+
+def _apply_caps(candidates: Iterable[_Candidate], max_speakers: int | None, max_utts: int | None) -> list[_Candidate]:
+    grouped: dict[str, dict[str, list[_Candidate]]] = defaultdict(lambda: defaultdict(list))
+    for c in candidates:
+        grouped[c.split][c.speaker_id].append(c)
+    out: list[_Candidate] = []
+    for split in sorted(grouped):
+        speakers = sorted(grouped[split])
+        if max_speakers is not None:
+            speakers = speakers[:max_speakers]
+        for speaker in speakers:
+            utts = sorted(grouped[split][speaker], key=lambda c: (c.utterance_id, c.source.as_posix()))
+            out.extend(utts[:max_utts] if max_utts is not None else utts)
+    return out
+
+
+def _duplicate_ids(candidates: list[_Candidate]) -> dict[_Candidate, str]:
+    """Candidates whose utterance id was already taken: ids key every later table, so keep the first."""
+    first: dict[str, _Candidate] = {}
+    dupes: dict[_Candidate, str] = {}
+    for c in candidates:
+        if c.utterance_id in first:
+            dupes[c] = f"duplicate utterance id {c.utterance_id!r} (also {first[c.utterance_id].source})"
+        else:
+            first[c.utterance_id] = c
+    return dupes
+
+
+def _display(layout: Layout, path: Path) -> str:
+    """Path relative to the project root when inside it (portable manifests), else absolute."""
+    try:
+        return path.relative_to(layout.root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _as_configured(reject: dict[str, str], params: DataParams, layout: Layout) -> dict[str, str]:
+    """``reject`` with the source folders written as in params.yaml (``../shared/datasets/...``), not
+    as this checkout resolves them: the rejects table is a DVC output, and two checkouts with the
+    same params.yaml must write the same bytes. Paths inside the project are already relative."""
+    bases = [(layout.root.as_posix() + "/", "")]
+    for written in (params.mirror, params.path):
+        if written:
+            bases.append((_resolve(layout, written).as_posix() + "/", written.rstrip("/") + "/"))
+    out = dict(reject)
+    for key in ("path", "reason"):
+        for resolved, shown in sorted(bases, key=lambda b: len(b[0]), reverse=True):
+            out[key] = out[key].replace(resolved, shown)
+    return out
+
+
+class _ChecksumMismatch(Exception):
+    pass
+
+
+def _materialise(cand: _Candidate, layout: Layout, outcome: _Outcome) -> None:
+    """Copy one candidate into ``layout.raw`` and record a manifest row, or a reject."""
+
+    def reject(reason: str) -> None:
+        outcome.rejects.append({"path": _display(layout, cand.source), "stage": STAGE, "reason": reason})
+
+    if cand.problem:
+        reject(cand.problem)
+        return
+    dest = layout.raw / cand.split / cand.speaker_id / f"{cand.utterance_id}{cand.suffix}"
+    try:
+        digest = _copy_verified(cand.source, dest, cand.expected_sha256)
+    except _ChecksumMismatch as err:
+        reject(str(err))
+        return
+    except OSError as err:
+        reject(f"could not be read or copied ({err.strerror or err})")
+        return
+    try:
+        info = validate(dest)
+    except AudioError as err:
+        dest.unlink(missing_ok=True)
+        reject(err.reason)
+        return
+    outcome.kept.add(dest)
+    outcome.rows.append(
+        {
+            "utterance_id": cand.utterance_id,
+            "speaker_id": cand.speaker_id,
+            "split": cand.split,
+            "path": _display(layout, dest),
+            "duration_s": info.duration_s,
+            "sample_rate": info.sample_rate,
+            "channels": info.channels,
+            "sha256": digest,
+        }
+    )
+
+
+def _copy_verified(source: Path, dest: Path, expected: str | None) -> str:
+    """Copy ``source`` to ``dest`` (atomically) unless ``dest`` already holds the right bytes.
+
+    Returns the SHA-256 of ``dest``. With an ``expected`` digest the copy is checked against it
+    before it replaces anything; without one, "the right bytes" means "the source's bytes".
+    """
+    if dest.is_file():
+        have = sha256_file(dest)
+        if expected is not None:
+            if have == expected:
+                return have
+        elif dest.stat().st_size == source.stat().st_size and have == sha256_file(source):
+            return have
+    h = hashlib.sha256()
+    with atomic_path(dest, suffix=dest.suffix) as tmp:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(CHUNK_SIZE):
+                h.update(chunk)
+                dst.write(chunk)
+        digest = h.hexdigest()
+        if expected is not None and digest != expected:
+            raise _ChecksumMismatch(f"sha256 mismatch: expected {expected}, got {digest} (corrupt or modified file)")
+        # mkstemp creates 0600 files; the copy should be as readable as any other dataset file.
+        os.chmod(tmp, 0o644)
+    return digest
+
+
+def _prune(raw: Path, kept: set[Path]) -> None:
+    """Remove audio a previous run left in ``raw`` that this manifest no longer lists."""
+    if not raw.is_dir():
+        return
+    for dirpath, _dirnames, filenames in os.walk(raw, topdown=False):
+        here = Path(dirpath)
+        for name in filenames:
+            path = here / name
+            if path not in kept:
+                path.unlink()
+        if here != raw and not any(here.iterdir()):
+            here.rmdir()
+
+
+def run(params: Params, layout: Layout) -> dict[str, Any]:
+    """The ``prepare`` stage: :func:`prepare` on ``params.data``."""
+    return asdict(prepare(params.data, layout))

@@ -1,0 +1,107 @@
+"""The ``segment`` stage: manifest in, one row per speech segment out (``data/segments.parquet``).
+
+A file the VAD cannot use becomes a row in ``data/rejects/segment.parquet`` and the stage carries
+on with the rest:
+
+* shorter than ``vad.min_segment_s``: it can never yield a segment, so it is rejected up front with
+  its length in the reason (prepare has no VAD parameters, so this check lives here);
+* undecodable or non-finite audio (normally caught by ``prepare``; a hand-made manifest may not be);
+* no speech found by the VAD;
+* any other error while scoring one file (say onnxruntime refusing an input): logged with its
+  traceback and rejected, because one odd file must not cost the whole run. If *every* file fails
+  that way the cause is the environment, not the data, and the stage raises instead of writing an
+  empty table that looks like a clean result.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from voiceprint.common import atomic, schema
+from voiceprint.common.audio import AudioError
+from voiceprint.common.layout import Layout
+from voiceprint.config import Params, VadParams
+from voiceprint.segment.vad import Span, detect
+
+log = logging.getLogger(__name__)
+
+STAGE = "segment"
+
+
+class SegmentError(RuntimeError):
+    """The stage as a whole cannot run (as opposed to one file being unusable)."""
+
+
+def segment_manifest(layout: Layout, params: VadParams, *, progress: bool = True) -> dict[str, Any]:
+    manifest = pq.read_table(layout.manifest).to_pylist()
+    rows: list[dict[str, Any]] = []
+    rejects: list[dict[str, str]] = []
+    unexpected: list[str] = []
+    speech_s = 0.0
+    for utt in tqdm(manifest, desc="VAD", unit="utt", disable=not progress or None):
+        try:
+            spans = _speech_spans(layout, utt, params)
+        except AudioError as err:
+            _reject(rejects, utt["path"], err.reason)
+            continue
+        except Exception as err:  # one file must not stop the run; see the module docstring
+            log.exception("VAD failed on %s", utt["path"])
+            reason = f"VAD failed ({type(err).__name__}: {err})"
+            unexpected.append(f"{utt['path']}: {reason}")
+            _reject(rejects, utt["path"], reason)
+            continue
+        for k, span in enumerate(spans):
+            rows.append(_segment_row(utt, k, span))
+            speech_s += span.duration_s
+    if manifest and len(unexpected) == len(manifest):
+        raise SegmentError(f"VAD failed on every file ({len(manifest)}); the first: {unexpected[0]}")
+    atomic.write_table(layout.segments, pa.Table.from_pylist(rows, schema=schema.SEGMENTS))
+    atomic.write_table(layout.rejects(STAGE), pa.Table.from_pylist(rejects, schema=schema.REJECTS))
+    total_s = sum(u["duration_s"] for u in manifest)
+    return {
+        "utterances": len(manifest),
+        "segments": len(rows),
+        "rejected": len(rejects),
+        "audio_s": round(total_s, 2),
+        "speech_s": round(speech_s, 2),
+    }
+
+
+def _speech_spans(layout: Layout, utt: dict[str, Any], params: VadParams) -> list[Span]:
+    """The segments of one manifest row; :class:`AudioError` with a reason when there are none."""
+    path = layout.resolve(utt["path"])
+    duration = float(utt["duration_s"])
+    if duration < params.min_segment_s:
+        raise AudioError(path, f"too short: {duration:.2f} s < vad.min_segment_s ({params.min_segment_s} s)")
+    spans = detect(path, duration, params)
+    if not spans:
+        reason = f"no speech found by {params.method} VAD (no segment of at least {params.min_segment_s} s)"
+        raise AudioError(path, reason)
+    return spans
+
+
+def _reject(rejects: list[dict[str, str]], path: str, reason: str) -> None:
+    rejects.append({"path": path, "stage": STAGE, "reason": reason})
+    log.warning("rejected %s: %s", path, reason)
+
+
+def _segment_row(utt: dict[str, Any], k: int, span: Span) -> dict[str, Any]:
+    return {
+        "segment_id": f"{utt['utterance_id']}#{k:03d}",
+        "utterance_id": utt["utterance_id"],
+        "speaker_id": utt["speaker_id"],
+        "split": utt["split"],
+        "path": utt["path"],
+        "start_s": span.start_s,
+        "end_s": span.end_s,
+    }
+
+
+def run(params: Params, layout: Layout) -> dict[str, Any]:
+    """The ``segment`` stage: :func:`segment_manifest` with ``params.vad``."""
+    return segment_manifest(layout, params.vad)

@@ -1,0 +1,162 @@
+"""The trained ECAPA-TDNN as an MLflow pyfunc: 16 kHz waveforms in, L2-normalised embeddings out.
+
+:func:`save_pyfunc` writes an MLflow model directory whose only artifact is the SpeechBrain-layout
+checkpoint directory (``models/ecapa``), copied verbatim, and whose code is this package
+(``code_paths``), so ``mlflow.pyfunc.load_model("models:/voiceprint-ecapa/<version>")`` works in
+any environment with the recorded pip requirements. :class:`EcapaEmbeddingModel` is saved as
+*model from code* (a three-line script that instantiates it), not as a cloudpickle: loading the
+model never unpickles Python objects, and the checkpoint goes through
+:func:`~voiceprint.encoders.ecapa.load_ecapa` (``hyperparams.yaml`` parsed as data,
+``torch.load(weights_only=True)``), exactly like the pipeline's own stages.
+
+``predict`` accepts
+
+* a pandas DataFrame with a ``waveform`` column (or a single column) whose cells are sequences of
+  float samples, one waveform per row (lengths may differ);
+* a 2-D array ``(batch, samples)`` or a 1-D array (one waveform);
+* a list of 1-D sequences, or ``{"waveform": [...]}``;
+
+all mono float audio at 16 kHz in [-1, 1], at least :data:`MIN_SAMPLES` long, and returns a
+``(batch, dim)`` float32 array of unit-length embeddings in input order. Waveforms of the same
+length are embedded together, without padding, so each embedding equals what the encoder gives for
+that waveform alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+ARTIFACT = "speechbrain_model"
+"""Key of the checkpoint directory in the pyfunc's artifacts."""
+REGISTERED_MODEL = "voiceprint-ecapa"
+SAMPLE_RATE = 16_000
+# 0.1 s: below ~640 samples (5 frames) the TDNN's dilated convolutions cannot pad their input.
+MIN_SAMPLES = SAMPLE_RATE // 10
+# Waveform samples per forward pass (batch x length): bounds memory for long or many inputs.
+MAX_BATCH_SAMPLES = 64 * SAMPLE_RATE * 10
+
+_MODEL_SCRIPT = """\
+# MLflow "model from code": the pyfunc is built here at load time; nothing is unpickled.
+import mlflow
+
+from voiceprint.tracking.pyfunc_model import EcapaEmbeddingModel
+
+mlflow.models.set_model(EcapaEmbeddingModel())
+"""
+
+
+class EcapaEmbeddingModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of the model stage's encoder (ECAPA-TDNN or mixture of ECAPA experts, CPU)."""
+
+    def load_context(self, context) -> None:  # noqa: ANN001 (mlflow's PythonModelContext)
+        from voiceprint.encoders.loader import load_model_dir
+
+        self.encoder = load_model_dir(context.artifacts[ARTIFACT], device="cpu")
+
+    # The DataFrame hint is one MLflow infers no schema from (so it validates nothing); arrays, lists
+    # and dicts are accepted as well (see the module docstring).
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:  # noqa: ANN001
+        return embed_waveforms(self.encoder, waveforms_from_input(model_input))
+
+
+def waveforms_from_input(model_input: Any) -> list[np.ndarray]:
+    """One float32 1-D array per waveform from any of the accepted input shapes (see module doc)."""
+    if isinstance(model_input, pd.DataFrame):
+        if "waveform" in model_input.columns:
+            cells = model_input["waveform"].tolist()
+        elif model_input.shape[1] == 1:
+            cells = model_input.iloc[:, 0].tolist()
+        else:
+            raise ValueError(
+                f"expected a 'waveform' column (one waveform per row), got columns {list(model_input.columns)}"
+            )
+    elif isinstance(model_input, Mapping):
+        if "waveform" not in model_input:
+            raise ValueError(f"expected a 'waveform' key, got {sorted(model_input)}")
+        cells = list(model_input["waveform"])
+    elif isinstance(model_input, np.ndarray):
+        # (T,) is one waveform; (B, T), or (B,) of objects, is one per row.
+        cells = [model_input] if model_input.ndim == 1 and model_input.dtype != object else list(model_input)
+    elif isinstance(model_input, Sequence) and not isinstance(model_input, (str, bytes)):
+        cells = list(model_input)
+    else:
+        raise ValueError(f"unsupported input type {type(model_input).__name__}")
+    wavs = []
+    for i, cell in enumerate(cells):
+        wav = np.asarray(cell, dtype=np.float32)
+        if wav.ndim != 1:
+            raise ValueError(f"waveform {i}: expected a 1-D sequence of samples, got shape {wav.shape}")
+        if len(wav) < MIN_SAMPLES:
+            raise ValueError(f"waveform {i}: {len(wav)} samples; at least {MIN_SAMPLES} (0.1 s at 16 kHz) needed")
+        if not np.isfinite(wav).all():
+            raise ValueError(f"waveform {i}: contains NaN or infinite samples")
+        wavs.append(wav)
+    if not wavs:
+        raise ValueError("no waveforms given")
+    return wavs
+
+
+def embed_waveforms(encoder: Any, wavs: list[np.ndarray]) -> np.ndarray:
+    """``(len(wavs), dim)`` float32 unit-length embeddings; equal lengths share an unpadded batch."""
+    import torch
+    import torch.nn.functional as F
+
+    out = np.zeros((len(wavs), encoder.dim), dtype=np.float32)
+    by_length: dict[int, list[int]] = {}
+    for i, wav in enumerate(wavs):
+        by_length.setdefault(len(wav), []).append(i)
+    for length, rows in by_length.items():
+        per_batch = max(1, MAX_BATCH_SAMPLES // length)
+        for k in range(0, len(rows), per_batch):
+            chunk = rows[k : k + per_batch]
+            batch = torch.from_numpy(np.stack([wavs[i] for i in chunk]))
+            emb = F.normalize(encoder.embed(batch, torch.ones(len(chunk))), dim=1)
+            out[chunk] = emb.cpu().numpy()
+    return out
+
+
+def pip_requirements() -> list[str]:
+    """What the pyfunc imports (through this package's ``ecapa`` loader), pinned to this environment."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("mlflow", "torch", "torchaudio", "speechbrain", "numpy", "pandas", "pyarrow", "pyyaml"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def save_pyfunc(model_dir: str | Path, path: str | Path, *, model_id: str) -> Path:
+    """Write the pyfunc for the SpeechBrain-layout ``model_dir`` to the new directory ``path``."""
+    package = Path(__file__).resolve().parent
+    # No signature, on purpose: inputs are variable-length waveforms in several shapes, which an
+    # MLflow schema would either reject or reshape; predict validates them itself. MLflow logs a
+    # warning for every model saved without one, silenced here.
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    pyfunc_log.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="voiceprint-pyfunc-") as tmp:
+            script = Path(tmp) / "ecapa_pyfunc.py"
+            script.write_text(_MODEL_SCRIPT)
+            mlflow.pyfunc.save_model(
+                path=str(path),
+                python_model=str(script),
+                artifacts={ARTIFACT: str(Path(model_dir).resolve())},
+                code_paths=[str(package)],
+                pip_requirements=pip_requirements(),
+                metadata={"model_id": model_id, "sample_rate": SAMPLE_RATE, "output": "l2-normalised embeddings"},
+            )
+    finally:
+        pyfunc_log.setLevel(level)
+    return Path(path)

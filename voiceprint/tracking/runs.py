@@ -1,0 +1,320 @@
+"""MLflow logging of an evaluation, with the lineage needed to reproduce it.
+
+Each run records the flattened parameters, the numeric metrics, ``metrics.json`` and the plots,
+plus tags that tie the numbers to their inputs: the git commit of the code, the DVC hash of the
+embeddings that were scored, the Prefect flow run that produced them (when run from a flow) and
+the embedding model id. Together they answer "which code, data and model gave this EER".
+
+The default store is ``sqlite:///<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts``, so
+``mlflow ui --backend-store-uri sqlite:///mlflow.db`` in the project shows every run without a
+server. ``MLFLOW_TRACKING_URI`` overrides it (a shared server, or a test's temporary store).
+
+The client API (``MlflowClient``) is used instead of ``mlflow.start_run``: it touches no
+process-global "active run" or tracking URI, so logging from a Prefect task or a test cannot leak
+state into other code in the same process.
+
+The model stage logs through :func:`training_run`: one run named ``model`` with the ``model``
+parameters, training loss/accuracy/lr every ``model.log_every`` steps (the training loop calls
+:meth:`TrainingRun.on_step`), the final training statistics, and, with ``model.register_model``,
+the trained encoder as a pyfunc (:mod:`voiceprint.tracking.pyfunc_model`) registered as
+``voiceprint-ecapa`` with the model id as a version tag. The run is created before training starts,
+so a misconfigured ``MLFLOW_TRACKING_URI`` fails the stage at once, not after the training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from voiceprint.common.layout import Layout
+from voiceprint.config import Params, flatten_dotted
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXPERIMENT",
+    "TrainingRun",
+    "dvc_data_hash",
+    "flatten_params",
+    "git_commit",
+    "log_evaluation",
+    "prefect_flow_run_id",
+    "tracking_uri",
+    "training_run",
+]
+
+EXPERIMENT = "voiceprint"
+_EMBEDDINGS_OUT = "data/embeddings"
+_REMOTE_SCHEMES = {"http", "https", "databricks", "databricks-uc", "uc"}
+
+
+def _quiet_mlflow() -> None:
+    """No run-URL banners on stdout, no alembic INFO chatter on the first SQLite migration."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils", "mlflow.store"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def tracking_uri(layout: Layout) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the project's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.root / 'mlflow.db'}"
+
+
+def _artifact_location(layout: Layout, uri: str) -> str | None:
+    """Artifacts beside the project for local stores; a server picks its own (proxied) location."""
+    if urlparse(uri).scheme in _REMOTE_SCHEMES:
+        return None
+    return (layout.root / "mlartifacts").as_uri()
+
+
+def flatten_params(params: Params | Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"data": {"dataset": "x"}}`` -> ``{"data.dataset": "x"}``; values as MLflow strings."""
+    raw = params.model_dump() if isinstance(params, Params) else params
+    return {
+        name: json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+        for name, value in flatten_dotted(raw, prefix).items()
+    }
+
+
+def git_commit(root: Path) -> str:
+    """``git rev-parse HEAD`` in ``root``; ``"unknown"`` outside a repository or without git."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else "unknown"
+
+
+def dvc_data_hash(root: Path) -> str:
+    """md5 DVC recorded for the ``data/embeddings`` output of the ``embed`` stage, or ``"none"``."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return "none"
+    try:
+        doc = yaml.safe_load(lock.read_text()) or {}
+        outs = doc.get("stages", {}).get("embed", {}).get("outs", []) or []
+    except (yaml.YAMLError, AttributeError) as err:
+        log.warning("%s: cannot read (%s); dvc_data_hash=none", lock, err)
+        return "none"
+    for out in outs:
+        if isinstance(out, dict) and str(out.get("path", "")).rstrip("/") == _EMBEDDINGS_OUT:
+            return str(out.get("md5") or "none")
+    return "none"
+
+
+def prefect_flow_run_id() -> str:
+    """Id of the Prefect flow run this stage belongs to (env ``PREFECT__FLOW_RUN_ID``), else ``"none"``.
+
+    The domain package never imports Prefect: stages run in a ``dvc repro`` subprocess, and the
+    orchestration layer (``tasks.prefect_tasks``) puts the flow run id into that subprocess's
+    environment, as a served deployment's runner does for its flow runs.
+    """
+    return os.environ.get("PREFECT__FLOW_RUN_ID") or "none"
+
+
+def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def _create_run(layout: Layout, run_name: str, tags: Mapping[str, str]) -> tuple[Any, str, str]:
+    """A new run in experiment ``voiceprint``: ``(client, run id, tracking URI)``.
+
+    Every run carries the same lineage tags (git commit, Prefect flow run, project root); ``tags``
+    add to them and win on a clash.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(layout)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = _experiment_id(client, layout, uri)
+    commit = git_commit(layout.root)
+    lineage = {"git_commit": commit, "prefect_flow_run_id": prefect_flow_run_id(), "project_root": str(layout.root)}
+    if commit != "unknown":
+        lineage["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name=run_name, tags={**lineage, **tags})
+    return client, run.info.run_id, uri
+
+
+def _experiment_id(client: Any, layout: Layout, uri: str) -> str:
+    """Id of experiment ``voiceprint``, created (artifacts beside the project) if missing."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(layout, uri))
+    except Exception:
+        # Another process created it between our lookup and create: use theirs.
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def log_evaluation(
+    layout: Layout,
+    params: Params,
+    metrics: dict[str, Any],
+    plots_dir: str | Path | None,
+    *,
+    run_name: str = "evaluate",
+    extra_tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+    extra_artifacts: Sequence[str | Path] = (),
+) -> str:
+    """Log one evaluation as an MLflow run in experiment ``voiceprint``; returns the run id.
+
+    ``metrics`` is what :func:`voiceprint.evaluate.stage.evaluate` returned; it is logged both as MLflow
+    metrics (numeric entries) and, verbatim, as the ``metrics.json`` artifact. Every file in
+    ``plots_dir`` goes under the run's ``plots/`` artifacts.
+    """
+    _quiet_mlflow()
+    from mlflow.entities import Metric, Param, RunStatus
+    from mlflow.utils.time import get_current_time_millis
+
+    tags = {"dvc_data_hash": dvc_data_hash(layout.root), "model_id": str(metrics.get("model_id", "unknown"))}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # nests the run under its parent in the UI
+    tags.update(extra_tags or {})
+    client, run_id, uri = _create_run(layout, run_name, tags)
+    status = RunStatus.to_string(RunStatus.FAILED)
+    try:
+        now = get_current_time_millis()
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in _numeric_metrics(metrics).items()],
+            params=[Param(k, v) for k, v in flatten_params(params).items()],
+        )
+        with tempfile.TemporaryDirectory(prefix="voiceprint-mlflow-") as tmp:
+            metrics_file = Path(tmp) / "metrics.json"
+            metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            client.log_artifact(run_id, str(metrics_file))
+        for artifact in extra_artifacts:
+            client.log_artifact(run_id, str(artifact))
+        if plots_dir is not None and Path(plots_dir).is_dir():
+            client.log_artifacts(run_id, str(plots_dir), artifact_path="plots")
+        status = RunStatus.to_string(RunStatus.FINISHED)
+    finally:
+        client.set_terminated(run_id, status=status)
+    log.info("logged MLflow run %s to %s", run_id, uri)
+    return run_id
+
+
+# --------------------------------------------------------------------------------------------------
+# Model stage: training curves and the model registry
+
+
+class TrainingRun:
+    """The model stage's MLflow run; :meth:`on_step` is the training loop's ``on_step`` callback."""
+
+    def __init__(self, client: Any, run_id: str, uri: str):
+        self.client = client
+        self.run_id = run_id
+        self.uri = uri
+        self.registered: dict[str, str] | None = None
+
+    def on_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Log one point of each training curve (``train_loss``, ``train_acc``, ``lr``, ...) at ``step``."""
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in _numeric_metrics(metrics).items()]
+        )
+
+    def log_summary(self, stats: Mapping[str, Any]) -> None:
+        """The stage's numeric statistics as metrics, its model id as a tag, the rest as ``training.json``."""
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        step = int(stats.get("steps") or 0)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, v, now, step) for k, v in _numeric_metrics(stats).items()]
+        )
+        if stats.get("model_id"):
+            self.client.set_tag(self.run_id, "model_id", str(stats["model_id"]))
+        with tempfile.TemporaryDirectory(prefix="voiceprint-mlflow-") as tmp:
+            path = Path(tmp) / "training.json"
+            path.write_text(json.dumps(dict(stats), indent=2, sort_keys=True, default=str) + "\n")
+            self.client.log_artifact(self.run_id, str(path))
+
+    def register_model(self, model_dir: str | Path, model_id: str, name: str | None = None) -> dict[str, str]:
+        """Log ``model_dir`` as a pyfunc under the run's ``model/`` artifacts and register a new version.
+
+        Returns ``{"name", "version", "uri"}`` (``uri`` is ``models:/<name>/<version>``); the version
+        carries tags ``model_id`` and ``run_id``.
+        """
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+        from voiceprint.tracking.pyfunc_model import REGISTERED_MODEL, save_pyfunc
+
+        name = name or REGISTERED_MODEL
+        with tempfile.TemporaryDirectory(prefix="voiceprint-pyfunc-") as tmp:
+            local = save_pyfunc(model_dir, Path(tmp) / "model", model_id=model_id)
+            self.client.log_artifacts(self.run_id, str(local), artifact_path="model")
+        try:
+            self.client.create_registered_model(
+                name, description="voiceprint ECAPA-TDNN: 16 kHz waveforms -> L2-normalised speaker embeddings"
+            )
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/model"
+        version = self.client.create_model_version(
+            name, source=source, run_id=self.run_id, tags={"model_id": model_id, "run_id": self.run_id}
+        )
+        self.registered = {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}"}
+        self.client.set_tag(self.run_id, "registered_model", self.registered["uri"])
+        log.info("registered %s as %s", model_id, self.registered["uri"])
+        return self.registered
+
+
+@contextlib.contextmanager
+def training_run(layout: Layout, params: Params, *, run_name: str = "model") -> Iterator[TrainingRun]:
+    """An MLflow run for the model stage in experiment ``voiceprint``, ended FINISHED or FAILED.
+
+    Logs the ``model`` parameters and lineage tags (git commit, Prefect flow run, project root)
+    up front; the caller passes :meth:`TrainingRun.on_step` to the training and calls
+    :meth:`~TrainingRun.log_summary` / :meth:`~TrainingRun.register_model` at the end.
+    """
+    _quiet_mlflow()
+    from mlflow.entities import Param, RunStatus
+
+    client, run_id, uri = _create_run(layout, run_name, {"stage": "model", "init": params.model.init})
+    tracked = TrainingRun(client, run_id, uri)
+    status = RunStatus.to_string(RunStatus.FAILED)
+    try:
+        model_params = flatten_params({"model": params.model.model_dump()})
+        client.log_batch(tracked.run_id, params=[Param(k, v) for k, v in model_params.items()])
+        yield tracked
+        status = RunStatus.to_string(RunStatus.FINISHED)
+    finally:
+        client.set_terminated(tracked.run_id, status=status)
+        log.info("logged MLflow run %s to %s", tracked.run_id, uri)
