@@ -5,7 +5,7 @@ Peers (SpeechBrain's own inference class, ``EncoderClassifier.encode_batch``):
 * ``sb_loop``: one file at a time, as it is usually called;
 * ``sb_padded16``: padded batches of 16 files in corpus order (no length bucketing).
 
-Ours: :func:`voiceprint.embed.stage.run_encoder` as the ``embed`` stage runs it with the default
+Ours: :func:`voiceprint.embed.engine.run_encoder` as the ``embed`` stage runs it with the default
 ``embed`` settings (on CPU, for this 20.8 M-parameter model: one segment per call, bf16 autocast
 where the CPU has native bf16, decoding in the main process when no core is free for a worker).
 Three ablations show what each choice earns: ``ours_fp32`` (``amp: false``), ``ours_fp32_batched``
@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from benchmarks.common import REPO, emit, hardware  # noqa: E402
 from voiceprint.common import schema  # noqa: E402
 from voiceprint.config import EmbedParams  # noqa: E402
-from voiceprint.embed.stage import _Item, engine_dtype, run_encoder  # noqa: E402
+from voiceprint.embed.engine import Item, engine_dtype, run_encoder  # noqa: E402
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint  # noqa: E402
 
 EXCERPTS = REPO.parent / "shared" / "datasets" / "librispeech-excerpts" / "test-other"
@@ -117,7 +117,7 @@ class Ours:
         num_workers: int | None = None,
     ):
         self.num_workers = num_workers
-        self.items = [_Item(p, 0.0, d) for p, d in files]
+        self.items = [Item(p, 0.0, d) for p, d in files]
         self.durations = np.array([d for _, d in files])
         self.params = params
         self.encoder = load_ecapa(model_dir).to(device)

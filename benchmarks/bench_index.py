@@ -6,7 +6,7 @@ scaled so two utterances of one speaker have cosine ``--within-cos`` (0.7, like 
 scores) and two speakers ~0. Rows are stored speaker by speaker, as the pipeline's embedding tables
 are (sorted by utterance id). Queries are fresh utterances of existing speakers (not in the index).
 
-Every index is built with the pipeline's own :func:`voiceprint.index.stage.build_index` and
+Every index is built with the pipeline's own :func:`voiceprint.index.faiss_index.build_index` and
 :class:`~voiceprint.config.IndexParams`, so the numbers are those of ``index:`` settings in
 ``params.yaml``. One JSON line per (size, index): build time, serialized size, RSS delta and peak
 during the build, latency p50/p99 at batch 1 and batch 1024, recall@1 against the exact Flat top-1,
@@ -45,7 +45,7 @@ from benchmarks.common import (  # noqa: E402
     rss_mb,
 )
 from voiceprint.config import IndexParams  # noqa: E402
-from voiceprint.index.stage import build_index, gpu_available, speaker_centroids, to_cpu  # noqa: E402
+from voiceprint.index.faiss_index import build_index, gpu_available, speaker_centroids, to_cpu  # noqa: E402
 
 DIM = 192
 TARGET = {"n": 1_000_000, "recall_at_1": 0.99, "p50_ms_b1": 5.0}

@@ -38,7 +38,8 @@ DRIVER = """
 import json, resource, sys, time
 from voiceprint.config import load_params
 import torch
-from voiceprint.embed.stage import embed_segments, load_pipeline_encoder, pick_device
+from voiceprint.embed.engine import load_pipeline_encoder, pick_device
+from voiceprint.embed.stage import embed_segments
 from voiceprint.common.layout import Layout
 layout = Layout.at(sys.argv[1])
 params = load_params(layout.params)

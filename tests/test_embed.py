@@ -12,7 +12,9 @@ import torch
 from voiceprint.common import audio, schema
 from voiceprint.common.layout import Layout
 from voiceprint.config import EmbedParams
-from voiceprint.embed.stage import embed_segments, embed_utterance_file, length_buckets, utterance_chunks
+from voiceprint.embed.engine import length_buckets
+from voiceprint.embed.stage import embed_segments
+from voiceprint.embed.utterances import embed_utterance_file, utterance_chunks
 from voiceprint.encoders.ecapa import EcapaConfig, load_ecapa, save_speechbrain_checkpoint
 
 
@@ -239,25 +241,25 @@ def test_reuse_copies_the_embed_stage_tables_only_when_they_match(
 
 
 def test_batch_plan_on_cpu_depends_on_model_size(encoder, monkeypatch: pytest.MonkeyPatch):
-    from voiceprint.embed import stage as embed
+    from voiceprint.embed import engine
 
     durations = np.array([3.0, 1.0, 2.0, 8.0])
     buckets = [b.tolist() for b in length_buckets(durations, 6.0)]
     per_segment = [[1], [2], [0], [3]]
 
     def plan(**kw):
-        return [b.tolist() for b in embed.batch_plan(durations, EmbedParams(max_batch_s=6.0, **kw), encoder)]
+        return [b.tolist() for b in engine.batch_plan(durations, EmbedParams(max_batch_s=6.0, **kw), encoder)]
 
     assert plan() == buckets  # a small model batches
     assert plan(cpu_batching=False) == per_segment
-    monkeypatch.setattr(embed, "CPU_PER_SEGMENT_MIN_PARAMS", encoder.num_parameters())
+    monkeypatch.setattr(engine, "CPU_PER_SEGMENT_MIN_PARAMS", encoder.num_parameters())
     assert plan() == per_segment  # a large one does not
     assert plan(cpu_batching=True) == buckets
     assert len(buckets) < len(per_segment)
 
 
 def test_only_autocast_safe_encoders_run_in_reduced_precision(encoder):
-    from voiceprint.embed.stage import engine_dtype
+    from voiceprint.embed.engine import engine_dtype
     from voiceprint.encoders.base import SpeakerEncoder
 
     assert encoder.autocast_safe and SpeakerEncoder.autocast_safe is False

@@ -15,16 +15,10 @@ import pytest
 from voiceprint.common.layout import Layout
 from voiceprint.common.schema import embedding_column, embedding_schema, l2_normalise
 from voiceprint.config import IndexParams
-from voiceprint.index.stage import (
-    EnrollmentError,
-    SpeakerGallery,
-    build_index,
-    build_indexes,
-    effective_nlist,
-    enroll,
-    load_enrollments,
-    safe_name,
-)
+from voiceprint.index.enrollment import EnrollmentError, enroll, load_enrollments, safe_name
+from voiceprint.index.faiss_index import build_index, effective_nlist
+from voiceprint.index.gallery import SpeakerGallery
+from voiceprint.index.stage import build_indexes
 
 DIM = 32
 MODEL = "ecapa-test@abc123"
@@ -304,7 +298,7 @@ def test_safe_names_are_distinct() -> None:
 
 def test_gpu_path_builds_on_gpu_and_saves_cpu_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Logic of the GPU branch with faiss' GPU entry points faked (CI machines have no GPU)."""
-    import voiceprint.index.stage as vi
+    import voiceprint.index.faiss_index as vi
 
     moved: list[str] = []
 

@@ -70,7 +70,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
-    from voiceprint.index.stage import SpeakerGallery
+    from voiceprint.index.gallery import SpeakerGallery
 
     layout = _layout(args)
     vectors, _ = _embed_files(layout, [args.file])
@@ -81,7 +81,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from voiceprint.index.stage import enroll
+    from voiceprint.index.enrollment import enroll
 
     layout = _layout(args)
     vectors, encoder = _embed_files(layout, args.files)

@@ -17,7 +17,8 @@ import torch
 
 from voiceprint.common.layout import Layout
 from voiceprint.config import load_params
-from voiceprint.embed.stage import embed_utterance_file, load_pipeline_encoder, pick_device
+from voiceprint.embed.engine import load_pipeline_encoder, pick_device
+from voiceprint.embed.utterances import embed_utterance_file
 from voiceprint.encoders.base import SpeakerEncoder
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from voiceprint.common.layout import Layout
-from voiceprint.index.stage import INDEX_INFO, LOCK_NAME, load_enrollments
+from voiceprint.index.enrollment import LOCK_NAME, load_enrollments
+from voiceprint.index.faiss_index import INDEX_INFO
 from voiceprint.stages import STAGE_LOCK, ProjectBusyError, project_lock
 
 pytestmark = pytest.mark.timeout(180)
@@ -77,7 +78,7 @@ _ENROLL_WORKER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import numpy as np
-    from voiceprint.index.stage import enroll
+    from voiceprint.index.enrollment import enroll
     from voiceprint.common.layout import Layout
 
     root, seed, model, dim = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])

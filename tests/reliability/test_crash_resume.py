@@ -37,7 +37,8 @@ EMBED_DRIVER = """
 import json, sys, torch
 torch.set_num_threads(1)
 from voiceprint.config import EmbedParams
-from voiceprint.embed.stage import embed_segments, load_pipeline_encoder
+from voiceprint.embed.engine import load_pipeline_encoder
+from voiceprint.embed.stage import embed_segments
 from voiceprint.common.layout import Layout
 layout = Layout.at(sys.argv[1])
 encoder = load_pipeline_encoder(layout, torch.device("cpu"))

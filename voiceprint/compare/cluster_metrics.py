@@ -124,10 +124,11 @@ def centroid_distances(
     """Distance of every embedding to its own speaker's centroid and to the nearest other one.
 
     ``metric="cosine"``: rows are L2-normalised, a centroid is the mean of its speaker's
-    normalised vectors renormalised to unit length (as :func:`voiceprint.index.stage.speaker_centroids`
-    builds the gallery, so every utterance weighs the same whatever its norm), and the distance is
-    ``1 - cos`` (range ``[0, 2]``). ``metric="euclidean"``: plain means and the L2 distance (used on
-    UMAP coordinates, where the norm carries meaning).
+    normalised vectors renormalised to unit length (as
+    :func:`voiceprint.index.faiss_index.speaker_centroids` builds the gallery, so every utterance
+    weighs the same whatever its norm), and the distance is ``1 - cos`` (range ``[0, 2]``).
+    ``metric="euclidean"``: plain means and the L2 distance (used on UMAP coordinates, where the
+    norm carries meaning).
 
     The own centroid includes the embedding itself, as in the study's definition (see the module
     docstring for the bias this implies). With ``leave_one_out=True`` it is instead the centroid of

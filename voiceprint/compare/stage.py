@@ -142,7 +142,8 @@ def paired_differences(tables: dict[str, Path], cfg: EvaluateParams) -> dict[str
 def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool = True) -> dict[str, Any]:
     from voiceprint.compare.cluster_metrics import cluster_analysis
     from voiceprint.compare.plots import plot_oiidd, plot_umap_scatter
-    from voiceprint.embed.stage import embed_segments, pick_device, reuse_embeddings
+    from voiceprint.embed.engine import pick_device
+    from voiceprint.embed.stage import embed_segments, reuse_embeddings
     from voiceprint.encoders.loader import load_encoder
     from voiceprint.evaluate.stage import evaluate
 

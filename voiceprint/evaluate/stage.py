@@ -51,7 +51,7 @@ from voiceprint.config import IndexParams, Params
 from voiceprint.evaluate.bootstrap import accuracy_interval, eer_interval
 from voiceprint.evaluate.metrics import det_curve, eer, identification_accuracy, min_dcf
 from voiceprint.evaluate.snorm import as_norm_pairs
-from voiceprint.index.stage import build_index, speaker_centroids
+from voiceprint.index.faiss_index import build_index, speaker_centroids
 
 log = logging.getLogger(__name__)
 
