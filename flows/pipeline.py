@@ -161,8 +161,9 @@ def voiceprint_pipeline(
     params.yaml before DVC runs, so DVC reruns exactly the stages they affect.
 
     Args:
-        dataset: Which data to use (data.dataset). "folder" needs dataset_path.
-        dataset_path: Root of a <speaker>/<utterance>.{wav,flac} tree for dataset "folder" (data.path).
+        dataset: Which data to use (data.dataset). "folder" and "voxceleb" need dataset_path.
+        dataset_path: Root of a <speaker>/<utterance>.<ext> tree for dataset "folder", of
+            <speaker>/<video>/<utterance>.<ext> for "voxceleb" (data.path; ext: wav, flac, m4a, mp3, ogg, opus).
         model_init: Train the ECAPA-TDNN encoder from scratch, use a pretrained one, or distil the
             bundled CAM++ into it (model.init).
         model_arch: One ECAPA-TDNN, or a gated mixture of ECAPA-TDNN experts (model.arch; moe

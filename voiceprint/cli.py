@@ -133,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     prepared = prepare(params.data, scratch)
     segmented = segment_manifest(scratch, params.vad)
     embedded = embed_segments(scratch, params.embed, encoder=encoder)
-    metrics = evaluate(scratch, params)
+    metrics = evaluate(scratch, params, trials_root=project.root)  # a relative trial file: the project's
     if args.log_mlflow:
         from voiceprint.tracking.runs import log_evaluation
 
@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("evaluate", help="segment -> embed -> evaluate a folder of speakers with the current model")
-    p.add_argument("--dataset", required=True, help="folder:PATH (a <speaker>/<utterance>.{wav,flac} tree)")
+    p.add_argument(
+        "--dataset", required=True, help="folder:PATH (a <speaker>/<utterance>.{wav,flac,m4a,mp3,ogg,opus} tree)"
+    )
     p.add_argument("--workdir", default=None, help="where to keep the scratch outputs (default: a temp dir)")
     p.add_argument("--no-mlflow", dest="log_mlflow", action="store_false", help="do not log the run to MLflow")
     p.set_defaults(func=cmd_evaluate)

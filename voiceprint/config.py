@@ -27,7 +27,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-DatasetKind = Literal["librispeech-excerpts", "librispeech", "folder"]
+DatasetKind = Literal["librispeech-excerpts", "librispeech", "folder", "voxceleb"]
 ModelInit = Literal["scratch", "pretrained", "distill"]
 ModelArch = Literal["ecapa", "moe"]
 IndexType = Literal["flat", "ivf", "hnsw"]
@@ -39,7 +39,9 @@ class DataParams(_Section):
     dataset: DatasetKind = Field(
         default="librispeech-excerpts",
         description="What to prepare: `librispeech-excerpts` (short excerpts of LibriSpeech subsets), "
-        "`librispeech` (whole subsets) or `folder` (your own recordings under `data.path`).",
+        "`librispeech` (whole subsets), `folder` (your own recordings under `data.path`) or `voxceleb` "
+        "(VoxCeleb1/2 as distributed, `idXXXXX/<video>/<nnnnn>.{wav,m4a}` under `data.path`; speaker `idXXXXX`, "
+        "utterance id `idXXXXX-<video>-<nnnnn>`: the path in VoxCeleb's trial lists with '/' read as '-').",
     )
     mirror: str | None = Field(
         default="../shared/datasets",
@@ -48,8 +50,9 @@ class DataParams(_Section):
     )
     path: str | None = Field(
         default=None,
-        description="`folder` datasets: a tree of `<speaker>/<utterance>.{wav,flac}`, optionally split into "
-        "`train/` and `test/`; a relative path is resolved against the project root.",
+        description="`folder` datasets: a tree of `<speaker>/<utterance>.<ext>` (ext: wav, flac, m4a, mp3, ogg, "
+        "opus); `voxceleb`: `<speaker>/<video>/<utterance>.<ext>`. Either optionally split into `train/` and "
+        "`test/` (without them everything is evaluated); a relative path is resolved against the project root.",
     )
     train_subset: str | None = Field(
         default="train-clean-100",
@@ -78,8 +81,8 @@ class DataParams(_Section):
 
     @model_validator(mode="after")
     def _folder_needs_path(self) -> DataParams:
-        if self.dataset == "folder" and not self.path:
-            raise ValueError("data.path is required when data.dataset is 'folder'")
+        if self.dataset in ("folder", "voxceleb") and not self.path:
+            raise ValueError(f"data.path is required when data.dataset is '{self.dataset}'")
         return self
 
 
@@ -385,8 +388,63 @@ class IndexParams(_Section):
     )
 
 
+ALL_PAIRS = "all-pairs"
+_SAMPLED = re.compile(r"sampled:(.*)")
+
+
+def parse_trials(spec: str) -> tuple[Literal["all-pairs", "sampled", "file"], int | str | None]:
+    """The three forms of ``evaluate.trials``: ``("all-pairs", None)``, ``("sampled", N)`` or ``("file", path)``.
+
+    Raises ValueError naming the key for an empty value or a ``sampled:`` whose N is not a whole
+    number >= 2. Anything else is the path of a trial file (existence: :func:`check_trials_path`).
+    """
+    if spec == ALL_PAIRS:
+        return "all-pairs", None
+    sampled = _SAMPLED.fullmatch(spec)
+    if sampled:
+        count = sampled.group(1).replace("_", "")
+        if not count.isdigit() or int(count) < 2:
+            raise ValueError(
+                f"evaluate.trials {spec!r}: sampled:N needs a whole number of trials N >= 2 (e.g. sampled:40000)"
+            )
+        return "sampled", int(count)
+    if not spec.strip():
+        raise ValueError("evaluate.trials is empty: expected all-pairs, sampled:N or the path of a trial file")
+    return "file", spec
+
+
+def check_trials_path(cfg: EvaluateParams, root: Path, source: Path | str = "params.yaml") -> Path | None:
+    """The trial file of ``evaluate.trials`` resolved against the project ``root``; ConfigError when it is no file.
+
+    None for ``all-pairs`` and ``sampled:N``.
+    """
+    kind, value = parse_trials(cfg.trials)
+    if kind != "file":
+        return None
+    path = Path(str(value)).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        reason = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(
+            f"{source}: invalid parameters: evaluate.trials: trial file {path} {reason} "
+            f"(evaluate.trials={cfg.trials!r}: expected {ALL_PAIRS}, sampled:N or the path of a trial file "
+            f"in the VoxCeleb format, relative paths resolved against {root})"
+        )
+    return path
+
+
 class EvaluateParams(_Section):
     """The `evaluate` stage: speaker verification and identification on the eval split."""
+
+    trials: str = Field(
+        default=ALL_PAIRS,
+        description="Verification trials. `all-pairs`: every pair of eval utterances (refused above 10^8 "
+        "trials, ~14,100 utterances, which need ~15 GB); `sampled:N`: N trials drawn with `evaluate.seed`, "
+        "half same-speaker and half different-speaker, no self or repeated pairs; or the path of a trial file "
+        "in the VoxCeleb format, relative to the project root (one `LABEL UTT UTT` per line, e.g. "
+        "`1 id10270/x6uYqmx31kE/00001.wav id10270/8jEAjG6SegY/00008.wav`; label 1 = same speaker). "
+        "Matching rule and errors: voiceprint/evaluate/trials.py.",
+    )
 
     enroll_per_speaker: int = Field(
         default=3,
@@ -401,7 +459,9 @@ class EvaluateParams(_Section):
     )
     c_miss: float = Field(default=1.0, description="minDCF: cost of a miss.")
     c_fa: float = Field(default=1.0, description="minDCF: cost of a false alarm.")
-    seed: int = Field(default=0, description="Seeds the choice of enrolled utterances and the bootstrap.")
+    seed: int = Field(
+        default=0, description="Seeds the choice of enrolled utterances, the bootstrap and `sampled:N` trials."
+    )
     snorm_top_k: int = Field(
         default=100,
         ge=0,
@@ -416,6 +476,11 @@ class EvaluateParams(_Section):
         "(voiceprint.evaluate.bootstrap); 0: off.",
     )
     bootstrap_level: float = Field(default=0.95, gt=0.0, lt=1.0, description="Coverage of the bootstrap intervals.")
+
+    @model_validator(mode="after")
+    def _trials_form(self) -> EvaluateParams:
+        parse_trials(self.trials)
+        return self
 
 
 class CompareParams(_Section):
@@ -521,7 +586,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     """Read and validate ``params.yaml``; ``overrides`` uses dotted keys (``{"index.type": "hnsw"}``).
 
     Beyond the schema, paths that must exist are checked here too (``data.path`` of a ``folder``
-    dataset, resolved against the directory holding the file, i.e. the project root), so a wrong
+    or ``voxceleb`` dataset, resolved against the directory holding the file, i.e. the project root), so a wrong
     path fails before any stage starts rather than after earlier stages have rewritten outputs.
     """
     path = Path(path)
@@ -539,12 +604,13 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         set_dotted(raw, dotted, value)
     params = params_from_dict(raw, str(path))
     _check_dataset_path(params.data, path)
+    check_trials_path(params.evaluate, path.resolve().parent, path)
     return params
 
 
 def _check_dataset_path(data: DataParams, source: Path) -> None:
-    """A ``folder`` dataset's ``data.path`` must be an existing directory (relative: to the project)."""
-    if data.dataset != "folder" or not data.path:
+    """A ``folder`` or ``voxceleb`` dataset's ``data.path`` must be an existing directory (relative: to the project)."""
+    if data.dataset not in ("folder", "voxceleb") or not data.path:
         return
     root = source.resolve().parent
     folder = Path(data.path).expanduser()
@@ -552,10 +618,11 @@ def _check_dataset_path(data: DataParams, source: Path) -> None:
     if folder.is_dir():
         return
     reason = "is not a directory" if folder.exists() else "does not exist"
+    tree = "<speaker>/<video>/<utterance>" if data.dataset == "voxceleb" else "<speaker>/<utterance>"
     raise ConfigError(
         f"{source}: invalid parameters: data.path: {folder} {reason} "
         f"(data.path={data.path!r}, relative paths are resolved against {root}; "
-        "it must hold <speaker>/<utterance>.wav|flac, optionally under train/ and test/)"
+        f"it must hold {tree}.wav|flac|m4a|mp3|ogg|opus, optionally under train/ and test/)"
     )
 
 

@@ -30,7 +30,10 @@ BAD_PARAMS: dict[str, tuple[str, list[str]]] = {
     "wrong-choice": ("index:\n  type: annoy\n", ["index.type: Input should be 'flat', 'ivf' or 'hnsw'", "got 'annoy'"]),
     "wrong-dataset": (
         "data:\n  dataset: librivox\n",
-        ["data.dataset: Input should be 'librispeech-excerpts', 'librispeech' or 'folder'", "got 'librivox'"],
+        [
+            "data.dataset: Input should be 'librispeech-excerpts', 'librispeech', 'folder' or 'voxceleb'",
+            "got 'librivox'",
+        ],
     ),
     "out-of-range": ("vad:\n  threshold: 1.5\n", ["vad.threshold: Input should be less than 1", "got 1.5"]),
     "section-not-a-mapping": ("vad: 3\n", ["vad: Input should be a valid dictionary", "got 3"]),

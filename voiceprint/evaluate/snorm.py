@@ -24,6 +24,9 @@ the evaluate stage uses, is the natural choice.
 flattens it into the same trial list as :func:`voiceprint.evaluate.stage.all_pairs_scores` (every
 unordered pair ``i < j`` in row-major order, with a same-speaker flag), so the metrics in
 :mod:`voiceprint.evaluate.metrics` can be applied to raw and normalised scores alike.
+For a chosen trial list (``evaluate.trials``: ``sampled:N`` or a trial file),
+:func:`as_norm_trials` normalises just those trials, gathered by index a block at a time: no
+``N x N`` matrix, and cohort statistics only for the utterances the trials use.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "as_norm",
     "as_norm_pairs",
     "as_norm_scores",
+    "as_norm_trials",
     "cohort_stats",
     "upper_pairs",
 ]
@@ -195,3 +199,37 @@ def as_norm_pairs(
     ``N(N-1)/2`` trial list.
     """
     return upper_pairs(as_norm_scores(X_eval, cohort, top_k), labels)
+
+
+def as_norm_trials(
+    X_eval: ArrayLike,
+    left: ArrayLike,
+    right: ArrayLike,
+    cohort: ArrayLike,
+    top_k: int = 200,
+    *,
+    block: int = 65_536,
+) -> np.ndarray:
+    """AS-norm scores (float32) of the trials ``(X_eval[left[k]], X_eval[right[k]])``.
+
+    The same formula as :func:`as_norm_scores` (which it matches to float32 rounding on the same
+    pairs), computed trial by trial: the cohort statistics of the utterances the trials use, then
+    the raw cosine of each block of trials by index gathering. Memory: the scores plus one block.
+    """
+    x = _unit_rows(X_eval, "X_eval")
+    a = np.asarray(left, dtype=np.int64).reshape(-1)
+    b = np.asarray(right, dtype=np.int64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"left ({a.size}) and right ({b.size}) differ in length")
+    used = np.unique(np.concatenate([a, b]))
+    mu = np.zeros(len(x), dtype=np.float64)
+    sd = np.ones(len(x), dtype=np.float64)
+    if used.size:
+        mu[used], sd[used] = cohort_stats(x[used], cohort, top_k)
+    out = np.empty(a.size, dtype=np.float32)
+    for start in range(0, a.size, block):
+        sl = slice(start, min(a.size, start + block))
+        ia, ib = a[sl], b[sl]
+        raw = np.einsum("ij,ij->i", x[ia], x[ib]).astype(np.float64)
+        out[sl] = 0.5 * ((raw - mu[ia]) / sd[ia] + (raw - mu[ib]) / sd[ib])
+    return out

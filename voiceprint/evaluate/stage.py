@@ -1,9 +1,14 @@
 """The ``evaluate`` stage: verification and closed-set identification on the eval split.
 
-Verification scores **every** pair of eval utterances (cosine of the L2-normalised embeddings)
-rather than a sampled trial list: with a few thousand utterances that is a few million trials,
-cheap with blockwise matrix products and the ``O(n log n)`` metrics in :mod:`voiceprint.evaluate.metrics`,
-and it removes the sampling noise that would otherwise make two runs incomparable.
+Verification scores, by default (``evaluate.trials: all-pairs``), **every** pair of eval utterances
+(cosine of the L2-normalised embeddings) rather than a sampled trial list: with a few thousand
+utterances that is a few million trials, cheap with blockwise matrix products and the
+``O(n log n)`` metrics in :mod:`voiceprint.evaluate.metrics`, and it removes the sampling noise
+that would otherwise make two runs incomparable. Larger eval sets (VoxCeleb1-E would be ~10^10
+pairs) take a trial list instead: ``sampled:N`` (N balanced trials drawn with ``evaluate.seed``) or
+a trial file in the VoxCeleb format (:mod:`voiceprint.evaluate.trials`: the name-matching rule, the
+errors, the all-pairs size limit). The metrics, the DET curve, AS-norm and the bootstrap intervals
+are computed on whichever trials were chosen; ``metrics.json`` records the choice as ``trials``.
 
 Identification simulates enrollment: for each eval speaker ``enroll_per_speaker`` utterances
 (chosen with a seeded RNG, so reruns pick the same ones) form its centroid, the speaker's other
@@ -50,12 +55,22 @@ from voiceprint.common.schema import embeddings_matrix, l2_normalise
 from voiceprint.config import IndexParams, Params
 from voiceprint.evaluate.bootstrap import accuracy_interval, eer_interval
 from voiceprint.evaluate.metrics import det_curve, eer, identification_accuracy, min_dcf
-from voiceprint.evaluate.snorm import as_norm_pairs
+from voiceprint.evaluate.snorm import as_norm_pairs, as_norm_trials
+from voiceprint.evaluate.trials import TrialList, load_trials, score_trials
 from voiceprint.index.faiss_index import build_index, speaker_centroids
 
 log = logging.getLogger(__name__)
 
-__all__ = ["all_pairs_scores", "dcf_key", "evaluate", "pair_speakers", "reject_counts", "snorm_metrics"]
+__all__ = [
+    "all_pairs_scores",
+    "dcf_key",
+    "evaluate",
+    "pair_speakers",
+    "reject_counts",
+    "snorm_metrics",
+    "trial_scores",
+    "trial_speakers",
+]
 
 TOP_KS = (1, 5)
 DET_CSV_POINTS = 600  # DET rows kept for dvc plots; millions of trials would make it unusable
@@ -97,17 +112,37 @@ def pair_speakers(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes[rows], codes[cols]
 
 
+def trial_scores(x_eval: np.ndarray, speakers_eval: np.ndarray, trials: TrialList) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, same)`` of the chosen trials: :func:`all_pairs_scores` for ``all-pairs``, else the
+    trial list scored a block at a time by index gathering (:func:`voiceprint.evaluate.trials.score_trials`)."""
+    if trials.all_pairs:
+        return all_pairs_scores(x_eval, speakers_eval)
+    assert trials.left is not None and trials.right is not None and trials.same is not None
+    return score_trials(x_eval, trials.left, trials.right), trials.same
+
+
+def trial_speakers(speakers_eval: np.ndarray, trials: TrialList) -> tuple[np.ndarray, np.ndarray]:
+    """Speaker codes of both sides of every trial, in the order of :func:`trial_scores` (for the bootstrap)."""
+    if trials.all_pairs:
+        return pair_speakers(speakers_eval)
+    codes = np.unique(np.asarray(speakers_eval).astype(str), return_inverse=True)[1].reshape(-1).astype(np.int32)
+    return codes[trials.left], codes[trials.right]
+
+
 def _absent_interval(name: str, params: Params) -> dict[str, Any]:
     """The interval keys as None, so metrics.json has the same keys when a metric cannot be computed."""
     return {f"{name}_ci_low": None, f"{name}_ci_high": None} if params.evaluate.bootstrap else {}
 
 
-def _interval_keys(name: str, params: Params, scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """``<name>_ci_low`` / ``<name>_ci_high``: the speaker-bootstrap interval of the EER of the all-pairs trials."""
+def _interval_keys(
+    name: str, params: Params, scores: np.ndarray, labels: np.ndarray, trials: TrialList | None = None
+) -> dict[str, Any]:
+    """``<name>_ci_low`` / ``<name>_ci_high``: the speaker-bootstrap interval of the EER of the trials
+    (all pairs of ``labels`` when ``trials`` is None), trials grouped by the speakers of their sides."""
     cfg = params.evaluate
     if cfg.bootstrap == 0:
         return {}
-    a, b = pair_speakers(labels)
+    a, b = trial_speakers(labels, trials) if trials is not None else pair_speakers(labels)
     interval = eer_interval(scores, a, b, replicates=cfg.bootstrap, level=cfg.bootstrap_level, seed=cfg.seed)
     return {f"{name}_ci_low": interval.low, f"{name}_ci_high": interval.high}
 
@@ -134,7 +169,7 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def _verification(
-    scores: np.ndarray, same: np.ndarray, labels: np.ndarray, params: Params
+    scores: np.ndarray, same: np.ndarray, labels: np.ndarray, params: Params, trials: TrialList | None = None
 ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
     n_target = int(same.sum())
     out: dict[str, Any] = {
@@ -157,7 +192,7 @@ def _verification(
         )
         return out, None
     out["eer"], out["eer_threshold"] = eer(scores, same)
-    out.update(_interval_keys("eer", params, scores, labels))
+    out.update(_interval_keys("eer", params, scores, labels, trials))
     for p in params.evaluate.p_targets:
         value, threshold = min_dcf(scores, same, p, params.evaluate.c_miss, params.evaluate.c_fa)
         out[dcf_key(p)] = value
@@ -168,8 +203,16 @@ def _verification(
     return out, (fpr, fnr)
 
 
-def snorm_metrics(x_eval: np.ndarray, speakers_eval: np.ndarray, cohort: np.ndarray, params: Params) -> dict[str, Any]:
-    """EER / minDCF of the all-pairs eval trials after AS-norm against ``cohort`` (train-split utterances).
+def snorm_metrics(
+    x_eval: np.ndarray,
+    speakers_eval: np.ndarray,
+    cohort: np.ndarray,
+    params: Params,
+    trials: TrialList | None = None,
+) -> dict[str, Any]:
+    """EER / minDCF of the eval trials after AS-norm against ``cohort`` (train-split utterances).
+
+    ``trials``: the chosen trial list; None (or ``all-pairs``) normalises every pair.
 
     Keys ``eer_snorm``, ``min_dcf_p<P>_snorm`` and ``n_cohort``; the metrics are None (with a
     warning) when there is no cohort or no target/non-target trials, and absent with
@@ -184,11 +227,15 @@ def snorm_metrics(x_eval: np.ndarray, speakers_eval: np.ndarray, cohort: np.ndar
     if len(cohort) == 0:
         log.warning("s-norm skipped: no train-split utterances to form the impostor cohort")
         return out
-    scores, same = as_norm_pairs(x_eval, speakers_eval, cohort, top_k=top_k)
+    if trials is None or trials.all_pairs:
+        scores, same = as_norm_pairs(x_eval, speakers_eval, cohort, top_k=top_k)
+    else:
+        assert trials.left is not None and trials.right is not None and trials.same is not None
+        scores, same = as_norm_trials(x_eval, trials.left, trials.right, cohort, top_k=top_k), trials.same
     if same.all() or not same.any():
         return out  # _verification has already warned about the missing trials
     out["eer_snorm"] = float(eer(scores, same)[0])
-    out.update(_interval_keys("eer_snorm", params, scores, speakers_eval))
+    out.update(_interval_keys("eer_snorm", params, scores, speakers_eval, trials))
     for p in params.evaluate.p_targets:
         out[f"{dcf_key(p)}_snorm"] = float(min_dcf(scores, same, p, params.evaluate.c_miss, params.evaluate.c_fa)[0])
     return out
@@ -335,7 +382,9 @@ def _plot_det(curve: tuple[np.ndarray, np.ndarray] | None, metrics: dict[str, An
     _save_figure(fig, target)
 
 
-def _plot_scores(scores: np.ndarray, same: np.ndarray, metrics: dict[str, Any], target: Path) -> None:
+def _plot_scores(
+    scores: np.ndarray, same: np.ndarray, metrics: dict[str, Any], target: Path, trials: str = "all pairs"
+) -> None:
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     if same.any() and (~same).any():
@@ -355,8 +404,16 @@ def _plot_scores(scores: np.ndarray, same: np.ndarray, metrics: dict[str, Any], 
         ax.text(0.5, 0.5, "not enough trials", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("cosine score")
     ax.set_ylabel("density")
-    ax.set_title("Verification scores, eval split (all pairs)")
+    ax.set_title(f"Verification scores, eval split ({trials})")
     _save_figure(fig, target)
+
+
+def _trials_title(trials: TrialList) -> str:
+    if trials.all_pairs:
+        return "all pairs"
+    if trials.spec.startswith("sampled:"):
+        return f"{len(trials):,} sampled trials"
+    return f"trial file {Path(trials.spec).name}"
 
 
 def _write_det_csv(curve: tuple[np.ndarray, np.ndarray] | None, target: Path) -> None:
@@ -380,12 +437,17 @@ def evaluate(
     out_metrics: str | Path | None = None,
     out_plots: str | Path | None = None,
     embeddings: str | Path | None = None,
+    trials_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compute verification and identification metrics; write metrics.json and plots.
 
     Returns the metrics dictionary written to ``out_metrics`` (default ``layout.metrics``).
     Metrics that cannot be computed (too few speakers or utterances) are ``None`` with a warning
-    in the log, never an exception, so a small ``folder`` dataset still gets a report.
+    in the log, never an exception, so a small ``folder`` dataset still gets a report. A trial
+    list that cannot be used (``evaluate.trials``: a bad trial file, all pairs of too many
+    utterances, more samples than pairs) is a :class:`voiceprint.config.ConfigError`, raised
+    before anything is written. A relative trial-file path is resolved against ``trials_root``
+    (default ``layout.root``, the project).
     """
     started = time.perf_counter()
     out_metrics = Path(out_metrics) if out_metrics is not None else layout.metrics
@@ -405,13 +467,22 @@ def evaluate(
     n_eval_speakers = len(set(speakers[is_eval]))
     if n_eval_speakers < 2:
         log.warning("only %d eval speaker(s): need at least 2 to evaluate", n_eval_speakers)
+    trials = load_trials(
+        params.evaluate.trials,
+        np.asarray(table.column("utterance_id").to_pylist(), dtype=object).astype(str),
+        speakers,
+        is_eval,
+        root=Path(trials_root) if trials_root is not None else layout.root,
+        seed=params.evaluate.seed,
+    )
 
-    scores, same = all_pairs_scores(x[is_eval], speakers[is_eval])
-    verification, curve = _verification(scores, same, speakers[is_eval], params)
-    normalised = snorm_metrics(x[is_eval], speakers[is_eval], x[~is_eval], params)
+    scores, same = trial_scores(x[is_eval], speakers[is_eval], trials)
+    verification, curve = _verification(scores, same, speakers[is_eval], params, trials)
+    normalised = snorm_metrics(x[is_eval], speakers[is_eval], x[~is_eval], params, trials)
     identification = _identification(x, speakers, is_eval, params)
 
     metrics: dict[str, Any] = {
+        "trials": trials.spec,
         **verification,
         **normalised,
         **identification,
@@ -426,7 +497,7 @@ def evaluate(
 
     out_plots.mkdir(parents=True, exist_ok=True)
     _plot_det(curve, metrics, out_plots / "det.png")
-    _plot_scores(scores, same, metrics, out_plots / "scores.png")
+    _plot_scores(scores, same, metrics, out_plots / "scores.png", _trials_title(trials))
     _write_det_csv(curve, out_plots / "det.csv")
     write_json(out_metrics, metrics)
     log.info(

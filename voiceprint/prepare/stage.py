@@ -1,8 +1,9 @@
 """The ``prepare`` stage: acquire a dataset, verify it, copy it into ``data/raw`` and list it.
 
-Whatever the source (the LibriSpeech excerpts mirror, OpenSLR LibriSpeech, or a plain folder), the
-output is the same: audio under ``data/raw/<split>/<speaker>/<utterance>.<ext>``, a manifest
-(:data:`voiceprint.common.schema.MANIFEST`) and a rejects table (:data:`voiceprint.common.schema.REJECTS`).
+Whatever the source (the LibriSpeech excerpts mirror, OpenSLR LibriSpeech, a plain folder, or a
+VoxCeleb tree), the output is the same: audio under ``data/raw/<split>/<speaker>/<utterance>.<ext>``,
+a manifest (:data:`voiceprint.common.schema.MANIFEST`) and a rejects table
+(:data:`voiceprint.common.schema.REJECTS`).
 
 Design choices:
 
@@ -25,6 +26,13 @@ Design choices:
 * **Folder scans terminate.** Symlinked sub-folders are followed (datasets are often symlink
   farms) but never into a folder already visited; a link back to an enclosing folder, a symlink
   loop and a dangling link are each one reject, not a hang, a crash or a silent omission.
+* **Any format the pipeline decodes is listed** (:data:`voiceprint.common.audio.AUDIO_SUFFIXES`: WAV,
+  FLAC, M4A/AAC, MP3, Ogg Opus/Vorbis) and copied as it is; ``validate`` decodes compressed files
+  with PyAV, so a cut or damaged M4A is a reject like a truncated FLAC.
+* **VoxCeleb ids are its paths.** ``idXXXXX/<video>/<nnnnn>.m4a`` becomes speaker ``idXXXXX`` and
+  utterance ``idXXXXX-<video>-<nnnnn>``: unique (a clip number repeats across videos, a video id
+  across speakers), a valid file name, and what a VoxCeleb trial list names with '/' read as '-'.
+  Splits as for folders: ``train/`` and ``test/`` (or ``eval/``) when present, else all is eval.
 * **Caps are applied to the listing**, before verification: ``max_speakers`` keeps the first N
   speaker ids (sorted as strings) of each split and ``max_utterances_per_speaker`` the first N
   utterance ids, so a quick run always looks at the same files, and a reject is not silently
@@ -47,7 +55,7 @@ from tqdm import tqdm
 
 from voiceprint.common import schema
 from voiceprint.common.atomic import atomic_path, write_table
-from voiceprint.common.audio import AudioError, os_reason, validate
+from voiceprint.common.audio import AUDIO_SUFFIXES, AudioError, os_reason, validate
 from voiceprint.common.checksums import CHUNK_SIZE, parse_checksum_file, sha256_file
 from voiceprint.common.layout import Layout
 from voiceprint.config import DataParams, Params
@@ -57,7 +65,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "prepare"
 TRAIN, EVAL = "train", "eval"
-AUDIO_SUFFIXES = (".wav", ".flac")
 EXCERPTS_DIR = "librispeech-excerpts"
 EXCERPTS_MANIFEST = "MANIFEST.sha256"
 
@@ -109,10 +116,11 @@ def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> Pre
         candidates, splits = _excerpts_candidates(params, layout)
     elif params.dataset == "librispeech":
         candidates, splits = _librispeech_candidates(params, layout, progress=progress)
-    elif params.dataset == "folder":
+    elif params.dataset in ("folder", "voxceleb"):
         candidates, splits, stray = _folder_candidates(params, layout)
+        tree = "<speaker>/<video>/<utterance>" if params.dataset == "voxceleb" else "<speaker>/<utterance>"
         for path, problem in stray:
-            reason = problem or "audio file outside a speaker folder (expected <speaker>/<utterance>.{wav,flac})"
+            reason = problem or f"audio file outside a speaker folder (expected {tree}.{{{_SUFFIX_LIST}}})"
             outcome.rejects.append({"path": _display(layout, path), "stage": STAGE, "reason": reason})
     else:  # pragma: no cover - DataParams validates the literal
         raise PrepareError(f"unknown dataset kind {params.dataset!r}")
@@ -158,6 +166,9 @@ def _resolve(layout: Layout, path: str) -> Path:
     """Config paths are relative to the project root, not to wherever the command was started."""
     p = Path(path).expanduser()
     return (p if p.is_absolute() else layout.root / p).resolve()
+
+
+_SUFFIX_LIST = ",".join(s.lstrip(".") for s in AUDIO_SUFFIXES)
 
 
 def _is_audio(path: Path) -> bool:
@@ -235,8 +246,12 @@ def _folder_candidates(
     params: DataParams, layout: Layout
 ) -> tuple[list[_Candidate], list[str], list[tuple[Path, str | None]]]:
     """Candidates, the splits present, and what lies outside any speaker folder: stray audio files
-    (problem None) and symlinks that cannot be followed (with the problem)."""
-    assert params.path is not None  # DataParams requires it for dataset=folder
+    (problem None) and symlinks that cannot be followed (with the problem).
+
+    ``folder``: ``<speaker>/<utterance>.<ext>`` (deeper sub-folders too); ``voxceleb``:
+    ``<speaker>/<video>/<utterance>.<ext>`` exactly, anything at another depth is a reject.
+    """
+    assert params.path is not None  # DataParams requires it for dataset=folder and voxceleb
     root = _resolve(layout, params.path)
     if not root.is_dir():
         raise PrepareError(
@@ -260,7 +275,13 @@ def _folder_candidates(
         for speaker in _speaker_dirs(base):
             for path, problem in _walk_audio(speaker):
                 suffix = path.suffix.lower()
-                candidates.append(_Candidate(split, speaker.name, path.stem, path, suffix, problem=problem))
+                if params.dataset == "voxceleb":
+                    utterance_id, problem = _voxceleb_id(speaker, path, problem)
+                else:
+                    utterance_id = path.stem
+                candidates.append(_Candidate(split, speaker.name, utterance_id, path, suffix, problem=problem))
+    if params.dataset == "voxceleb":
+        return candidates, list(layout_by_split), stray
     # Folder datasets often name files 001.wav per speaker; file stems are then not unique ids, so
     # the speaker becomes part of every id (and of the copied file's name, keeping id == stem).
     stems = defaultdict(set)
@@ -269,6 +290,17 @@ def _folder_candidates(
     if any(len(owners) > 1 for owners in stems.values()):
         candidates = [replace(c, utterance_id=f"{c.speaker_id}-{c.utterance_id}") for c in candidates]
     return candidates, list(layout_by_split), stray
+
+
+def _voxceleb_id(speaker: Path, path: Path, problem: str | None) -> tuple[str, str | None]:
+    """``idXXXXX-<video>-<nnnnn>`` for ``<speaker>/<video>/<nnnnn>.<ext>``; a problem for any other depth."""
+    parts = path.relative_to(speaker).parts
+    if problem is None and len(parts) != 2:
+        problem = (
+            f"not at <speaker>/<video>/<utterance> depth in a voxceleb dataset (found {speaker.name}/"
+            f"{'/'.join(parts)}); expected e.g. id10001/1zcIwhmdeo4/00001.wav"
+        )
+    return "-".join((speaker.name, *parts[:-1], path.stem)), problem
 
 
 def _link_problem(path: Path) -> str | None:
