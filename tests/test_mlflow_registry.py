@@ -81,6 +81,11 @@ def test_registered_pyfunc_embeds_like_the_encoder(
     encoder = load_ecapa(layout.model_dir)
     shutil.move(layout.model_dir, tmp_path / "moved")
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}/1")
+    # It also carries the code it imports (voiceprint.tracking and voiceprint.encoders), so it
+    # loads where the project is not installed.
+    stored = Path(mlflow.artifacts.download_artifacts(f"models:/{REGISTERED_MODEL}/1"))
+    code = stored / "code" / "voiceprint"
+    assert (code / "tracking" / "pyfunc_model.py").is_file() and (code / "encoders" / "loader.py").is_file()
 
     files = sorted((excerpts_dir / "test-other").glob("*/*.flac"))
     long, short = audio.load(files[0], 0.0, 3.0), audio.load(files[1], 0.5, 2.0)

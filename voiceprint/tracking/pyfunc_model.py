@@ -1,25 +1,9 @@
 """The trained ECAPA-TDNN as an MLflow pyfunc: 16 kHz waveforms in, L2-normalised embeddings out.
 
-:func:`save_pyfunc` writes an MLflow model directory whose only artifact is the SpeechBrain-layout
-checkpoint directory (``models/ecapa``), copied verbatim, and whose code is this package
-(``code_paths``), so ``mlflow.pyfunc.load_model("models:/voiceprint-ecapa/<version>")`` works in
-any environment with the recorded pip requirements. :class:`EcapaEmbeddingModel` is saved as
-*model from code* (a three-line script that instantiates it), not as a cloudpickle: loading the
-model never unpickles Python objects, and the checkpoint goes through
-:func:`~voiceprint.encoders.ecapa.load_ecapa` (``hyperparams.yaml`` parsed as data,
-``torch.load(weights_only=True)``), exactly like the pipeline's own stages.
-
-``predict`` accepts
-
-* a pandas DataFrame with a ``waveform`` column (or a single column) whose cells are sequences of
-  float samples, one waveform per row (lengths may differ);
-* a 2-D array ``(batch, samples)`` or a 1-D array (one waveform);
-* a list of 1-D sequences, or ``{"waveform": [...]}``;
-
-all mono float audio at 16 kHz in [-1, 1], at least :data:`MIN_SAMPLES` long, and returns a
-``(batch, dim)`` float32 array of unit-length embeddings in input order. Waveforms of the same
-length are embedded together, without padding, so each embedding equals what the encoder gives for
-that waveform alone.
+:func:`save_pyfunc` writes an MLflow model (*model from code*, never a cloudpickle) whose artifact is
+the model directory; :class:`EcapaEmbeddingModel` ``predict`` takes a DataFrame with a ``waveform``
+column, a 1-D or 2-D array, a list or ``{"waveform": [...]}`` of mono 16 kHz audio in [-1, 1].
+Input forms and design: docs/orchestration.md#the-registered-model.
 """
 
 from __future__ import annotations
@@ -62,13 +46,13 @@ class EcapaEmbeddingModel(mlflow.pyfunc.PythonModel):
         self.encoder = load_model_dir(context.artifacts[ARTIFACT], device="cpu")
 
     # The DataFrame hint is one MLflow infers no schema from (so it validates nothing); arrays, lists
-    # and dicts are accepted as well (see the module docstring).
+    # and dicts are accepted as well (docs/orchestration.md#the-registered-model).
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:  # noqa: ANN001
         return embed_waveforms(self.encoder, waveforms_from_input(model_input))
 
 
 def waveforms_from_input(model_input: Any) -> list[np.ndarray]:
-    """One float32 1-D array per waveform from any of the accepted input shapes (see module doc)."""
+    """One float32 1-D array per waveform from any of the accepted input shapes (module docstring)."""
     if isinstance(model_input, pd.DataFrame):
         if "waveform" in model_input.columns:
             cells = model_input["waveform"].tolist()
@@ -138,7 +122,7 @@ def pip_requirements() -> list[str]:
 
 def save_pyfunc(model_dir: str | Path, path: str | Path, *, model_id: str) -> Path:
     """Write the pyfunc for the SpeechBrain-layout ``model_dir`` to the new directory ``path``."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # the whole voiceprint package: the pyfunc loads encoders/
     # No signature, on purpose: inputs are variable-length waveforms in several shapes, which an
     # MLflow schema would either reject or reshape; predict validates them itself. MLflow logs a
     # warning for every model saved without one, silenced here.
