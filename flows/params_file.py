@@ -1,14 +1,8 @@
 """Apply run-time parameter overrides to ``params.yaml`` in place.
 
-DVC is the single source of truth for "what needs to run", and DVC only sees parameters that are
-*in* ``params.yaml``. So a Prefect run that wants ``index.type=hnsw`` must write that value into
-the file before it asks DVC to reproduce anything; DVC then notices the changed ``params`` dep of
-the ``index`` stage and reruns exactly what depends on it, and ``dvc.lock`` records the value that
-produced the outputs.
-
-The file is hand-edited too, so the rewrite is a ruamel.yaml round trip that keeps comments, key
-order and flow-style lists, and it is atomic so that a concurrent reader (``dvc status``, a stage
-that is starting) sees either the old file or the new one.
+:func:`apply_overrides` validates the overrides and writes them into ``params.yaml`` with a
+ruamel.yaml round trip (comments, key order and flow-style lists kept), atomically, so that DVC
+sees them. Design: docs/orchestration.md#prefect.
 """
 
 from __future__ import annotations

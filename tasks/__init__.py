@@ -1,0 +1,1 @@
+"""Orchestration tasks: ``python -m tasks.run STAGE`` (what ``dvc.yaml`` calls), the DVC runner, the Prefect tasks."""

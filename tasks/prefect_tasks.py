@@ -1,15 +1,8 @@
 """Prefect tasks that delegate every decision about *what* to run to DVC.
 
-The flows never call the stage functions directly: they run ``dvc repro --single-item STAGE`` so
-that DVC checks the stage's deps/params/outs, runs ``python -m tasks.run STAGE`` only if something
-changed, and records the result in ``dvc.lock``. After a Prefect run ``dvc status`` is therefore
-clean and a following ``dvc repro`` in a terminal has nothing to do: there is one source of truth
-for "is this output up to date", and Prefect only adds scheduling, parameters from the UI, logs
-and artifacts on top of it.
-
-Running ``dvc repro`` and parsing its terminal output is plain subprocess code in
-``tasks.dvc_runner`` (no Prefect); this module wraps it as Prefect tasks, sends its lines to the run
-logger, passes the flow run id down to the stage, and publishes ``metrics.json`` as an artifact.
+:func:`run_stage` runs ``dvc repro --single-item STAGE`` (through :mod:`tasks.dvc_runner`), sends its
+lines to the run logger and passes the flow run id down to the stage; :func:`publish_metrics`
+publishes ``metrics.json`` as an artifact. Design: docs/orchestration.md#prefect.
 """
 
 from __future__ import annotations

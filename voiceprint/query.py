@@ -1,61 +1,9 @@
 """Ad-hoc SQL over the pipeline's tables with DuckDB, read-only.
 
-:func:`connect` opens an in-memory DuckDB with these views:
-
-==============  ==========================================  =====================================
-view            file                                        columns
-==============  ==========================================  =====================================
-``embeddings``  ``data/embeddings/segments.parquet``        one row per VAD segment, ``embedding``
-``utterances``  ``data/embeddings/utterances.parquet``      one row per utterance (embed.utterance), ``embedding``
-``segments``    ``data/segments.parquet``                   VAD segments, no embeddings
-``manifest``    ``data/manifest.parquet`` (when present)    acquired audio files
-``rejects``     ``data/rejects/*.parquet`` + embed rejects  path, stage, reason (when present)
-==============  ==========================================  =====================================
-
-``embedding`` is ``FLOAT[D]`` (a DuckDB ARRAY, from the Parquet files' Arrow type
-``FIXED_SIZE_LIST<float32>[D]``) and L2-normalised, so ``array_cosine_similarity`` (or
-``array_inner_product``, equal here) scores two embeddings. ``list_cosine_similarity`` also works
-through an implicit cast; note that ``read_parquet`` on the files directly yields ``FLOAT[]``
-(LIST), on which only the ``list_*`` functions apply without a cast.
-
-The five utterances nearest to a given one, and the speakers nearest to it::
-
-    WITH q AS (SELECT embedding FROM utterances WHERE utterance_id = '1688-142285-0000')
-    SELECT u.utterance_id, u.speaker_id,
-           array_cosine_similarity(u.embedding, q.embedding) AS score
-    FROM utterances u, q
-    WHERE u.utterance_id <> '1688-142285-0000'
-    ORDER BY score DESC
-    LIMIT 5;
-
-    WITH q AS (SELECT embedding FROM utterances WHERE utterance_id = '1688-142285-0000')
-    SELECT u.speaker_id, max(array_cosine_similarity(u.embedding, q.embedding)) AS best,
-           avg(array_cosine_similarity(u.embedding, q.embedding)) AS mean, count(*) AS n
-    FROM utterances u, q
-    WHERE u.utterance_id <> '1688-142285-0000'
-    GROUP BY u.speaker_id
-    ORDER BY mean DESC
-    LIMIT 5;
-
-Why the lockdown is built this way. The obvious setup (``CREATE VIEW .. AS SELECT * FROM
-read_parquet('data/...')`` then ``SET enable_external_access=false`` with the data files in
-``allowed_paths``/``allowed_directories``) is **not read-only**: those allow-lists grant writes
-too, and ``COPY embeddings TO 'data/embeddings/segments.parquet' (USE_TMP_FILE false)`` truncates
-the DVC output (verified on DuckDB 2.0). So DuckDB is given **no** file access at all:
-
-1. each table is opened by pyarrow (``pyarrow.dataset``, lazy, with projection and filter
-   pushdown) and registered with ``con.register``, so DuckDB scans Arrow streams, never paths;
-2. ``temp_directory`` is pointed at a private, throw-away directory (DuckDB always allows its temp
-   directory, by default ``./.tmp`` in the current directory, i.e. possibly the project);
-3. ``autoinstall_known_extensions``/``autoload_known_extensions``, ``allow_community_extensions``
-   and ``allow_persistent_secrets`` are off;
-4. ``SET enable_external_access = false`` blocks ``COPY ... TO``, ``EXPORT DATABASE``,
-   ``ATTACH``, ``INSTALL``/``LOAD``, ``read_csv``/``read_parquet``/``glob`` on any path and
-   Python replacement scans; ``allowed_paths`` stays empty;
-5. ``SET lock_configuration = true`` makes every setting (including the two above) immutable for
-   the rest of the session, so user SQL cannot ``SET``/``RESET`` its way back.
-
-User SQL can still create in-memory tables and views, which vanish with the connection.
+:func:`connect` opens an in-memory DuckDB whose views (``embeddings``, ``utterances``, ``segments``,
+``manifest``, ``rejects``) scan Arrow tables opened by pyarrow, with file access, extensions and
+settings locked; :func:`run_query` runs user SQL on one (``voiceprint query``).
+Views and example queries: docs/design/query.md; the lockdown: docs/reliability.md#hostile-sql.
 """
 
 from __future__ import annotations
@@ -84,7 +32,7 @@ VIEWS: dict[str, tuple[str, bool, str]] = {
 }
 
 
-#: Set when the connection is created (before any SQL runs); see the module doc for why.
+#: Set when the connection is created (before any SQL runs); docs/reliability.md#hostile-sql says why.
 _LOCKED_DOWN: dict[str, Any] = {
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
@@ -104,7 +52,7 @@ def _sql_string(text: str) -> str:
 
 
 def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
-    """In-memory DuckDB with read-only views over the pipeline's Parquet files (see module doc).
+    """In-memory DuckDB with read-only views over the pipeline's Parquet files (docs/design/query.md).
 
     A required table whose file does not exist yet becomes a view that fails with a message naming
     the missing file and the stage that writes it; ``manifest`` is simply absent then.

@@ -1,52 +1,9 @@
 """Audio decoding: WAV/FLAC, M4A (AAC), MP3 and Ogg (Opus, Vorbis), downmixed to mono and resampled to 16 kHz.
 
-Two decoders, chosen by file extension (:data:`AUDIO_SUFFIXES`), both behind the same functions:
-
-* WAV, FLAC and anything else with another extension: libsndfile (``soundfile``), exactly as
-  before the compressed formats were added (the default pipeline's outputs do not change).
-* ``.m4a``, ``.mp3``, ``.ogg``, ``.opus``: PyAV (``av``, FFmpeg's libraries bundled in its wheel).
-  libsndfile cannot open M4A at all; it does decode MP3, Opus and Vorbis whole, but its range reads
-  and lengths are not exact for all of them (a Vorbis read that starts in the last second returns
-  other samples; an MP3 without a Xing/LAME header reads 240 samples shorter with ``sf.read`` than
-  its header and block reads say). Measured with libsndfile 1.2.2 / PyAV 18.1; docs/stages.md has
-  the table.
-
-``torchaudio.load`` is not used: from torchaudio 2.9 on it needs torchcodec and a system FFmpeg.
-Bad audio raises :class:`AudioError` with the file and the reason, so stages can record a reject
-and carry on.
-
-Three levels of looking at a file, from cheap to thorough:
-
-* :func:`probe` reads the header only (rate, channels, frame count). It also turns the errors
-  libsndfile reports as an opaque "System error." (empty file, symlink loop, missing file) into
-  words, because a reason is only useful if a person can act on it.
-* :func:`validate` decodes the whole file block by block (bounded memory, whatever the length)
-  and rejects what would poison later stages: truncated/corrupt streams, NaN/Inf samples and
-  digital silence. ``prepare`` runs it once per file so downstream stages can trust the manifest.
-* :func:`load` decodes one ``[start, end)`` range, so VAD windows and segments of an hour-long
-  file never need the whole file in memory.
-
-A stream that decodes only partly (a truncated FLAC: libsndfile decodes a prefix, then reports
-"lost sync") is rejected rather than shortened: the header promises more audio than is there,
-so the copy is damaged and someone should fetch it again; silently keeping a prefix would hide
-that loss and record a wrong duration.
-
-Compressed formats (the PyAV path) differ in what a header can promise:
-
-* The length of a file is the number of samples its decoder yields (priming samples removed, as
-  FFmpeg does from the MP4 edit list, the LAME header or Opus's pre-skip), capped for MP4 at the
-  length its sample table announces (the rest is the encoder's padding of the last AAC frame).
-  MP3 and Ogg headers only estimate it, so :func:`probe` decodes the file to count (FFmpeg decodes
-  these formats at several hundred times real time) and remembers the count per file version.
-* :func:`validate` rejects a decoder error mid-stream (a cut or damaged M4A) and a stream that ends
-  more than :data:`LENGTH_SLACK_S` or :data:`LENGTH_SLACK_FRACTION` short of its header's length
-  (an MP3 cut after its Xing header); a bitrate-based estimate is not exact, hence the slack.
-* :func:`load` seeks to :data:`PREROLL_S` before the range and decodes from there, placing every
-  decoded frame by its timestamp, so a range is the same samples as the same part of a whole-file
-  decode (the preroll refills the overlap and bit reservoir a codec carries between frames). AAC
-  differs in ~2 % of samples by at most ~0.006, whatever the preroll: bands the encoder coded as
-  noise are filled with fresh random noise by the decoder.
-* FFmpeg's own words for a failure ("moov atom not found") go into the reason.
+libsndfile decodes WAV/FLAC, PyAV the compressed formats. :func:`probe` reads a header,
+:func:`validate` decodes a whole file and rejects damaged or unusable audio, :func:`load` decodes one
+``[start, end)`` range; bad audio raises :class:`AudioError` with the file and the reason.
+Design (why two decoders, exact lengths and range reads): docs/design/audio.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """Crash-safe, resumable staging of a long stage's results as Parquet *parts*.
 
-A stage that takes hours (``embed`` over a corpus) must not start again from zero after a SIGKILL,
-and readers must never see a half-written result. So the work goes through a staging directory
-*outside* the stage's DVC output (DVC deletes outputs before it reruns a stage):
-
-* every part is written to a temporary name and renamed into place, so a part either exists whole
-  or not at all; a part records, in its Parquet metadata, which units of work (batch numbers) it
-  covers and the rejects found in them, so rows and rejects can never disagree;
-* the staging directory is keyed by a *fingerprint* of everything that determines the result
-  (inputs, model, batching); a rerun with the same fingerprint resumes, any other staging
-  directory for the same output is stale and is removed;
-* only when every unit is done are the parts merged into the final files (atomically) and the
-  staging directory removed.
-
-Units are whole batches rather than rows because batch composition changes padding and hence the
-last bits of an embedding; replaying exactly the missing batches makes a resumed run produce the
-same rows as an uninterrupted one.
+:class:`PartStore` keeps atomically written parts, each covering whole batches and their rejects,
+in a staging directory keyed by a :func:`fingerprint` of the inputs; a killed run resumes from
+:meth:`PartStore.done_units`, and the stage merges the parts once every batch is done.
+Design: docs/reliability.md#kills-and-resume.
 """
 
 from __future__ import annotations

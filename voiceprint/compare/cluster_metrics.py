@@ -1,35 +1,9 @@
 """Cluster-separation metrics for speaker embeddings: OIIDD, CCR and silhouette.
 
-EER and minDCF (:mod:`voiceprint.evaluate.metrics`) only look at pairwise scores. When comparing speaker
-encoders it also helps to know how the embedding space is *organised*: are speakers compact,
-well-separated clusters, or does a noticeable share of utterances sit nearer another speaker? This
-module implements the metrics of the study the issue refers to, each computed twice:
-
-* on **cosine** distance in the native embedding space (what the verification back-end sees), and
-* on **Euclidean** distance after UMAP to 2-D (what a scatter plot shows; the study reports both
-  because 2-D UMAP exaggerates local separation and a metric on it is only a visual summary).
-
-Definitions (``N`` embeddings, ``S`` speakers):
-
-* **own / nearest-other distances** (:func:`centroid_distances`): for every embedding the
-  distance to its own speaker's centroid and to the closest centroid of any *other* speaker.
-  Following the study, the own centroid **includes the embedding itself** (plain per-speaker mean).
-  That biases the own distance low for speakers with few utterances (a singleton speaker is at
-  distance 0 from its own centroid; with ``n`` utterances the Euclidean distance shrinks by
-  ``(n-1)/n`` compared with the leave-one-out centroid). ``leave_one_out=True`` gives the unbiased
-  variant, which is what a held-out enrollment would see; it is not the published number.
-* **OIIDD** (:func:`oiidd`, overlap of intra- and inter-class distance distributions): the area
-  shared by the densities of the own and nearest-other distances, ``∫ min(p_own, p_other)``.
-  0 = the two distributions are disjoint (every utterance much nearer its own speaker),
-  1 = indistinguishable.
-* **CCR** (:func:`ccr`, centroid confusion count): how many embeddings lie strictly closer to
-  another speaker's centroid than to their own; the rate divides by ``N``. It is the error count
-  of a nearest-centroid classifier trained and tested on the same data.
-* **Silhouette** (:func:`silhouette`): the usual mean silhouette over speaker labels.
-
-:func:`cluster_report` returns the flat, JSON-able metric dictionary; :func:`cluster_analysis`
-also keeps the distance arrays and UMAP coordinates for plotting
-(:mod:`voiceprint.compare.plots`).
+Each is computed on cosine distance in the native space and on Euclidean distance after UMAP to
+2-D. :func:`cluster_report` returns the flat, JSON-able metrics; :func:`cluster_analysis` also keeps
+the distances and UMAP coordinates for :mod:`voiceprint.compare.plots`.
+Definitions and their biases: docs/design/comparison.md.
 """
 
 from __future__ import annotations
@@ -130,8 +104,8 @@ def centroid_distances(
     ``metric="euclidean"``: plain means and the L2 distance (used on UMAP coordinates, where the
     norm carries meaning).
 
-    The own centroid includes the embedding itself, as in the study's definition (see the module
-    docstring for the bias this implies). With ``leave_one_out=True`` it is instead the centroid of
+    The own centroid includes the embedding itself, as in the study's definition (see
+    docs/design/comparison.md for the bias this implies). With ``leave_one_out=True`` it is instead the centroid of
     the speaker's *other* embeddings, and ``own`` is NaN for speakers with a single embedding.
     Other speakers' centroids are always computed from all their embeddings.
 

@@ -1,19 +1,9 @@
-"""Encoder comparison: the same VAD segments through several speaker encoders, one table out.
+"""Encoder comparison: the same utterances through several speaker encoders, one table out.
 
-``compare_encoder`` (DVC ``compare-encoder@NAME``, one per encoder) embeds ``data/segments.parquet``
-with one encoder into ``data/compare/NAME/`` and measures it there: verification (EER, minDCF,
-with and without adaptive s-norm against a train-split impostor cohort), closed-set
-identification, cluster separation (OIIDD, CCR, silhouette on cosine distance and on Euclidean
-distance after UMAP to 2-D), dimension, parameter count and throughput in the same run. A mixture
-of ECAPA experts (``model.arch: moe``, or ``model:DIR``) also reports how its gate used the experts
-on those segments (:func:`voiceprint.encoders.moe.gate_usage_stats`).
-``compare_report`` (DVC ``compare``) gathers them into ``compare.json``/``compare.md`` and one
-MLflow parent run with a child run per encoder.
-
-Timings (throughput, embedding seconds, device) are measurements of the run, not results: they go
-to ``data/compare_stats/NAME.json`` (DVC metrics, like ``data/embed_stats.json``) and from there into
-``compare.json`` and MLflow, never into the DVC outputs ``data/compare/NAME/`` and ``compare.md``,
-which hold the same bytes whenever the same embeddings are scored.
+:func:`run_encoder` (DVC ``compare-encoder@NAME``, through :func:`compare_encoder`) embeds with one
+encoder into ``data/compare/NAME/`` and measures verification, identification, cluster separation
+and throughput; :func:`run` (DVC ``compare``, through :func:`compare_report`) gathers them into
+``compare.json``/``compare.md`` and MLflow. Design: docs/stages.md#compare-encodername-and-compare.
 """
 
 from __future__ import annotations

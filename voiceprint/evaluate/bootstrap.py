@@ -1,31 +1,8 @@
 """Confidence intervals for EER and top-1 by resampling speakers (a speaker-level bootstrap).
 
-Why: the embedded default evaluates on 10 speakers. One target trial is 0.22 points of EER, and
-two seeds of one recipe differ by half a point, so a bare "EER 2.22 %" invites comparisons the
-data cannot support. The interval says how far the number would move on another draw of speakers
-like these.
-
-Why speakers and not trials: trials share utterances and speakers (every utterance is in ~100
-trials), so resampling trials as if independent gives intervals that are far too narrow (on the
-default model 1.69-3.60 % against 0.48-5.22 %). As in the subject-level bootstrap NIST studied for
-its SREs (Wu, Martin, Greenberg, Kacker: resample the groups of trials that share a subject, not
-single trials), the unit drawn is the speaker: a replicate draws the eval speakers with
-replacement, and speaker ``a`` drawn ``c_a`` times contributes its target trials ``c_a`` times and
-its non-target trials with speaker ``b`` ``c_a * c_b`` times (pairs of a speaker with its own
-copy are left out: they are neither a target nor a non-target trial of two different people).
-That is one weight per speaker pair, so no trial list is materialised per replicate; with every
-count 1 a replicate is exactly :func:`voiceprint.evaluate.metrics.eer`.
-
-Identification is resampled the same way: a speaker drawn ``c_a`` times counts its queries
-``c_a`` times. The gallery stays as it is (its distractors are not the thing measured).
-
-Systems scored on the same trials are compared under one set of speaker draws
-(:func:`shared_draw_eers`: every system's EER per replicate, each computed once), and the
-interval of a difference is taken from the per-replicate differences (:func:`paired_eer_difference`
-for two systems; the compare stage and ``benchmarks/paired_eer.py`` against their first one).
-
-The interval is the percentile interval of the replicates (``evaluate.bootstrap_level``, default
-95 %); replicates are seeded (``evaluate.seed``), so a rerun reports the same bounds.
+:func:`eer_interval` and :func:`accuracy_interval` give one system's interval;
+:func:`shared_draw_eers` and :func:`paired_eer_difference` compare systems under one set of draws.
+Why speakers and not trials, and how draws weight trials: docs/design/evaluation.md#speaker-level-bootstrap.
 """
 
 from __future__ import annotations

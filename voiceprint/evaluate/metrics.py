@@ -1,38 +1,8 @@
 """Speaker-verification and identification metrics in plain numpy.
 
-Why not call SpeechBrain's ``EER``/``minDCF`` directly: they loop over every candidate threshold
-(EER is a Python loop, minDCF materialises a ``thresholds x scores`` matrix), which is quadratic in
-the number of trials. An evaluation over all pairs of a LibriSpeech test set has millions of
-trials, so here every operating point is computed at once from sorted scores with
-``np.searchsorted`` (``O(n log n)``).
-
-Conventions (identical to SpeechBrain's ``speechbrain.utils.metric_stats``):
-
-* a trial is **accepted** when ``score > threshold``; so at threshold ``t`` the miss rate is
-  ``P(target score <= t)`` and the false-alarm rate is ``P(non-target score > t)``;
-* candidate thresholds are the distinct observed scores. SpeechBrain also tries the midpoints
-  between consecutive scores, but a midpoint classifies every trial exactly like the lower score
-  next to it, so it adds no operating point; its loop keeps the *first* best threshold, which is
-  therefore always an observed score, as here;
-* EER is **not interpolated**: at the threshold where ``|FAR - FRR|`` is smallest it reports
-  ``(FAR + FRR) / 2``, like SpeechBrain. An interpolated (ROC convex hull) EER, as some toolkits
-  report, can differ by up to one score step (``1 / min(n_target, n_nontarget)``).
-* exact ties of ``|FAR - FRR|`` (two operating points equally close to the diagonal, common with
-  few trials) are resolved to the lowest threshold here. SpeechBrain computes the rates in float32,
-  whose rounding breaks such a tie either way, so on tied data the two may report the EER of
-  different (equally good) operating points, at most one score step apart. Without a tie both
-  agree to float precision (tests/test_metrics.py checks both cases).
-
-Difference in ``min_dcf``: SpeechBrain's ``minDCF`` returns the *raw* detection cost
-``c_miss * p_miss * p_target + c_fa * p_fa * (1 - p_target)``. NIST SRE (and the ``min_dcf`` here,
-by default) reports it **normalised** by the cost of the best trivial system,
-``min(c_miss * p_target, c_fa * (1 - p_target))``, so 1.0 means "no better than always rejecting
-(or always accepting)". ``min_dcf(..., normalise=False)`` gives SpeechBrain's number. Also, the
-"accept everything" operating point (threshold below every score) is considered here, as NIST
-does; SpeechBrain's candidate thresholds never accept the lowest score. That point can only be
-the minimum when ``c_fa * (1 - p_target) < c_miss * p_target`` (beats "reject everything"), i.e.
-``p_target > 0.5`` with unit costs, which the usual 0.01/0.05 never hit; it is considered last, so
-on a tie the SpeechBrain threshold is kept and the raw costs are identical.
+:func:`eer`, :func:`min_dcf`, :func:`det_curve` and :func:`identification_accuracy`, every operating
+point computed at once from sorted scores (``O(n log n)``), with SpeechBrain's conventions; the
+differences (normalised minDCF, ties) are in docs/design/evaluation.md#metrics.
 """
 
 from __future__ import annotations

@@ -1,32 +1,9 @@
 """Adaptive symmetric score normalisation (AS-norm) of cosine verification scores.
 
-Raw cosine scores carry a per-utterance offset: some utterances (a "hub" voice, a noisy channel,
-a short recording) score high against *everyone*, others low. A single global threshold then
-trades one speaker's false alarms against another's misses. Score normalisation estimates each
-side's impostor score distribution from a **cohort** of utterances by speakers known to be
-different, and standardises the trial score against it (Matejka et al., Interspeech 2017;
-Cumani et al. 2011 for the adaptive variant).
-
-For a trial ``(e, t)`` with raw score ``s``::
-
-    s_norm = 0.5 * ((s - mu_e) / sigma_e + (s - mu_t) / sigma_t)
-
-where ``mu_e``, ``sigma_e`` are the mean and standard deviation of the **top-K** cohort scores of
-``e`` (its K most similar cohort utterances), likewise for ``t``. Using only the top-K
-("adaptive") focuses on the impostors that actually compete with ``e``, which is where the
-decision threshold sits; it also makes the statistics less sensitive to an unbalanced cohort.
-
-The cohort must not contain the evaluated speakers (their utterances would be "impostors" that
-are actually targets and inflate ``mu``): the training split of a speaker-disjoint dataset, as
-the evaluate stage uses, is the natural choice.
-
-:func:`as_norm_scores` gives the ``(N, N)`` matrix over an evaluation set; :func:`as_norm_pairs`
-flattens it into the same trial list as :func:`voiceprint.evaluate.stage.all_pairs_scores` (every
-unordered pair ``i < j`` in row-major order, with a same-speaker flag), so the metrics in
-:mod:`voiceprint.evaluate.metrics` can be applied to raw and normalised scores alike.
-For a chosen trial list (``evaluate.trials``: ``sampled:N`` or a trial file),
-:func:`as_norm_trials` normalises just those trials, gathered by index a block at a time: no
-``N x N`` matrix, and cohort statistics only for the utterances the trials use.
+Each side of a trial is standardised by its top-K scores against an impostor cohort:
+:func:`as_norm_scores` (the ``(N, N)`` matrix), :func:`as_norm_pairs` (aligned with the all-pairs
+trial list) and :func:`as_norm_trials` (a chosen trial list, blockwise).
+Design (formula, cohort choice, references): docs/design/evaluation.md#as-norm.
 """
 
 from __future__ import annotations

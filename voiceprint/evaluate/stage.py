@@ -1,38 +1,9 @@
 """The ``evaluate`` stage: verification and closed-set identification on the eval split.
 
-Verification scores, by default (``evaluate.trials: all-pairs``), **every** pair of eval utterances
-(cosine of the L2-normalised embeddings) rather than a sampled trial list: with a few thousand
-utterances that is a few million trials, cheap with blockwise matrix products and the
-``O(n log n)`` metrics in :mod:`voiceprint.evaluate.metrics`, and it removes the sampling noise
-that would otherwise make two runs incomparable. Larger eval sets (VoxCeleb1-E would be ~10^10
-pairs) take a trial list instead: ``sampled:N`` (N balanced trials drawn with ``evaluate.seed``) or
-a trial file in the VoxCeleb format (:mod:`voiceprint.evaluate.trials`: the name-matching rule, the
-errors, the all-pairs size limit). The metrics, the DET curve, AS-norm and the bootstrap intervals
-are computed on whichever trials were chosen; ``metrics.json`` records the choice as ``trials``.
-
-Identification simulates enrollment: for each eval speaker ``enroll_per_speaker`` utterances
-(chosen with a seeded RNG, so reruns pick the same ones) form its centroid, the speaker's other
-utterances are the queries, and the gallery optionally also holds one centroid per *training*
-speaker as distractors, which is what a deployed gallery looks like (many known voices, few of
-them the one asked about).
-
-Beside the raw cosine scores, the same trials are scored after adaptive s-norm (AS-norm, the
-score normalisation WeSpeaker and the VoxSRC systems report): each side of a trial is z-normalised
-by its top-``evaluate.snorm_top_k`` scores against an impostor cohort, here the train-split
-utterances, whose speakers are disjoint from the eval ones. It corrects speakers whose impostor
-scores run high; ``eer`` stays the raw cosine's, and the normalised numbers carry ``_snorm``.
-
-``metrics.json`` also carries how many input files the pipeline rejected (``rejects_total`` and
-``rejects_<stage>``), so a run that silently lost half its audio to bad files cannot report a
-good EER without saying so; the numbers reach MLflow with the other numeric metrics.
-
-Every headline number also gets a speaker-level bootstrap interval (:mod:`voiceprint.evaluate.bootstrap`;
-``eer_ci_low`` / ``eer_ci_high``, the same for ``eer_snorm`` and ``top1``; ``evaluate.bootstrap``
-replicates, ``evaluate.bootstrap_level`` coverage): with ten eval speakers the interval is several
-times wider than the differences between recipes, and the report should say so.
-
-Outputs: ``metrics.json`` (flat, for ``dvc metrics``), ``det.png``, ``scores.png`` and ``det.csv``
-(``fpr``/``fnr`` columns, for ``dvc plots``), each written atomically.
+:func:`run` (through :func:`evaluate`) scores the chosen trials (:mod:`voiceprint.evaluate.trials`),
+raw and AS-normalised, with speaker-bootstrap intervals, runs identification against a gallery
+with train-speaker distractors, counts rejects, writes ``metrics.json``, ``det.png``,
+``scores.png`` and ``det.csv`` atomically, and logs to MLflow. Design: docs/design/evaluation.md.
 """
 
 from __future__ import annotations

@@ -1,64 +1,9 @@
 """Verification trial lists of the evaluate stage: all pairs, a seeded balanced sample, or a trial file.
 
-``evaluate.trials`` (parsed by :func:`voiceprint.config.parse_trials`) chooses the trials:
-
-``all-pairs`` (the default)
-    Every unordered pair ``i < j`` of eval utterances, scored by
-    :func:`voiceprint.evaluate.stage.all_pairs_scores` exactly as before this option existed. Its
-    trial list grows with the square of the eval set (VoxCeleb1-E would be ~10^10 trials), so it is
-    refused above :data:`MAX_ALL_PAIRS_TRIALS` with a :class:`~voiceprint.config.ConfigError` that
-    suggests the other two forms.
-
-``sampled:N``
-    N trials drawn with ``evaluate.seed`` (:func:`sample_trials`): ``N // 2`` same-speaker
-    (target) pairs and ``N - N // 2`` different-speaker pairs, as balanced as VoxCeleb1-O, each
-    drawn uniformly without replacement from all pairs of its kind. No trial pairs an utterance
-    with itself and no unordered pair occurs twice. The same seed and eval set give the same trials.
-
-a path (relative: to the project root)
-    A trial file in the VoxCeleb format (:func:`read_trial_file`), one trial per line::
-
-        1 id10270/x6uYqmx31kE/00001.wav id10270/8jEAjG6SegY/00008.wav
-
-    label ``1`` (same speaker) or ``0`` (different speakers), then two utterance names. Blank lines
-    are ignored, a repeated trial counts as often as it is listed, and the order of the two names
-    does not matter. The label must agree with the speaker ids of the two utterances.
-
-**How a trial name finds its utterance.** A name is an utterance path relative to the corpus root.
-The pipeline keeps each utterance at ``data/raw/<split>/<speaker_id>/<utterance_id><ext>`` (the
-manifest's ``path``), and the embeddings the stage reads carry ``speaker_id`` and ``utterance_id``;
-so a name (with ``./`` in front removed) matches an eval utterance when, as written or without its
-extension (its last ``.suffix``), it is
-
-1. ``<speaker_id>/<utterance_id>``: the utterance's path relative to its split folder, which for
-   LibriSpeech and for a ``folder`` dataset with files directly in speaker folders is also the
-   path relative to the dataset's split root (``84/84-121123-0000.flac``, ``alice/a01.wav``);
-2. ``<utterance_id>``: the id itself (``84-121123-0000``);
-3. the name with each ``/`` turned into ``-``, when that is an utterance id: a ``folder`` dataset
-   whose file stems repeat across speakers names its utterances ``<speaker>-<stem>``
-   (voiceprint/prepare/stage.py), so ``alice/001.wav`` is ``alice-001``; and the ``voxceleb``
-   dataset kind names ``id10270/x6uYqmx31kE/00001.wav`` ``id10270-x6uYqmx31kE-00001``, so the
-   official VoxCeleb lists match as they are;
-4. LibriSpeech's own layout, ``<speaker>/<chapter>/<speaker>-<chapter>-<n>.flac`` (the path inside
-   a subset such as ``test-other/``): the file stem is the utterance id and begins with the folders
-   joined by ``-``, so the folders are checked, not ignored.
-
-The first rule that names an utterance wins (each tried with the name as written, then without its
-extension), so an exact name is never shadowed by a looser one. Folders between the speaker and
-the file are never skipped: ``data/raw`` keeps only ``<speaker>/<utterance>``, so
-``id10270/x6uYqmx31kE/00001.wav`` can be told from ``id10270/8jEAjG6SegY/00001.wav`` only when the
-utterance id spells out the folder (rules 3 and 4); matching on speaker and file name alone would
-pair the wrong recordings silently.
-
-**Errors, not skips.** A name that matches no eval utterance (unknown, or a train-split
-utterance) is an error naming the file, the line and the name, with the count of such lines; so
-are a malformed line, a trial of an utterance with itself and a label that contradicts the
-speaker ids. Skipping such trials would quietly report an EER on another trial list than the one
-named, which is exactly what a standard list is meant to prevent; filter the file instead.
-
-**Scoring** (:func:`score_trials`) gathers both sides' L2-normalised embeddings by index, a block
-of trials at a time, and takes the row-wise dot product: memory is the scores themselves plus one
-block, never an ``N x N`` matrix, whatever the number of utterances.
+:func:`load_trials` turns ``evaluate.trials`` into a :class:`TrialList` (``all-pairs``, ``sampled:N``
+through :func:`sample_trials`, or a VoxCeleb-format file through :func:`read_trial_file`), and
+:func:`score_trials` scores one block by block. A bad line is an error, never a skipped trial.
+Design (the name-matching rules, the all-pairs limit): docs/design/evaluation.md.
 """
 
 from __future__ import annotations
@@ -236,7 +181,7 @@ def sample_trials(speakers: np.ndarray, n_trials: int, seed: int, spec: str | No
 
 
 def utterance_keys(utterance_ids: np.ndarray, speakers: np.ndarray) -> dict[str, int]:
-    """Name -> row for rules 1 and 2 of the module docstring: ``<speaker_id>/<utterance_id>`` and ``<utterance_id>``.
+    """Name -> row, rules 1 and 2 of docs/design/evaluation.md: ``<speaker_id>/<utterance_id>``, ``<utterance_id>``.
 
     A key two rows would share maps to -1 (ambiguous), reported if a trial uses it.
     """
@@ -248,7 +193,7 @@ def utterance_keys(utterance_ids: np.ndarray, speakers: np.ndarray) -> dict[str,
 
 
 def _lookup(name: str, keys: dict[str, int]) -> int | None:
-    """The row a trial name names (-1: ambiguous), trying the rules of the module docstring in turn."""
+    """The row a trial name names (-1: ambiguous), trying the rules of docs/design/evaluation.md in turn."""
     while name.startswith("./"):
         name = name[2:]
     last = name.rpartition("/")[2]

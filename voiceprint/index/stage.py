@@ -1,16 +1,9 @@
 """The ``index`` stage: FAISS indexes over the embeddings into ``data/index``.
 
-Two indexes are built (swapped in whole, so a reader never sees a segment index from one run next
-to the id table of another):
-
-* ``segments.faiss`` + ``segments_ids.parquet``: one vector per VAD segment, for "which stretch of
-  audio sounds like this" queries;
-* ``speakers.faiss`` + ``speakers_ids.parquet``: one centroid per speaker (mean of its L2-normalised
-  utterance embeddings, renormalised), the gallery for "who is this".
-
-Index building and the cosine-as-inner-product convention are in :mod:`voiceprint.index.faiss_index`;
-enrolled speakers (``voiceprint enroll``, :mod:`voiceprint.index.enrollment`) are kept outside the
-index and merged with it at load time by :class:`voiceprint.index.gallery.SpeakerGallery`.
+:func:`run` (through :func:`build_indexes`) builds a segment index and a speaker-centroid index,
+each with its id table, and swaps them in whole. Index building is in
+:mod:`voiceprint.index.faiss_index`; enrolled speakers join at load time
+(:class:`voiceprint.index.gallery.SpeakerGallery`). Design: docs/stages.md#index.
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
 """Defensive extraction of ``.tar``, ``.tar.gz``/``.tgz`` and ``.zip`` archives.
 
-Archives come from the network, so their member names and headers are untrusted input.
-:func:`safe_extract` reads the whole member list first and refuses the archive, before writing a
-single byte, if any member
-
-* has an absolute name, or a ``..`` that climbs out of the target;
-* is a symlink or hardlink that points outside the target (or through another symlink, which is
-  where lexical checks stop being trustworthy);
-* is a device file, FIFO or other special file;
-* makes the archive a decompression bomb: too many members, a declared total size above
-  ``max_total_bytes``, or a declared total far larger than the archive itself (``max_ratio``).
-
-The compressed stream is also read through a byte budget, so a header that lies about sizes (or a
-huge PAX/GNU long-name header, which :mod:`tarfile` reads into memory) cannot make validation itself
-decompress unbounded data.
-
-Extraction then happens in a temporary directory beside the target that is renamed into place
-together with a marker file: a crash leaves either no target or a complete one, and a rerun that
-finds the marker for the same archive skips the work.
+:func:`safe_extract` checks the whole member list first (paths and links out of the target,
+special files, decompression bombs) and refuses the archive before writing a byte; it extracts
+into a temporary directory renamed into place with a marker (:func:`is_extracted`).
+Design: docs/reliability.md#hostile-archives.
 """
 
 from __future__ import annotations

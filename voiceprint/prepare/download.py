@@ -1,17 +1,8 @@
 """Resumable, verified HTTP downloads.
 
-LibriSpeech archives are gigabytes served by volunteer mirrors, so transfers get cut, stall and
-hit 5xx errors. :func:`download` therefore
-
-* streams into ``<dest>.part`` and, on a rerun or a retry, asks for the rest with
-  ``Range: bytes=N-`` instead of starting over;
-* copes with servers that ignore ``Range`` (a ``200`` answer means "here is the whole file": start
-  again from zero) and with ``416`` ("nothing after byte N": the part is already complete);
-* retries connection errors, timeouts (a stalled server raises a read timeout rather than hanging
-  forever) and 5xx answers with exponential backoff, but fails at once on other 4xx answers, which
-  retrying cannot fix;
-* verifies the checksum before ``dest`` appears, and only then renames the part into place, so an
-  existing ``dest`` is always a complete, verified file.
+:func:`download` streams into ``<dest>.part``, resumes with ``Range`` requests, retries transient
+failures with exponential backoff, and renames the part into place only once its checksum matches.
+Design: docs/reliability.md#downloads.
 """
 
 from __future__ import annotations

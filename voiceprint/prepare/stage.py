@@ -1,42 +1,9 @@
 """The ``prepare`` stage: acquire a dataset, verify it, copy it into ``data/raw`` and list it.
 
 Whatever the source (the LibriSpeech excerpts mirror, OpenSLR LibriSpeech, a plain folder, or a
-VoxCeleb tree), the output is the same: audio under ``data/raw/<split>/<speaker>/<utterance>.<ext>``,
-a manifest (:data:`voiceprint.common.schema.MANIFEST`) and a rejects table
-(:data:`voiceprint.common.schema.REJECTS`).
-
-Design choices:
-
-* **Bad files are rows, not crashes.** A checksum mismatch, a missing file or undecodable audio
-  becomes a reject with a reason in words, and the rest of the dataset proceeds; one corrupt FLAC
-  should not cost a 6 GB download. Reject paths name the *source* file, since that is what a person
-  has to fix (rejected files never enter ``data/raw``).
-* **Copies are verified as they are written.** The SHA-256 is computed over the bytes being copied,
-  so the digest in the manifest describes exactly the file on disk, and a mismatch against the
-  reference aborts that copy before it replaces anything.
-* **Reruns are cheap.** A destination already holding the right bytes is not copied again.
-* **``data/raw`` mirrors the manifest.** Files left over from an earlier run with other caps or a
-  different dataset are removed, so the DVC output never carries audio the manifest does not list.
-* **Every kept file decodes.** After the copy the whole file is decoded block by block
-  (:func:`voiceprint.common.audio.validate`, bounded memory for hour-long files): zero-byte, truncated or
-  undecodable files, text or random bytes with an audio name, NaN/Inf samples and digital silence
-  become rejects here, so later stages only see audio that decodes end to end. Odd but usable
-  audio (any rate, stereo, 24-bit or float samples, clipping) is kept; ``load`` resamples and
-  downmixes it. Too-short files are the segment stage's call (it knows ``vad.min_segment_s``).
-* **Folder scans terminate.** Symlinked sub-folders are followed (datasets are often symlink
-  farms) but never into a folder already visited; a link back to an enclosing folder, a symlink
-  loop and a dangling link are each one reject, not a hang, a crash or a silent omission.
-* **Any format the pipeline decodes is listed** (:data:`voiceprint.common.audio.AUDIO_SUFFIXES`: WAV,
-  FLAC, M4A/AAC, MP3, Ogg Opus/Vorbis) and copied as it is; ``validate`` decodes compressed files
-  with PyAV, so a cut or damaged M4A is a reject like a truncated FLAC.
-* **VoxCeleb ids are its paths.** ``idXXXXX/<video>/<nnnnn>.m4a`` becomes speaker ``idXXXXX`` and
-  utterance ``idXXXXX-<video>-<nnnnn>``: unique (a clip number repeats across videos, a video id
-  across speakers), a valid file name, and what a VoxCeleb trial list names with '/' read as '-'.
-  Splits as for folders: ``train/`` and ``test/`` (or ``eval/``) when present, else all is eval.
-* **Caps are applied to the listing**, before verification: ``max_speakers`` keeps the first N
-  speaker ids (sorted as strings) of each split and ``max_utterances_per_speaker`` the first N
-  utterance ids, so a quick run always looks at the same files, and a reject is not silently
-  replaced by the next file in line.
+VoxCeleb tree), :func:`run` (through :func:`prepare`) writes audio under
+``data/raw/<split>/<speaker>/<utterance>.<ext>``, a manifest (:data:`voiceprint.common.schema.MANIFEST`)
+and a rejects table (:data:`voiceprint.common.schema.REJECTS`). Design: docs/stages.md#prepare.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """The ``segment`` stage: manifest in, one row per speech segment out (``data/segments.parquet``).
 
-A file the VAD cannot use becomes a row in ``data/rejects/segment.parquet`` and the stage carries
-on with the rest:
-
-* shorter than ``vad.min_segment_s``: it can never yield a segment, so it is rejected up front with
-  its length in the reason (prepare has no VAD parameters, so this check lives here);
-* undecodable or non-finite audio (normally caught by ``prepare``; a hand-made manifest may not be);
-* no speech found by the VAD;
-* any other error while scoring one file (say onnxruntime refusing an input): logged with its
-  traceback and rejected, because one odd file must not cost the whole run. If *every* file fails
-  that way the cause is the environment, not the data, and the stage raises instead of writing an
-  empty table that looks like a clean result.
+:func:`run` (through :func:`segment_manifest`) runs the VAD on every file; a file it cannot use
+(too short, undecodable, no speech, an error while scoring) becomes a row in
+``data/rejects/segment.parquet``, and the stage raises only when every file fails.
+Design: docs/stages.md#segment.
 """
 
 from __future__ import annotations
@@ -49,7 +42,7 @@ def segment_manifest(layout: Layout, params: VadParams, *, progress: bool = True
         except AudioError as err:
             _reject(rejects, utt["path"], err.reason)
             continue
-        except Exception as err:  # one file must not stop the run; see the module docstring
+        except Exception as err:  # one file must not stop the run (docs/stages.md#segment)
             log.exception("VAD failed on %s", utt["path"])
             reason = f"VAD failed ({type(err).__name__}: {err})"
             unexpected.append(f"{utt['path']}: {reason}")

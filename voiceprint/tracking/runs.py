@@ -1,24 +1,9 @@
-"""MLflow logging of an evaluation, with the lineage needed to reproduce it.
+"""MLflow logging of an evaluation or a training run, with the lineage needed to reproduce it.
 
-Each run records the flattened parameters, the numeric metrics, ``metrics.json`` and the plots,
-plus tags that tie the numbers to their inputs: the git commit of the code, the DVC hash of the
-embeddings that were scored, the Prefect flow run that produced them (when run from a flow) and
-the embedding model id. Together they answer "which code, data and model gave this EER".
-
-The default store is ``sqlite:///<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts``, so
-``mlflow ui --backend-store-uri sqlite:///mlflow.db`` in the project shows every run without a
-server. ``MLFLOW_TRACKING_URI`` overrides it (a shared server, or a test's temporary store).
-
-The client API (``MlflowClient``) is used instead of ``mlflow.start_run``: it touches no
-process-global "active run" or tracking URI, so logging from a Prefect task or a test cannot leak
-state into other code in the same process.
-
-The model stage logs through :func:`training_run`: one run named ``model`` with the ``model``
-parameters, training loss/accuracy/lr every ``model.log_every`` steps (the training loop calls
-:meth:`TrainingRun.on_step`), the final training statistics, and, with ``model.register_model``,
-the trained encoder as a pyfunc (:mod:`voiceprint.tracking.pyfunc_model`) registered as
-``voiceprint-ecapa`` with the model id as a version tag. The run is created before training starts,
-so a misconfigured ``MLFLOW_TRACKING_URI`` fails the stage at once, not after the training.
+:func:`log_evaluation` logs an evaluation's params, metrics and plots; :func:`training_run` opens the
+``model`` run (:class:`TrainingRun`: curves, summary, registered model). Runs carry lineage tags
+(git commit, Prefect flow run; for evaluations the DVC data hash and model id) and are logged through
+``MlflowClient``, which keeps no process-global state. Design: docs/orchestration.md#mlflow.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """Additive angular margin (AAM-softmax / ArcFace) speaker-classification head, from SpeechBrain.
 
-We reuse SpeechBrain's pieces rather than re-deriving them so a model trained here has exactly the
-classifier a SpeechBrain recipe would have (``classifier.ckpt`` loads into
-``ECAPA_TDNN.Classifier``):
-
-* ``ECAPA_TDNN.Classifier`` outputs cosines between the L2-normalised embedding and the
-  L2-normalised class weights, shape ``(B, 1, n_classes)``;
-* ``AdditiveAngularMargin(margin, scale)`` replaces the target cosine ``cos θ_y`` by
-  ``cos(θ_y + m)`` when ``cos θ_y > cos(π − m)`` and by ``cos θ_y − m·sin(π − m)`` otherwise (the
-  non-"easy-margin" ArcFace variant, which keeps the logit monotonic in θ beyond π − m), then
-  multiplies every logit by ``s``;
-* ``LogSoftmaxWrapper`` turns that into mean cross-entropy over the batch.
+:class:`AAMHead` and :func:`aam_softmax_loss` reuse SpeechBrain's ``Classifier``,
+``AdditiveAngularMargin`` and ``LogSoftmaxWrapper``, so ``classifier.ckpt`` loads into
+``ECAPA_TDNN.Classifier``. Design: docs/design/training.md#the-aam-softmax-head.
 """
 
 from __future__ import annotations

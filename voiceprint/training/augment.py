@@ -1,25 +1,8 @@
 """Training-time augmentation of fixed-length 16 kHz crops, batched and driven by one seeded generator.
 
-With one utterance per training speaker (the default data) a model can only learn speaker identity
-from different crops of the same recording, so every condition the crop does *not* vary is a
-shortcut it can key on. The augmentations here vary the conditions that change between recordings
-of the same person in the wild (``model.augment.kinds`` picks them):
-
-* ``noise``: additive white / pink / brown noise at a random SNR, and a random gain;
-* ``nonspeech``: additive noise cut from the parts of the training files that VAD rejected (room
-  tone, breaths, clicks: real recording noise rather than synthetic), at a random SNR;
-* ``reverb``: convolution with a synthetic room impulse response (a direct path plus exponentially
-  decaying Gaussian reverberation with a random RT60), the standard stand-in when no RIR corpus is
-  at hand; energy is restored afterwards;
-* ``speed``: speed perturbation by one of ``speeds`` (default 0.9 / 1.0 / 1.1;
-  ``torchaudio.functional.resample``), the Kaldi/WeSpeaker recipe; crops are drawn ``max(speeds)``
-  times longer and cut back after resampling;
-* ``specaug``: SpecAugment-style masking of the normalised log-mel features (a few bands of frames
-  and of mel bins set to the sentence mean), as NeMo's TitaNet recipe does; applied by
-  :meth:`Augmenter.features` after the front end, not to the waveform.
-
-Every random draw comes from the ``torch.Generator`` passed in, never from the global RNGs, so a
-training run resumed from a snapshot (which saves that generator) replays the same augmentations.
+:class:`Augmenter` applies the kinds ``model.augment.kinds`` picks (noise, nonspeech, reverb, speed,
+specaug). Every random draw comes from the ``torch.Generator`` passed in, never from the global
+RNGs, so a resumed run replays the same augmentations. Design: docs/design/training.md#augmentation.
 """
 
 from __future__ import annotations

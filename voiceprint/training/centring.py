@@ -1,21 +1,8 @@
 """``model.centre_embeddings``: shift the trained ECAPA-TDNN's output so the training speech has mean zero.
 
-Trained with the teacher's fixed AAM centres (:mod:`voiceprint.training.teacher_centres`), the student's
-embeddings share a common direction: the raw mean over the training segments is about a quarter
-of a typical embedding's length. Every cosine then carries that shared part, which lifts the
-impostor scores of the voices nearest to it. Subtracting the training mean before scoring is
-WeSpeaker's ``cal_mean`` back-end step; here it is folded into the network instead, as a shift of
-the bias of the final linear layer (``fc``), so the checkpoint itself produces centred embeddings
-for every consumer (embed stage, FAISS index, ``verify``, SpeechBrain's ``EncoderClassifier``) and
-stays an unmodified SpeechBrain ``ECAPA_TDNN``. Only training-split audio is used.
-
-``model.wccn`` goes one step further, as the classical within-class covariance normalisation
-(Hatch et al. 2006) of i-vector/x-vector back-ends: after centring, the length-normalised training
-embeddings' within-speaker scatter ``S_w`` (segments of the same speaker around their mean) is
-scaled to a mean eigenvalue of 1 and ``W = (S_w + a I)^(-1/2)`` is folded into ``fc`` as well
-(weight and bias both multiplied by ``W``), so directions along which one speaker's segments
-wander count less in every cosine. ``a`` (the param's value) keeps the few hundred degrees of
-freedom of a small training split from amplifying directions it saw too little of.
+:func:`centre_embeddings` folds the training embeddings' mean (and, with ``model.wccn``, a WCCN
+transform) into the final linear layer, so the checkpoint itself gives centred embeddings and stays
+an unmodified ``ECAPA_TDNN``. Design: docs/design/training.md#centring-and-wccn.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """The teacher cache of ``model.init: distill``: fixed crops of the train split and CAM++'s embeddings of them.
 
-CAM++ (:mod:`voiceprint.encoders.campplus`, trained on ~200k speakers) separates our speakers far
-better than an ECAPA trained from scratch on a few hundred one-utterance speakers can, but it is a
-foreign architecture. Distillation (:class:`voiceprint.training.objectives.DistillObjective`) keeps
-the pipeline's own artefact, a plain ECAPA-TDNN (or the mixture of experts), and trains it to point
-its embeddings where the teacher's point.
-
-Why a cache of fixed crops: the teacher is several times more expensive per second than the small
-student, and its input never changes (its targets are embeddings of *clean* audio). So for every
-training segment ``model.distill.crops_per_segment`` crops of ``crop_s`` are drawn once,
-deterministically from the seed and the segment id, embedded once, and stored in Parquet under
-``data/teacher_cache/``; a training step then costs student time only, and a rerun with the same
-data and crop settings skips the teacher altogether (it is not even loaded).
+:func:`build_teacher_cache` draws ``model.distill.crops_per_segment`` crops per training segment
+deterministically, embeds them once with CAM++ and stores them under ``data/teacher_cache/``;
+:class:`voiceprint.training.objectives.DistillObjective` trains towards them.
+Design: docs/design/training.md#the-distillation-cache.
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
 """Training objectives: what one step of the training loop (:mod:`voiceprint.training.loop`) optimises.
 
-An objective owns the data side of a step and its loss: it draws the step's batch (which crops,
-their augmentation, their targets), builds the modules trained beside the encoder (the AAM head,
-a projection), and turns the encoder's embeddings into a loss. Scratch training, fine-tuning and
-distillation, of one ECAPA-TDNN or of the mixture of experts, differ by objective and by model
-only; the loop is the same.
-
-* :class:`AamObjective` (scratch training and fine-tuning): SpeechBrain's AAM-softmax over
-  speaker-balanced random crops, with the configured augmentation; a crop played at another speed
-  can count as another speaker (:class:`~voiceprint.training.data.SpeedClasses`), and the class
-  centres can be fixed at the CAM++ teacher's embeddings (``model.aam.centres: teacher``).
-* :class:`DistillObjective` (``model.init: distill``): ``1 - cos`` between the student's embedding
-  and the cached CAM++ embedding of the same clean crop (:mod:`voiceprint.training.distill`), plus
-  ``model.distill.aam_weight`` x AAM-softmax on the speaker labels. Augmentation reaches the
-  student's input only, never the target: that is what teaches it to ignore recording conditions.
-
-Every random draw of a step comes from the objective's numpy generator (``rng``) and the loop's
-noise generator, in a fixed order, so a resumed run replays an uninterrupted one.
+An objective draws a step's batch (crops, augmentation, targets), builds the modules trained beside
+the encoder and turns the embeddings into a loss: :class:`AamObjective` (scratch, fine-tuning) and
+:class:`DistillObjective` (``model.init: distill``). All its draws come from seeded generators in a
+fixed order, so a resumed run replays. Design: docs/design/training.md#objectives.
 """
 
 from __future__ import annotations

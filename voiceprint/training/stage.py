@@ -1,27 +1,9 @@
 """The ``model`` stage: train a speaker encoder, adopt a pretrained one, or fine-tune it.
 
-The result is a directory at ``layout.model_dir``, written atomically: SpeechBrain's layout for
-one ECAPA-TDNN (:mod:`voiceprint.encoders.ecapa`), or the mixture's own layout with ``model.arch:
-moe`` (:mod:`voiceprint.encoders.moe`, which SpeechBrain cannot build). The embedding stage loads
-either with :func:`~voiceprint.encoders.loader.load_model_dir`.
-
-:func:`build_model` picks the recipe from ``model.init``; every recipe that trains runs the same
-loop (:func:`voiceprint.training.loop.fit`) and differs only by model and objective:
-
-* ``scratch``: a fresh ECAPA-TDNN (or mixture), AAM-softmax on speaker-balanced random crops of
-  the train split (:class:`~voiceprint.training.objectives.AamObjective`), decoded once into memory
-  (:mod:`voiceprint.training.data`). Augmentation (``model.augment``) stops the model keying on
-  recording conditions, and counting a speed-perturbed crop as another speaker multiplies the voices
-  it sees. With ``model.aam.centres: teacher`` the class centres are fixed at the bundled CAM++'s
-  embedding of each class's speech (:mod:`voiceprint.training.teacher_centres`);
-* ``pretrained`` with ``finetune_steps``: the same objective, starting from ``model.source``;
-* ``distill``: the student learns the cached CAM++ embeddings of fixed crops
-  (:class:`~voiceprint.training.objectives.DistillObjective`, :mod:`voiceprint.training.distill`).
-
-AAM training then averages the last weights (``model.average_last``) and folds the training
-embeddings' mean (and WCCN) into the final layer (:mod:`voiceprint.training.centring`). A run that
-was killed resumes from its snapshot (:mod:`voiceprint.training.state`); progress reaches MLflow
-through ``on_step`` (:func:`run`).
+:func:`run` calls :func:`build_model`, which picks the recipe from ``model.init`` (``scratch``,
+``pretrained`` with optional fine-tuning, ``distill``; each that trains runs
+:func:`voiceprint.training.loop.fit` with its own objective), and writes the model directory
+atomically, logging to MLflow. Design: docs/design/training.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
 """``model.aam.centres: teacher``: AAM-softmax class centres fixed at the CAM++ teacher's embeddings.
 
-AAM-softmax learns one weight vector (class centre) per training speaker. With 251 speakers of one
-utterance each, the learned centres know nothing about which voices resemble which: they spread
-out evenly, and the encoder learns whatever separates *these* speakers. The bundled CAM++
-(:mod:`voiceprint.encoders.campplus`, trained on ~200k speakers) does know. So here every class
-centre is the teacher's embedding of that class's speech, frozen: the student is pulled, with the
-AAM margin, towards the teacher's placement of each speaker, so voices the teacher finds alike
-must end up alike, and different ones far apart. It is distillation at the level of speakers
-rather than of crops (``model.init: distill``), and it keeps everything the scratch recipe has:
-random crops, augmentation, speed pseudo-speakers.
-
-A speed pseudo-speaker (``model.augment.speed_as_speakers``) gets the teacher's embedding of the speaker's
-speech played at that speed: to CAM++ it is a related but different voice (cosine ~0.65 to the
-original on the default data), and that is the centre it trains towards.
-
-The teacher embeds, per class, the first ``model.aam.teacher_centre_s`` seconds of the speaker's
-training speech (the segments concatenated in the order of the segments table), in one pass; the
-centres are cached in ``data/teacher_cache/`` keyed by the audio, the speeds and the settings, so
-a rerun skips the teacher.
+:func:`teacher_centres` embeds each class's training speech (played at the class's speed) with the
+bundled CAM++ and caches the centres in ``data/teacher_cache/``, so a rerun skips the teacher.
+Design: docs/design/training.md#teacher-class-centres.
 """
 
 from __future__ import annotations
