@@ -103,12 +103,7 @@ def validate(path: str | Path, block_frames: int = SCAN_BLOCK_FRAMES) -> AudioIn
     try:
         with sf.SoundFile(str(path)) as fh:
             for block in fh.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
-                finite = np.isfinite(block)
-                if not finite.all():
-                    at = (decoded + int(np.argmin(finite.all(axis=1)))) / info.sample_rate
-                    raise AudioError(path, f"non-finite samples (NaN/Inf), the first at {at:.2f} s")
-                if len(block):
-                    peak = max(peak, float(np.abs(block).max()))
+                peak = max(peak, _block_peak(path, block, decoded, info.sample_rate))
                 decoded += len(block)
     except AudioError:
         raise
@@ -128,6 +123,17 @@ def validate(path: str | Path, block_frames: int = SCAN_BLOCK_FRAMES) -> AudioIn
     if peak == 0.0:
         raise AudioError(path, f"digital silence: all {info.duration_s:.2f} s are exactly zero")
     return info
+
+
+def _block_peak(path: str | Path, block: np.ndarray, decoded: int, rate: int) -> float:
+    """The largest absolute sample of a decoded ``(frames, channels)`` block (0 when empty), for
+    ``validate`` of either decoder; non-finite samples raise, naming when the first one plays
+    (``decoded`` frames precede the block)."""
+    finite = np.isfinite(block)
+    if not finite.all():
+        at = (decoded + int(np.argmin(finite.all(axis=1)))) / rate
+        raise AudioError(path, f"non-finite samples (NaN/Inf), the first at {at:.2f} s")
+    return float(np.abs(block).max()) if len(block) else 0.0
 
 
 def load(
@@ -410,12 +416,7 @@ def _validate_av(path: str | Path) -> AudioInfo:
         peak = 0.0
         try:
             for block in src.blocks():
-                finite = np.isfinite(block)
-                if not finite.all():
-                    at = (decoded + int(np.argmin(finite.all(axis=1)))) / rate
-                    raise AudioError(path, f"non-finite samples (NaN/Inf), the first at {at:.2f} s")
-                if len(block):
-                    peak = max(peak, float(np.abs(block).max()))
+                peak = max(peak, _block_peak(path, block, decoded, rate))
                 decoded += len(block)
         except AudioError:
             raise
