@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -504,6 +504,43 @@ class CompareParams(_Section):
         return self
 
 
+class ComputeParams(_Section):
+    """Where `segment` and `embed` run (voiceprint/compute). Not a stage param: no output depends on it."""
+
+    engine: Literal["local", "dask"] = Field(
+        default="local",
+        description="`local`: one process, as always. `dask`: the stage is split into shards that Dask "
+        "workers run, each loading the model once; the driver merges their Parquet parts.",
+    )
+    address: str = Field(
+        default="local:2",
+        description="`engine: dask` only. A scheduler address (`tcp://host:8786`), or `local:N` for a "
+        "`LocalCluster` of N worker processes on this machine (`local-cuda` for one worker per GPU, "
+        "with dask-cuda installed).",
+    )
+    shard_s: float = Field(
+        default=600.0,
+        gt=0.0,
+        description="Seconds of audio per shard: the unit a worker takes, writes as one part and "
+        "redoes after a crash.",
+    )
+    threads_per_worker: int | None = Field(
+        default=None,
+        ge=1,
+        description="Torch threads in each worker; null: the host's cores divided by its workers.",
+    )
+    retries: int = Field(default=2, ge=0, description="Times a shard whose worker died is retried elsewhere.")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value == "local-cuda" or re.fullmatch(r"local:[1-9][0-9]*", value):
+            return value
+        if re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", value):
+            return value
+        raise ValueError(f"compute.address must be tcp://host:port, local:N or local-cuda (got {value!r})")
+
+
 class Params(_Section):
     """Every parameter of the pipeline (``params.yaml``), one section per stage."""
 
@@ -514,6 +551,9 @@ class Params(_Section):
     index: IndexParams = Field(default_factory=IndexParams, description="The search index (`index` stage).")
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Metrics (`evaluate` stage).")
     compare: CompareParams = Field(default_factory=CompareParams, description="Encoder comparison (`compare` stage).")
+    compute: ComputeParams = Field(
+        default_factory=ComputeParams, description="Execution engine of `segment` and `embed` (no output depends on it)."
+    )
 
 
 #: Keys of the flat ``model`` section that moved into its subsections, for the error message of an
