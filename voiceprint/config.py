@@ -521,8 +521,7 @@ class ComputeParams(_Section):
     shard_s: float = Field(
         default=600.0,
         gt=0.0,
-        description="Seconds of audio per shard: the unit a worker takes, writes as one part and "
-        "redoes after a crash.",
+        description="Seconds of audio per shard: the unit a worker takes, writes as one part and redoes after a crash.",
     )
     threads_per_worker: int | None = Field(
         default=None,
@@ -552,7 +551,8 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Metrics (`evaluate` stage).")
     compare: CompareParams = Field(default_factory=CompareParams, description="Encoder comparison (`compare` stage).")
     compute: ComputeParams = Field(
-        default_factory=ComputeParams, description="Execution engine of `segment` and `embed` (no output depends on it)."
+        default_factory=ComputeParams,
+        description="Execution engine of `segment` and `embed` (no output depends on it).",
     )
 
 

@@ -80,12 +80,18 @@ class PartStore:
     def done_units(self) -> set[int]:
         return {u for part in self.parts() for u in part.units}
 
-    def write(self, table: pa.Table, units: Iterable[int], rejects: Iterable[dict[str, str]]) -> Path:
+    def write(
+        self, table: pa.Table, units: Iterable[int], rejects: Iterable[dict[str, str]], *, number: int | None = None
+    ) -> Path:
+        """Write one part; ``number`` names it (writers running at once pass distinct ones, e.g. their
+        first unit; rewriting a number replaces that part atomically), default: after the last part."""
         units = sorted(units)
         meta = {"units": units, "rejects": list(rejects)}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META_KEY: json.dumps(meta).encode()})
-        existing = [int(m.group(1)) for p in self.directory.iterdir() if (m := _PART_RE.match(p.name))]
-        target = self.directory / f"part-{(max(existing) + 1) if existing else 0:08d}.parquet"
+        if number is None:
+            existing = [int(m.group(1)) for p in self.directory.iterdir() if (m := _PART_RE.match(p.name))]
+            number = (max(existing) + 1) if existing else 0
+        target = self.directory / f"part-{number:08d}.parquet"
         atomic.write_table(target, table)
         return target
 

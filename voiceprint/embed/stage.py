@@ -8,13 +8,15 @@ Design and measurements: docs/stages.md#embed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +26,7 @@ from voiceprint.common import atomic, schema
 from voiceprint.common.layout import Layout
 from voiceprint.common.parts import PartStore, fingerprint
 from voiceprint.common.precision import dtype_name
-from voiceprint.config import EmbedParams, Params
+from voiceprint.config import ComputeParams, EmbedParams, Params
 from voiceprint.embed.engine import (
     BATCH_PLAN_VERSION,
     Item,
@@ -37,6 +39,9 @@ from voiceprint.embed.engine import (
 from voiceprint.embed.tables import Stager, merge_parts, segment_batch
 from voiceprint.embed.utterances import file_chunk_rows
 from voiceprint.encoders.base import SpeakerEncoder
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +115,7 @@ def embed_segments(
     part_every_s: float = 30.0,
     out_dir: Path | None = None,
     utterances_only: bool = False,
+    compute: ComputeParams | None = None,
 ) -> dict[str, Any]:
     """Embed every row of ``layout.segments`` into ``out_dir`` (default ``data/embeddings``).
 
@@ -121,7 +127,9 @@ def embed_segments(
 
     Finished batches are staged as parts under ``data/work/`` (see :mod:`voiceprint.common.parts`) at least
     every ``part_every_s`` seconds, so a killed run resumes where it stopped and loses at most that
-    much work; the final files appear atomically once every batch is done.
+    much work; the final files appear atomically once every batch is done. With ``compute.engine:
+    dask`` Dask workers embed shards of batches instead (:mod:`voiceprint.embed.sharded`) into
+    their own staging directory, merged the same way.
     """
     out_dir = Path(out_dir) if out_dir is not None else layout.embeddings
     device = pick_device(params.device) if encoder is None else encoder.device
@@ -130,28 +138,50 @@ def embed_segments(
     skip_segments = utterances_only and files is not None
 
     source = _source(layout, encoder, params, segments, files) + ("-utterances" if skip_segments else "")
+    dask = compute is not None and compute.engine == "dask"
     key = _staging_key(layout, out_dir)
+    suffix = "_dask" if dask else ""  # one store per engine: their part files are numbered differently
     stores: dict[str, PartStore] = {}
     if not skip_segments:
-        stores["segments"] = PartStore.open(layout.data / "work", key, source)
+        stores["segments"] = PartStore.open(layout.data / "work", key + suffix, source)
     if files is not None:
-        stores["files"] = PartStore.open(layout.data / "work", key + "_files", source)
+        stores["files"] = PartStore.open(layout.data / "work", key + "_files" + suffix, source)
     seg_schema = schema.embedding_schema(encoder.dim)
     started = time.perf_counter()
     resumed, audio_s = 0, 0.0
-    for name, work in (("segments", segments), ("files", files)):
-        if name in stores:
-            r, a = _run_pass(
-                stores[name],
-                work,
-                encoder,
-                params,
-                seg_schema,
-                progress=progress,
-                rows_per_group=rows_per_group,
-                part_every_s=part_every_s,
-                name=name,
-            )
+    with contextlib.ExitStack() as stack:
+        client_of = _lazy_client(stack, compute) if dask else None
+        for name, work in (("segments", segments), ("files", files)):
+            if name not in stores:
+                continue
+            if client_of is not None and compute is not None:
+                from voiceprint.embed.sharded import run_pass_sharded
+
+                r, a = run_pass_sharded(
+                    client_of,
+                    stores[name],
+                    work,
+                    encoder,
+                    params,
+                    seg_schema,
+                    layout,
+                    compute,
+                    precision=str(engine_dtype(encoder, params)),
+                    progress=progress,
+                    name=name,
+                )
+            else:
+                r, a = _run_pass(
+                    stores[name],
+                    work,
+                    encoder,
+                    params,
+                    seg_schema,
+                    progress=progress,
+                    rows_per_group=rows_per_group,
+                    part_every_s=part_every_s,
+                    name=name,
+                )
             resumed, audio_s = resumed + r, audio_s + a
     elapsed = time.perf_counter() - started
 
@@ -251,12 +281,28 @@ def reuse_embeddings(
     }
 
 
+def _lazy_client(stack: contextlib.ExitStack, compute: ComputeParams | None) -> Callable[[], Client]:
+    """A function that opens the Dask client on its first call (closed with ``stack``), so a run
+    with every batch already staged starts no cluster."""
+    opened: list[Client] = []
+
+    def client_of() -> Client:
+        if not opened:
+            from voiceprint.compute.cluster import open_client
+
+            assert compute is not None
+            opened.append(stack.enter_context(open_client(compute)))
+        return opened[0]
+
+    return client_of
+
+
 def _staging_key(layout: Layout, out_dir: Path) -> str:
     return "embed_" + "_".join(part for part in layout.relative(out_dir).parts if part not in ("/", ""))
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
-    """The ``embed`` stage: :func:`embed_segments`; its timings go to ``layout.embed_stats``."""
-    summary = embed_segments(layout, params.embed)
+    """The ``embed`` stage: :func:`embed_segments` on ``params.compute``; its timings go to ``layout.embed_stats``."""
+    summary = embed_segments(layout, params.embed, compute=params.compute)
     atomic.write_json(layout.embed_stats, summary)
     return summary

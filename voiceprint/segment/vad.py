@@ -61,9 +61,9 @@ def speech_probabilities(path: str | Path, duration_s: float) -> np.ndarray:
 
 
 def silero_spans(path: str | Path, duration_s: float, params: VadParams) -> list[Span]:
+    probs = speech_probabilities(path, duration_s)  # first: it imports silero_vad keeping torch's threads
     from silero_vad import get_speech_timestamps_from_probs
 
-    probs = speech_probabilities(path, duration_s)
     stamps = get_speech_timestamps_from_probs(
         probs.tolist(),
         sampling_rate=SR,

@@ -1,0 +1,77 @@
+"""Per-worker-process state: a model loaded once, torch threads set once.
+
+A Dask worker process runs many shards; :func:`cached` keeps what a shard task builds (the
+encoder) keyed by what identifies it, and :func:`use_threads` sizes torch's intra-op pool from
+``compute.threads_per_worker`` or the host's cores shared by its worker threads.
+Guide: docs/compute.md#workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Hashable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+_CACHE: dict[Hashable, Any] = {}
+_LOCK = threading.Lock()
+
+
+def cached(key: Hashable, factory: Callable[[], T]) -> T:
+    """``factory()`` the first time ``key`` is asked for in this process, the same object afterwards.
+
+    The cache holds one entry: a new key (another model, or the same files rewritten) drops the old
+    object, so a long-lived worker never holds two models.
+    """
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE.clear()
+            log.info("worker %d: loading %s", os.getpid(), key)
+            _CACHE[key] = factory()
+        return _CACHE[key]
+
+
+def files_key(directory: Path) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+    """What identifies the files of ``directory``: its path and each file's name, size and mtime."""
+    directory = Path(directory).resolve()
+    entries = sorted(
+        (p.relative_to(directory).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in directory.rglob("*")
+        if p.is_file()
+    )
+    return str(directory), tuple(entries)
+
+
+def host_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def threads_for(requested: int | None, host_threads: Mapping[str, int]) -> int:
+    """Torch threads for a task on the current worker: ``requested``, or this host's cores divided
+    by the Dask threads of all workers on it (``host_threads``: host -> Dask threads, from the driver)."""
+    if requested is not None:
+        return requested
+    from distributed import get_worker
+
+    host = get_worker().address.rsplit(":", 1)[0].split("://")[-1]
+    return max(1, host_cores() // max(1, host_threads.get(host, 1)))
+
+
+def use_threads(threads: int) -> None:
+    """Set torch's intra-op threads to ``threads`` in this process, where they differ (a library may
+    have changed them since the last shard)."""
+    import torch
+
+    with _LOCK:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
