@@ -225,27 +225,29 @@ def test_folder_dataset_takes_every_format_and_rejects_the_damaged_m4a(folder_ru
     assert out["result"].utterances == {"eval": len(FORMATS) + 1} and out["result"].rejects == 2
     for fmt, source in encoded.items():
         row = rows[fmt]
-        # Copied as it is, extension included, and its facts are the decoder's.
-        assert row["path"] == f"data/raw/eval/reader/{fmt}{FORMATS[fmt][0]}"
-        assert row["sha256"] == _sha256(source) == _sha256(layout.root / row["path"])
+        # Listed where it lies, extension included, and its facts are the decoder's.
+        assert row["path"] == f"{voices.as_posix()}/reader/{source.name}"
+        assert row["sha256"] == _sha256(source) == _sha256(layout.resolve(row["path"]))
+        assert row["size_bytes"] == source.stat().st_size
         assert row["sample_rate"] == FORMATS[fmt][3]
         assert abs(row["duration_s"] - rows["original"]["duration_s"]) <= FRAME_SAMPLES[fmt] / FORMATS[fmt][3]
     rejects = {Path(r["path"]).name: r for r in _rejects(layout)}
     assert set(rejects) == {p.name for p in broken.values()}
-    # Rejects name the source file and say what is wrong; rejected files never reach data/raw.
+    # Rejects name the source file and say what is wrong; rejected files never reach the manifest.
     assert rejects["cut.m4a"]["path"] == (voices / "broken" / "cut.m4a").as_posix()
     assert "moov atom not found" in rejects["cut.m4a"]["reason"]
     assert "truncated or corrupt audio" in rejects["cut-indexed.m4a"]["reason"]
     assert all(r["stage"] == "prepare" for r in rejects.values())
-    assert not (layout.raw / "eval" / "broken").exists()
+    assert not [r for r in rows.values() if "/broken/" in r["path"]]
+    assert not audio_in_project(layout)
 
 
-def test_prepared_copies_embed_like_the_wav_original(folder_run, campplus) -> None:
+def test_prepared_files_embed_like_the_wav_original(folder_run, campplus) -> None:
     layout, _, _, _ = folder_run
     rows = _manifest(layout)
-    reference = embedding(campplus, audio.load(layout.root / rows["original"]["path"]))
+    reference = embedding(campplus, audio.load(layout.resolve(rows["original"]["path"])))
     cosines = {
-        fmt: float(embedding(campplus, audio.load(layout.root / rows[fmt]["path"])) @ reference) for fmt in FORMATS
+        fmt: float(embedding(campplus, audio.load(layout.resolve(rows[fmt]["path"]))) @ reference) for fmt in FORMATS
     }
     assert min(cosines.values()) >= MIN_COSINE, cosines
 
@@ -278,7 +280,7 @@ def test_voxceleb_layout(original, encoded, tmp_path: Path) -> None:
         row = rows[utt]
         speaker = rel.split("/")[0]
         assert row["speaker_id"] == speaker and row["split"] == "eval"
-        assert row["path"] == f"data/raw/eval/{speaker}/{utt}{Path(rel).suffix}"
+        assert row["path"] == f"{root.as_posix()}/{rel}"
         assert row["sha256"] == _sha256(root / rel)
         assert row["duration_s"] == pytest.approx(len(original[1]) / audio.TARGET_SR, abs=0.064)  # <= 1 frame
     reasons = {r["path"].removeprefix(root.as_posix() + "/"): r["reason"] for r in _rejects(layout)}
@@ -286,7 +288,7 @@ def test_voxceleb_layout(original, encoded, tmp_path: Path) -> None:
     assert "<speaker>/<video>/<utterance> depth" in reasons["id10001/00009.m4a"]
     assert "outside a speaker folder" in reasons["loose.m4a"]
     assert "moov atom not found" in reasons["id10002/brokenvid/cut.m4a"]
-    assert raw_paths(layout) == {row["path"] for row in rows.values()}
+    assert not audio_in_project(layout)
 
 
 def test_voxceleb_train_and_test_folders_are_the_splits(encoded, tmp_path: Path) -> None:
@@ -311,5 +313,6 @@ def test_voxceleb_train_and_test_folders_are_the_splits(encoded, tmp_path: Path)
     }
 
 
-def raw_paths(layout: Layout) -> set[str]:
-    return {p.relative_to(layout.root).as_posix() for p in layout.raw.rglob("*") if p.is_file()}
+def audio_in_project(layout: Layout) -> list[str]:
+    """Audio files under the project: prepare reads the dataset in place and copies none."""
+    return [p.as_posix() for p in layout.root.rglob("*") if p.suffix.lower() in audio.AUDIO_SUFFIXES]

@@ -55,7 +55,7 @@ PROJECT_SETUP_TESTS = (
     "tests/test_config.py",
     "tests/test_moe.py::test_moe_with_a_pretrained_source_is_a_config_error",
     "tests/reliability/test_concurrency.py",
-    "tests/reliability/test_crash_resume.py::test_prepare_survives_sigkill_during_extraction_and_copy",
+    "tests/reliability/test_crash_resume.py::test_prepare_survives_sigkill_during_extraction_and_verification",
 )
 #: The served-deployment tests (stand-in stages, then the real dvc.yaml on a small subset); marked
 #: slow in their file, so run on their own, without ``-m 'not slow'``.

@@ -1,5 +1,6 @@
-"""prepare(): real LibriSpeech excerpts, corrupted mirrors, caps, folder datasets, and OpenSLR-shaped
-LibriSpeech served by a local HTTP server."""
+"""prepare(): real LibriSpeech excerpts read in place (nothing copied, reruns read only what changed),
+corrupted mirrors, caps, folder datasets, and OpenSLR-shaped LibriSpeech served by a local HTTP
+server."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+import yaml
 
+import voiceprint.prepare.stage as prepare_stage
 from voiceprint.common import schema
 from voiceprint.common.checksums import parse_checksum_file, sha256_file
 from voiceprint.common.layout import Layout
@@ -42,8 +46,37 @@ def read_rejects(layout: Layout) -> list[dict[str, str]]:
     return table.to_pylist()
 
 
-def raw_files(layout: Layout) -> set[str]:
-    return {p.relative_to(layout.root).as_posix() for p in layout.raw.rglob("*") if p.is_file()}
+def project_files(layout: Layout) -> dict[str, int]:
+    """Every file under the project (relative path -> size)."""
+    return {p.relative_to(layout.root).as_posix(): p.stat().st_size for p in layout.root.rglob("*") if p.is_file()}
+
+
+def assert_no_audio_in_project(layout: Layout) -> None:
+    """prepare wrote its tables and nothing else: no audio, no file holding a listed file's bytes.
+    ``data/downloads`` is left out: an OpenSLR archive is extracted there once and read in place."""
+    files = {f for f in project_files(layout) if not f.startswith("data/downloads/")}
+    assert files <= {
+        "params.yaml",
+        "data/manifest.parquet",
+        "data/rejects/prepare.parquet",
+        "data/cache/prepare-files.parquet",
+    }, files
+    listed = {r["sha256"] for r in read_manifest(layout)}
+    assert not [f for f in files if sha256_file(layout.root / f) in listed], files
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Path]]:
+    """Record every file the stage hashes (``sha256_file``) or decodes (``validate``) from now on."""
+    calls: dict[str, list[Path]] = {"sha256_file": [], "validate": []}
+    for name in calls:
+        real = getattr(prepare_stage, name)
+
+        def spy(path: Path, *args: object, _real=real, _name=name) -> object:
+            calls[_name].append(Path(path))
+            return _real(path, *args)
+
+        monkeypatch.setattr(prepare_stage, name, spy)
+    return calls
 
 
 # -- the real excerpts ---------------------------------------------------------------------------------
@@ -76,19 +109,29 @@ def test_excerpts_manifest_matches_published_checksums(
     keys = [(r["split"], r["speaker_id"], r["utterance_id"]) for r in rows]
     assert keys == sorted(keys)
     first = next(r for r in rows if r["utterance_id"] == "1688-142285-0000")
-    assert first["path"] == "data/raw/eval/1688/1688-142285-0000.flac"
+    # The mirror was configured as an absolute path, so the file is named by it, where it lies.
+    source = excerpts_dir / "test-other/1688/1688-142285-0000.flac"
+    assert first["path"] == source.as_posix() and layout.resolve(first["path"]) == source
     assert first["sample_rate"] == 16000 and first["channels"] == 1 and first["duration_s"] > 1.0
-    # The copy is byte for byte the published file.
-    assert sha256_file(layout.root / str(first["path"])) == reference["test-other/1688/1688-142285-0000.flac"]
-    assert raw_files(layout) == {str(r["path"]) for r in rows}
+    assert first["size_bytes"] == source.stat().st_size
+    assert sha256_file(source) == reference["test-other/1688/1688-142285-0000.flac"]
+    for r in rows:
+        assert layout.resolve(r["path"]).stat().st_size == r["size_bytes"] > 0
+    assert_no_audio_in_project(layout)
 
 
-def test_excerpts_rerun_copies_nothing(prepared_excerpts: tuple[Layout, object], excerpts_dir: Path) -> None:
-    layout, _ = prepared_excerpts
-    before = {p: p.stat().st_ino for p in layout.raw.rglob("*.flac")}
+def test_excerpts_rerun_reads_nothing(
+    prepared_excerpts: tuple[Layout, object], excerpts_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout, first = prepared_excerpts
+    assert (first.hashed, first.reused, first.decoded) == (351, 0, 351)
+    manifest = layout.manifest.read_bytes()
+    calls = count_reads(monkeypatch)
     result = prepare(DataParams(mirror=str(excerpts_dir.parent)), layout, progress=False)
     assert result.utterances == {"train": 251, "eval": 100}
-    assert {p: p.stat().st_ino for p in layout.raw.rglob("*.flac")} == before
+    assert calls == {"sha256_file": [], "validate": []}
+    assert (result.hashed, result.reused, result.decoded) == (0, 351, 0)
+    assert layout.manifest.read_bytes() == manifest
 
 
 def test_mirror_is_resolved_against_the_project_root(excerpts_dir: Path, tmp_path: Path) -> None:
@@ -107,11 +150,17 @@ def test_mirror_is_resolved_against_the_project_root(excerpts_dir: Path, tmp_pat
         utts = sorted(r["utterance_id"] for r in rows if r["speaker_id"] == speaker)
         assert utts == sorted(p.stem for p in (excerpts_dir / "test-other" / speaker).glob("*.flac"))[:2]
 
-    # Tightening the caps prunes what the manifest no longer lists from data/raw.
+    # Files are named by the mirror as written, and found again from the project root.
+    for r in rows:
+        assert str(r["path"]).startswith(f"{mirror}/librispeech-excerpts/")
+        assert layout.resolve(r["path"]).resolve().is_relative_to(excerpts_dir)
+
+    # Tightening the caps lists fewer files; nothing was copied that would need pruning.
     result = prepare(DataParams(mirror=mirror, max_speakers=1, train_subset=None), layout, progress=False)
     assert result.utterances == {"eval": 10} and result.speakers == {"eval": 1}
-    assert raw_files(layout) == {str(r["path"]) for r in read_manifest(layout)}
-    assert not (layout.raw / "train").exists()
+    assert {r["speaker_id"] for r in read_manifest(layout)} == {eval_speakers[0]}
+    assert (result.hashed, result.reused) == (8, 2)  # its first 2 files were verified by the first run
+    assert_no_audio_in_project(layout)
 
 
 def test_missing_mirror_is_a_clear_error(tmp_path: Path) -> None:
@@ -143,7 +192,12 @@ def test_corrupted_file_is_one_reject(small_mirror: Path, tmp_path: Path) -> Non
     assert reject["stage"] == "prepare"
     assert "sha256 mismatch" in reject["reason"] and sha256_file(victim) in reject["reason"]
     assert "1688-142285-0003" not in {r["utterance_id"] for r in read_manifest(layout)}
-    assert not (layout.raw / "eval/1688/1688-142285-0003.flac").exists()
+
+    # The rerun takes the digest from the file cache and still compares it with the reference.
+    rejects = layout.rejects("prepare").read_bytes()
+    again = prepare(DataParams(mirror=str(small_mirror), train_subset=None), layout, progress=False)
+    assert (again.rejects, again.hashed, again.reused) == (1, 0, 100)
+    assert layout.rejects("prepare").read_bytes() == rejects
 
 
 def test_missing_and_unlisted_files_are_rejects(small_mirror: Path, tmp_path: Path) -> None:
@@ -159,6 +213,163 @@ def test_missing_and_unlisted_files_are_rejects(small_mirror: Path, tmp_path: Pa
     assert set(reasons) == {"1688-142285-0001.flac", "1688-999999-0000.flac"}
     assert "missing" in reasons["1688-142285-0001.flac"]
     assert "not listed" in reasons["1688-999999-0000.flac"]
+
+
+# -- read in place, verified incrementally --------------------------------------------------------------
+
+
+def test_in_place_corpus_is_read_not_copied(excerpts_dir: Path, tmp_path: Path) -> None:
+    """The default setup (a relative data.mirror): each manifest path is the corpus file itself."""
+    layout = Layout.at(tmp_path / "project")
+    layout.root.mkdir()
+    mirror = os.path.relpath(excerpts_dir.parent, layout.root)  # like the default "../shared/datasets"
+    result = prepare(DataParams(mirror=mirror), layout, progress=False)
+
+    rows = read_manifest(layout)
+    assert len(rows) == result.total_utterances == 351
+    reference = parse_checksum_file(excerpts_dir / "MANIFEST.sha256")
+    subset = {"eval": "test-other", "train": "train-clean-100"}
+    for r in rows:
+        rel = f"{subset[r['split']]}/{r['speaker_id']}/{r['utterance_id']}.flac"
+        assert r["path"] == f"{mirror}/librispeech-excerpts/{rel}"
+        listed, source = layout.resolve(r["path"]).stat(), (excerpts_dir / rel).stat()
+        assert (listed.st_dev, listed.st_ino) == (source.st_dev, source.st_ino)  # the same file, not a copy
+        assert r["size_bytes"] == source.st_size and r["sha256"] == reference[rel]
+    assert_no_audio_in_project(layout)
+    assert sum(project_files(layout).values()) < sum(r["size_bytes"] for r in rows) / 20
+
+
+def test_rerun_reads_only_new_or_changed_files(
+    small_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = Layout.at(tmp_path / "project")
+    params = DataParams(mirror=str(small_mirror), train_subset=None)
+    first = prepare(params, layout, progress=False)
+    assert (first.hashed, first.reused, first.decoded, first.rejects) == (100, 0, 100, 0)
+    assert pq.read_table(layout.file_cache).num_rows == 100
+    manifest = layout.manifest.read_bytes()
+
+    calls = count_reads(monkeypatch)
+    second = prepare(params, layout, progress=False)
+    assert calls == {"sha256_file": [], "validate": []}
+    assert (second.hashed, second.reused, second.decoded) == (0, 100, 0)
+    assert layout.manifest.read_bytes() == manifest
+
+    # A touched file (same bytes, new mtime) is read again, alone; the manifest does not change.
+    files = sorted((small_mirror / "librispeech-excerpts/test-other").glob("*/*.flac"))
+    touched = files[17]
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    third = prepare(params, layout, progress=False)
+    assert calls == {"sha256_file": [touched], "validate": [touched]}
+    assert (third.hashed, third.reused, third.decoded) == (1, 99, 1)
+    assert layout.manifest.read_bytes() == manifest
+
+    # New content of the same size: hashed again, alone, and caught by the published digest.
+    changed = files[42]
+    data = bytearray(changed.read_bytes())
+    data[-100] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    for seen in calls.values():
+        seen.clear()
+    fourth = prepare(params, layout, progress=False)
+    assert calls == {"sha256_file": [changed], "validate": []}  # a digest mismatch is not decoded
+    assert (fourth.hashed, fourth.reused, fourth.rejects) == (1, 99, 1)
+    (reject,) = read_rejects(layout)
+    assert reject["path"] == changed.as_posix() and "sha256 mismatch" in reject["reason"]
+
+    # Another version of the decode check decodes again, without hashing anything.
+    monkeypatch.setattr(prepare_stage, "validator_fingerprint", lambda: "another decode check")
+    fifth = prepare(params, layout, progress=False)
+    assert calls["sha256_file"] == [changed] and len(calls["validate"]) == 99
+    assert (fifth.hashed, fifth.reused, fifth.decoded, fifth.rejects) == (0, 100, 99, 1)
+
+
+def test_unreadable_file_cache_is_rebuilt(small_mirror: Path, tmp_path: Path) -> None:
+    layout = Layout.at(tmp_path / "project")
+    params = DataParams(mirror=str(small_mirror), train_subset=None)
+    prepare(params, layout, progress=False)
+    manifest = layout.manifest.read_bytes()
+    layout.file_cache.write_bytes(b"PAR1 not really parquet")
+    again = prepare(params, layout, progress=False)
+    assert (again.hashed, again.reused, again.utterances) == (100, 0, {"eval": 100})
+    assert layout.manifest.read_bytes() == manifest
+    assert pq.read_table(layout.file_cache).num_rows == 100
+
+
+def test_sibling_checkouts_write_identical_tables(excerpts_dir: Path, tmp_path: Path) -> None:
+    """Two checkouts side by side with the same params.yaml (relative bases) write the same bytes:
+    files outside the project are named by the base as written, and resolve from either checkout."""
+    speaker = sorted(p for p in (excerpts_dir / "test-other").iterdir() if p.is_dir())[0]
+    files = sorted(speaker.glob("*.flac"))[:4]
+    mirror = tmp_path / "mirror" / "librispeech-excerpts" / "test-other" / speaker.name
+    mirror.mkdir(parents=True)
+    listed = [
+        line
+        for line in (excerpts_dir / "MANIFEST.sha256").read_text().splitlines()
+        if any(line.endswith(f"test-other/{speaker.name}/{f.name}") for f in files)
+    ]
+    (mirror.parents[1] / "MANIFEST.sha256").write_text("\n".join(listed) + "\n")
+    for f in files[:3]:  # files[3] is listed but missing
+        shutil.copy2(f, mirror / f.name)
+    corrupt = bytearray((mirror / files[1].name).read_bytes())
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    (mirror / files[1].name).write_bytes(bytes(corrupt))
+    voices = tmp_path / "voices"
+    (voices / "alice").mkdir(parents=True)
+    shutil.copy2(files[0], voices / "alice" / "one.flac")
+    (voices / "alice" / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    shutil.copy2(files[2], voices / "loose.flac")  # outside a speaker folder
+
+    kinds = {
+        "excerpts": DataParams(mirror="../mirror", train_subset=None),
+        "folder": DataParams(dataset="folder", path="../voices", mirror="../mirror"),
+    }
+    written: dict[str, list[tuple[Layout, bytes, bytes]]] = {kind: [] for kind in kinds}
+    for checkout in ("a", "a-much-longer-sibling-checkout"):
+        layout = Layout.at(tmp_path / checkout)
+        for kind, params in kinds.items():
+            prepare(params, layout, progress=False)
+            written[kind].append((layout, layout.manifest.read_bytes(), layout.rejects("prepare").read_bytes()))
+
+    for kind, ((one, manifest, rejects), (other, manifest2, rejects2)) in written.items():
+        assert manifest == manifest2 and rejects == rejects2, kind
+        assert str(tmp_path).encode() not in manifest + rejects, kind
+        rows = pq.read_table(pa.BufferReader(manifest)).to_pylist()
+        bad = pq.read_table(pa.BufferReader(rejects)).to_pylist()
+        base = "../mirror/" if kind == "excerpts" else "../voices/"
+        assert rows and len(bad) == 2 and all(r["path"].startswith(base) for r in rows + bad), (rows, bad)
+        for r in rows:
+            assert os.path.samefile(one.resolve(r["path"]), other.resolve(r["path"]))
+            assert sha256_file(one.resolve(r["path"])) == r["sha256"]
+    reasons = {
+        Path(r["path"]).name: r["reason"] for r in pq.read_table(pa.BufferReader(written["excerpts"][0][2])).to_pylist()
+    }
+    assert "sha256 mismatch" in reasons[files[1].name] and "missing from ../mirror/" in reasons[files[3].name]
+
+
+def test_home_relative_base_is_kept_as_written(
+    test_other_files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "voices" / "bob").mkdir(parents=True)
+    shutil.copy2(test_other_files[0], tmp_path / "home" / "voices" / "bob" / "hi.flac")
+    layout = Layout.at(tmp_path / "project")
+    prepare(DataParams(dataset="folder", path="~/voices"), layout, progress=False)
+    (row,) = read_manifest(layout)
+    assert row["path"] == "~/voices/bob/hi.flac"
+    assert layout.resolve(row["path"]) == tmp_path / "home" / "voices" / "bob" / "hi.flac"
+
+
+def test_dvc_yaml_tracks_no_copy_of_the_corpus(repo_root: Path) -> None:
+    """No stage writes or reads data/raw; prepare always runs (it is what notices a changed corpus)."""
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    assert stages["prepare"]["outs"] == ["data/manifest.parquet", "data/rejects/prepare.parquet"]
+    assert stages["prepare"]["always_changed"] is True
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        paths = [d if isinstance(d, str) else next(iter(d)) for d in body.get("deps", []) + body.get("outs", [])]
+        assert not [p for p in paths if p.startswith(("data/raw", "data/cache", "data/downloads"))], name
 
 
 # -- folder datasets -----------------------------------------------------------------------------------
@@ -187,7 +398,7 @@ def test_folder_without_splits_is_all_eval(excerpts_dir: Path, tmp_path: Path) -
     assert result.utterances == {"eval": 5} and result.speakers == {"eval": 3}
     rows = read_manifest(layout)
     hello = next(r for r in rows if r["utterance_id"] == "hello")
-    assert hello["path"] == "data/raw/eval/alice/hello.wav" and hello["duration_s"] == pytest.approx(2.0)
+    assert hello["path"] == f"{folder.as_posix()}/alice/hello.wav" and hello["duration_s"] == pytest.approx(2.0)
     assert hello["sha256"] == hashlib.sha256((folder / "alice/hello.wav").read_bytes()).hexdigest()
     reasons = {r["path"].removeprefix(folder.as_posix() + "/"): r["reason"] for r in read_rejects(layout)}
     assert set(reasons) == {"alice/broken.wav", "alice.wav"}
@@ -216,8 +427,9 @@ def test_folder_with_train_and_test_splits(excerpts_dir: Path, tmp_path: Path) -
     names = list(speakers)
     assert {r["speaker_id"] for r in rows if r["split"] == "train"} == set(names[:2])
     assert {r["utterance_id"] for r in rows} == {f"{s}-000" for s in names}
-    for r in rows:
-        assert Path(str(r["path"])).stem == r["utterance_id"]
+    for r in rows:  # the id carries the speaker; the path names the file as it is
+        split = "train" if r["split"] == "train" else "test"
+        assert r["path"] == f"{folder.as_posix()}/{split}/{r['speaker_id']}/000.flac"
 
 
 def test_folder_with_train_but_no_test_is_an_error(tmp_path: Path) -> None:
@@ -301,15 +513,24 @@ def test_librispeech_end_to_end_over_http(openslr: tuple[_Server, dict], tmp_pat
     rows = read_manifest(layout)
     originals = {f.stem: f for split_files in files.values() for fs in split_files.values() for f in fs}
     assert {r["utterance_id"] for r in rows} == set(originals)
+    subsets = {"eval": "test-tiny", "train": "train-tiny"}
     for r in rows:
         assert r["sha256"] == sha256_file(originals[str(r["utterance_id"])])
-        assert r["path"] == f"data/raw/{r['split']}/{r['speaker_id']}/{r['utterance_id']}.flac"
+        # Read where it was extracted (once, under data/downloads), named relative to the project.
+        subset, chapter = subsets[str(r["split"])], str(r["utterance_id"]).split("-")[1]
+        assert r["path"] == (
+            f"data/downloads/{subset}/LibriSpeech/{subset}/{r['speaker_id']}/{chapter}/{r['utterance_id']}.flac"
+        )
+        assert sha256_file(layout.resolve(r["path"])) == r["sha256"]
     assert (layout.downloads / "test-tiny.tar.gz").is_file()
     assert read_marker(layout.downloads / "test-tiny")["archive"] == "test-tiny.tar.gz"
+    assert_no_audio_in_project(layout)
+    assert len(list(layout.downloads.rglob("*.flac"))) == 10  # the one extraction, no second copy
 
-    # A rerun neither downloads nor re-extracts.
+    # A rerun neither downloads nor re-extracts, nor reads the extracted files again.
     server.paths.clear()
-    assert prepare(params, layout, progress=False).utterances == {"train": 4, "eval": 6}
+    again = prepare(params, layout, progress=False)
+    assert again.utterances == {"train": 4, "eval": 6} and (again.hashed, again.reused) == (0, 10)
     assert server.paths == []
 
 
@@ -337,6 +558,9 @@ def test_librispeech_prefers_the_local_mirror(openslr: tuple[_Server, dict], tmp
     params = params.model_copy(update={"mirror": str(tree)})
     assert prepare(params, other, progress=False).utterances == {"eval": 6}
     assert server.paths == [] and not other.downloads.exists()
+    for r in read_manifest(other):
+        assert str(r["path"]).startswith(f"{tree.as_posix()}/LibriSpeech/test-tiny/")
+    assert_no_audio_in_project(other)
 
 
 def test_librispeech_bad_archive_checksum(

@@ -28,8 +28,8 @@ level link to itself)
                                           the segment stage knows the VAD parameters)
 ============================  ==========  ===============================================
 
-Reject paths name the file a person has to fix: prepare reports the source file in the dataset,
-segment the copy under ``data/raw`` (the manifest does not keep the source path).
+Reject paths name the file a person has to fix, the dataset's own file: prepare reads the dataset
+in place (nothing is copied), so the manifest, and segment's rejects, name the source file too.
 
 The stages run as they do under DVC: prepare and segment in a child process (through
 ``voiceprint.stages.run_stage``), which also measures its own peak RSS; embed and evaluate in this
@@ -174,11 +174,11 @@ def test_each_unusable_file_is_one_reject_with_a_reason(run: Run, bad_audio_data
         (row,) = rejects[name]
         assert row["stage"] == stage, row
         assert words in row["reason"], row
-    # prepare names the source file in the dataset; segment the copy it was given.
+    # prepare and segment both name the source file in the dataset (read in place, never copied).
     root = bad_audio_dataset.root.as_posix()
     assert rejects["zero.wav"][0]["path"] == f"{root}/mallory/zero.wav"
     assert rejects["ghost"][0]["path"] == f"{root}/ghost"
-    assert rejects["short.wav"][0]["path"] == "data/raw/eval/mallory/short.wav"
+    assert rejects["short.wav"][0]["path"] == f"{root}/mallory/short.wav"
     # Reasons carry the specifics a person needs, not just a category.
     assert "first at 1.00 s" in rejects["nan.wav"][0]["reason"]
     assert "first at 2.00 s" in rejects["inf.wav"][0]["reason"]
@@ -202,7 +202,7 @@ def test_every_usable_file_is_embedded(run: Run, bad_audio_dataset) -> None:
     facts = {u: (r["sample_rate"], r["channels"]) for u, r in manifest.items()}
     assert facts["rate8k"] == (8_000, 1) and facts["rate44k1"] == (44_100, 1)
     assert facts["rate48k"] == (48_000, 1) and facts["stereo"] == (16_000, 2)
-    assert manifest["ütt ñ 1"]["path"] == "data/raw/eval/bob ø/ütt ñ 1.flac"
+    assert manifest["ütt ñ 1"]["path"] == f"{bad_audio_dataset.root.as_posix()}/bob ø/ütt ñ 1.flac"
     assert manifest["ütt ñ 1"]["speaker_id"] == "bob ø"
     assert manifest["long"]["duration_s"] == pytest.approx(3600.0)
 
@@ -225,9 +225,12 @@ def test_the_run_goes_on_and_every_stage_counts_its_rejects(run: Run, bad_audio_
     assert segmented["utterances"] == len(bad_audio_dataset.usable) + 1
     assert run.embed["rejected"] == expected["embed"] == 0
     assert run.embed["segments"] == segmented["segments"]
-    # Rejected files never reach data/raw: it holds exactly what the manifest lists.
-    raw = {p.relative_to(run.layout.root).as_posix() for p in run.layout.raw.rglob("*") if p.is_file()}
-    assert raw == set(pq.read_table(run.layout.manifest).column("path").to_pylist())
+    # Nothing is copied: the manifest lists the usable files where they lie, and the project holds
+    # no audio at all (not even the 60-minute file).
+    listed = pq.read_table(run.layout.manifest).column("path").to_pylist()
+    assert all(Path(p).is_absolute() and run.layout.resolve(p).is_file() for p in listed)
+    audio_in_project = [p for p in run.layout.root.rglob("*") if p.suffix.lower() in {".wav", ".flac"}]
+    assert audio_in_project == []
 
 
 def test_reject_counts_reach_metrics_json_and_mlflow(run: Run, bad_audio_dataset) -> None:
@@ -362,8 +365,15 @@ def test_folder_scan_follows_symlinks_and_reports_broken_ones(tmp_path: Path, te
     assert reject["path"] == (voices / "spk" / "dangling.wav").as_posix()
     assert reject["reason"] == f"broken symlink (its target {tmp_path / 'gone.wav'} does not exist)"
     assert result.rejects == 1
-    # Copies are real files in data/raw, not links back into the dataset.
-    assert not any(p.is_symlink() for p in layout.raw.rglob("*"))
+    # Files are listed by the path the scan found them at (through the links), not copied.
+    paths = {r["utterance_id"]: r["path"] for r in rows}
+    assert paths == {
+        "a": (voices / "spk" / "a.flac").as_posix(),
+        "b": (voices / "spk" / "more" / "b.flac").as_posix(),
+        "c": (voices / "linked" / "c.flac").as_posix(),
+    }
+    assert all(layout.resolve(p).resolve().is_relative_to(store.resolve()) for p in paths.values())
+    assert not [p for p in layout.root.rglob("*") if p.suffix == ".flac"]
 
 
 def test_reject_counts_without_and_with_rejects(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""SIGKILL at random moments during ``embed``, ``prepare`` (archive extraction and copying) and
+"""SIGKILL at random moments during ``embed``, ``prepare`` (archive extraction and verification) and
 ``index``; the rerun must produce exactly what an uninterrupted run produces, and nothing partial
 may ever be visible where readers look.
 
@@ -98,6 +98,13 @@ def _tree_digest(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def _file_cache(layout: Layout) -> dict[str, tuple[object, ...]]:
+    """prepare's file cache by project-relative path: digest and decode result (mtimes differ)."""
+    rows = pq.read_table(layout.file_cache).to_pylist()
+    keys = ("size", "sha256", "validator", "duration_s", "sample_rate", "channels", "reason")
+    return {Path(r["path"]).relative_to(layout.root).as_posix(): tuple(r[k] for k in keys) for r in rows}
 
 
 def _index_digest(index_dir: Path) -> dict[str, object]:
@@ -259,7 +266,7 @@ def _prepare_project(root: Path, mirror: Path, subset: str) -> Layout:
     return Layout.at(root)
 
 
-def test_prepare_survives_sigkill_during_extraction_and_copy(tmp_path: Path, excerpts_dir: Path) -> None:
+def test_prepare_survives_sigkill_during_extraction_and_verification(tmp_path: Path, excerpts_dir: Path) -> None:
     subset = "train-crash"
     mirror = tmp_path / "mirror"
     md5 = _librispeech_mirror(mirror, excerpts_dir, subset)
@@ -293,7 +300,11 @@ def test_prepare_survives_sigkill_during_extraction_and_copy(tmp_path: Path, exc
 
     _finish(_start(PREPARE_DRIVER, str(crashed.root), subset, md5))
     assert pq.read_table(crashed.manifest).equals(ref_manifest)
-    assert _tree_digest(crashed.raw) == _tree_digest(reference.raw)
+    # The one extraction (read in place, never copied) is whole, and the file cache written around
+    # the kills holds what an uninterrupted run found, file for file.
+    assert _tree_digest(crashed.downloads / subset) == _tree_digest(reference.downloads / subset)
+    assert _file_cache(crashed) == _file_cache(reference) and len(_file_cache(reference)) == 120
+    assert all(str(p).startswith(f"data/downloads/{subset}/") for p in ref_manifest.column("path").to_pylist())
     leftovers = [p for p in crashed.data.rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers, leftovers
 

@@ -20,9 +20,20 @@ class Layout:
         return cls(Path(root).resolve())
 
     def resolve(self, path: str | Path) -> Path:
-        """Paths in tables are stored relative to the root so a project can move; make them absolute."""
-        p = Path(path)
-        return p if p.is_absolute() else self.root / p
+        """A path from a table (or params.yaml) as an absolute path.
+
+        Tables store paths relative to the root where the file lies inside the project, and files
+        of a corpus outside it by the base written in params.yaml (``../shared/datasets/...``,
+        ``~/corpora/...``), so the same text names the same file from any checkout. The root is a
+        resolved path, so leading ``..`` parts are taken off it.
+        """
+        p = Path(path).expanduser()
+        if p.is_absolute():
+            return p
+        base, parts = self.root, list(p.parts)
+        while parts and parts[0] == "..":
+            base, parts = base.parent, parts[1:]
+        return base.joinpath(*parts)
 
     def relative(self, path: str | Path) -> Path:
         """``path`` relative to the root where it lies inside it, else its absolute form."""
@@ -41,14 +52,15 @@ class Layout:
         return self.root / "data"
 
     @property
-    def raw(self) -> Path:
-        """Acquired audio, one folder per split and speaker."""
-        return self.data / "raw"
+    def downloads(self) -> Path:
+        """Partial and complete archives and their extracted trees, read in place by ``prepare``;
+        no DVC output, so resume survives a rerun."""
+        return self.data / "downloads"
 
     @property
-    def downloads(self) -> Path:
-        """Partial and complete archives; kept outside ``raw`` so resume survives a rerun."""
-        return self.data / "downloads"
+    def file_cache(self) -> Path:
+        """``prepare``'s per-file digests and decode results (size and mtime keyed); no DVC output."""
+        return self.data / "cache" / "prepare-files.parquet"
 
     @property
     def manifest(self) -> Path:

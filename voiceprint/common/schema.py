@@ -15,11 +15,14 @@ MANIFEST = pa.schema(
         ("utterance_id", pa.string()),
         ("speaker_id", pa.string()),
         ("split", pa.string()),  # "train" | "eval"
-        ("path", pa.string()),  # relative to the project root when inside it, else absolute
+        # The file read in place: relative to the project root when inside it, else under the corpus
+        # base as params.yaml writes it (``../shared/datasets/...``); Layout.resolve makes it absolute.
+        ("path", pa.string()),
         ("duration_s", pa.float64()),
         ("sample_rate", pa.int32()),
         ("channels", pa.int16()),
         ("sha256", pa.string()),
+        ("size_bytes", pa.int64()),
     ]
 )
 

@@ -1,16 +1,18 @@
-"""The ``prepare`` stage: acquire a dataset, verify it, copy it into ``data/raw`` and list it.
+"""The ``prepare`` stage: acquire a dataset, verify every file where it lies, and list it.
 
-Whatever the source (the LibriSpeech excerpts mirror, OpenSLR LibriSpeech, a plain folder, or a
-VoxCeleb tree), :func:`run` (through :func:`prepare`) writes audio under
-``data/raw/<split>/<speaker>/<utterance>.<ext>``, a manifest (:data:`voiceprint.common.schema.MANIFEST`)
-and a rejects table (:data:`voiceprint.common.schema.REJECTS`). Design: docs/stages.md#prepare.
+Whatever the source (the LibriSpeech excerpts mirror, OpenSLR LibriSpeech extracted once under
+``data/downloads``, a plain folder, or a VoxCeleb tree), :func:`run` (through :func:`prepare`)
+copies no audio: it writes a manifest (:data:`voiceprint.common.schema.MANIFEST`) naming each file
+in place, and a rejects table (:data:`voiceprint.common.schema.REJECTS`). Digests and decode checks
+are kept in ``Layout.file_cache`` (:mod:`voiceprint.prepare.filecache`), so a rerun reads only new
+or changed files. Design: docs/stages.md#prepare, docs/data-versioning.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -21,12 +23,13 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from voiceprint.common import schema
-from voiceprint.common.atomic import atomic_path, write_table
+from voiceprint.common.atomic import write_table
 from voiceprint.common.audio import AUDIO_SUFFIXES, AudioError, os_reason, validate
-from voiceprint.common.checksums import CHUNK_SIZE, parse_checksum_file, sha256_file
+from voiceprint.common.checksums import parse_checksum_file, sha256_file
 from voiceprint.common.layout import Layout
 from voiceprint.config import DataParams, Params
 from voiceprint.prepare import librispeech
+from voiceprint.prepare.filecache import Entry, FileCache, validator_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ STAGE = "prepare"
 TRAIN, EVAL = "train", "eval"
 EXCERPTS_DIR = "librispeech-excerpts"
 EXCERPTS_MANIFEST = "MANIFEST.sha256"
+#: Where earlier versions copied the corpus; only named in a warning now.
+LEGACY_RAW = Path("data") / "raw"
 
 
 class PrepareError(RuntimeError):
@@ -42,7 +47,8 @@ class PrepareError(RuntimeError):
 
 @dataclass(frozen=True)
 class PrepareResult:
-    """Counts per split of what went into the manifest, and how many files were rejected.
+    """Counts per split of what went into the manifest, how many files were rejected, and how many
+    were read this run (``hashed``, ``decoded``) versus taken from the file cache (``reused``).
 
     Plain JSON types throughout (paths as strings) because stages report this dict as a summary.
     """
@@ -52,6 +58,9 @@ class PrepareResult:
     rejects: int
     manifest: str
     rejects_path: str
+    hashed: int = 0
+    reused: int = 0
+    decoded: int = 0
 
     @property
     def total_utterances(self) -> int:
@@ -64,7 +73,6 @@ class _Candidate:
     speaker_id: str
     utterance_id: str
     source: Path
-    suffix: str
     expected_sha256: str | None = None  # the reference digest, when the source publishes one
     problem: str | None = None  # known unusable before looking at it (missing, unlisted, ...)
 
@@ -73,12 +81,15 @@ class _Candidate:
 class _Outcome:
     rows: list[dict[str, object]] = field(default_factory=list)
     rejects: list[dict[str, str]] = field(default_factory=list)
-    kept: set[Path] = field(default_factory=set)
+    hashed: int = 0
+    reused: int = 0
+    decoded: int = 0
 
 
 def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> PrepareResult:
-    """Acquire ``params.dataset``, verify and copy it into ``layout.raw``, write manifest and rejects."""
+    """Acquire ``params.dataset``, verify each file in place, write manifest and rejects."""
     outcome = _Outcome()
+    namer = _Namer(params, layout)
     if params.dataset == "librispeech-excerpts":
         candidates, splits = _excerpts_candidates(params, layout)
     elif params.dataset == "librispeech":
@@ -88,21 +99,24 @@ def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> Pre
         tree = "<speaker>/<video>/<utterance>" if params.dataset == "voxceleb" else "<speaker>/<utterance>"
         for path, problem in stray:
             reason = problem or f"audio file outside a speaker folder (expected {tree}.{{{_SUFFIX_LIST}}})"
-            outcome.rejects.append({"path": _display(layout, path), "stage": STAGE, "reason": reason})
+            outcome.rejects.append({"path": namer.name(path), "stage": STAGE, "reason": reason})
     else:  # pragma: no cover - DataParams validates the literal
         raise PrepareError(f"unknown dataset kind {params.dataset!r}")
+    if (layout.root / LEGACY_RAW).is_dir():
+        log.warning("prepare: %s is no longer used (the corpus is read in place); delete it", LEGACY_RAW)
 
     candidates = _apply_caps(candidates, params.max_speakers, params.max_utterances_per_speaker)
     duplicates = _duplicate_ids(candidates)
+    cache = FileCache(layout.file_cache, validator_fingerprint())
     for cand in tqdm(candidates, desc="prepare", unit="file", disable=None if progress else True):
         if cand in duplicates:
             cand = replace(cand, problem=duplicates[cand])
-        _materialise(cand, layout, outcome)
+        _verify(cand, namer, cache, outcome)
+    cache.save()
 
-    _prune(layout.raw, outcome.kept)
     rows = sorted(outcome.rows, key=lambda r: (r["split"], r["speaker_id"], r["utterance_id"]))
     write_table(layout.manifest, pa.Table.from_pylist(rows, schema=schema.MANIFEST))
-    rejects = sorted((_as_configured(r, params, layout) for r in outcome.rejects), key=lambda r: r["path"])
+    rejects = sorted((namer.reject(r) for r in outcome.rejects), key=lambda r: r["path"])
     rejects_path = layout.rejects(STAGE)
     write_table(rejects_path, pa.Table.from_pylist(rejects, schema=schema.REJECTS))
 
@@ -117,6 +131,16 @@ def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> Pre
         rejects=len(rejects),
         manifest=str(layout.manifest),
         rejects_path=str(rejects_path),
+        hashed=outcome.hashed,
+        reused=outcome.reused,
+        decoded=outcome.decoded,
+    )
+    log.info(
+        "prepare: %d file(s) hashed, %d taken from %s, %d decoded",
+        outcome.hashed,
+        outcome.reused,
+        layout.file_cache,
+        outcome.decoded,
     )
     if rejects:
         log.warning("prepare: %d file(s) rejected; see %s", len(rejects), rejects_path)
@@ -182,9 +206,7 @@ def _excerpts_candidates(params: DataParams, layout: Layout) -> tuple[list[_Cand
                 problem = f"not listed in {EXCERPTS_MANIFEST}, so it cannot be verified"
             elif rel not in on_disk:
                 problem = f"listed in {EXCERPTS_MANIFEST} but missing from {source}"
-            candidates.append(
-                _Candidate(split, parts[1], path.stem, path, path.suffix.lower(), reference.get(rel), problem)
-            )
+            candidates.append(_Candidate(split, parts[1], path.stem, path, reference.get(rel), problem))
     return candidates, splits
 
 
@@ -205,7 +227,7 @@ def _librispeech_candidates(
             raise PrepareError(f"data.{'train' if split == TRAIN else 'eval'}_subset: {err}") from None
         splits.append(split)
         for utt in librispeech.iter_utterances(root):
-            candidates.append(_Candidate(split, utt.speaker_id, utt.utterance_id, utt.path, utt.path.suffix.lower()))
+            candidates.append(_Candidate(split, utt.speaker_id, utt.utterance_id, utt.path))
     return candidates, splits
 
 
@@ -241,16 +263,15 @@ def _folder_candidates(
     for split, base in layout_by_split.items():
         for speaker in _speaker_dirs(base):
             for path, problem in _walk_audio(speaker):
-                suffix = path.suffix.lower()
                 if params.dataset == "voxceleb":
                     utterance_id, problem = _voxceleb_id(speaker, path, problem)
                 else:
                     utterance_id = path.stem
-                candidates.append(_Candidate(split, speaker.name, utterance_id, path, suffix, problem=problem))
+                candidates.append(_Candidate(split, speaker.name, utterance_id, path, problem=problem))
     if params.dataset == "voxceleb":
         return candidates, list(layout_by_split), stray
     # Folder datasets often name files 001.wav per speaker; file stems are then not unique ids, so
-    # the speaker becomes part of every id (and of the copied file's name, keeping id == stem).
+    # the speaker becomes part of every id (the manifest's path still names the file as it is).
     stems = defaultdict(set)
     for c in candidates:
         stems[c.utterance_id].add((c.split, c.speaker_id))
@@ -343,7 +364,7 @@ def _walk_audio(folder: Path) -> list[tuple[Path, str | None]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# selection and copying
+# selection and verification
 
 
 def _apply_caps(candidates: Iterable[_Candidate], max_speakers: int | None, max_utts: int | None) -> list[_Candidate]:
@@ -373,111 +394,111 @@ def _duplicate_ids(candidates: list[_Candidate]) -> dict[_Candidate, str]:
     return dupes
 
 
-def _display(layout: Layout, path: Path) -> str:
-    """Path relative to the project root when inside it (portable manifests), else absolute."""
-    try:
-        return path.relative_to(layout.root).as_posix()
-    except ValueError:
-        return path.as_posix()
+class _Namer:
+    """How tables name files: relative to the project root when inside it, else under the corpus
+    base as params.yaml writes it (``../shared/datasets/...``), absolute only when that base is
+    written absolute. Tables are DVC outputs: two checkouts with the same params.yaml must write the
+    same bytes, and :meth:`Layout.resolve` must find the file again from the name."""
+
+    def __init__(self, params: DataParams, layout: Layout):
+        # (resolved prefix, written prefix); the project root first, so a base inside the project
+        # is named relative to the root too, then the longest base first.
+        bases: list[tuple[str, str]] = []
+        for written in (params.mirror, params.path):
+            if not written:
+                continue
+            resolved = _resolve(layout, written).as_posix()
+            # Only a spelling that resolves back to the same folder may stand in for it.
+            if os.path.realpath(layout.resolve(written)) == resolved:
+                bases.append((_prefix(resolved), written.rstrip("/") + "/"))
+        bases.sort(key=lambda b: len(b[0]), reverse=True)
+        self.bases = [(_prefix(layout.root.as_posix()), ""), *bases]
+
+    def name(self, path: Path) -> str:
+        text = path.as_posix()
+        for resolved, shown in self.bases:
+            if text.startswith(resolved):
+                return shown + text[len(resolved) :]
+        return text
+
+    def text(self, text: str) -> str:
+        """``text`` (a reason) with every path under a base written as configured. A prefix counts
+        only where a path starts (not inside another path), the longest first."""
+        for resolved, shown in sorted(self.bases, key=lambda b: len(b[0]), reverse=True):
+            text = re.sub(r"(?<![^\s'\"(])" + re.escape(resolved), lambda _m, shown=shown: shown, text)
+        return text
+
+    def reject(self, reject: dict[str, str]) -> dict[str, str]:
+        return {**reject, "reason": self.text(reject["reason"])}
 
 
-def _as_configured(reject: dict[str, str], params: DataParams, layout: Layout) -> dict[str, str]:
-    """``reject`` with the source folders written as in params.yaml (``../shared/datasets/...``), not
-    as this checkout resolves them: the rejects table is a DVC output, and two checkouts with the
-    same params.yaml must write the same bytes. Paths inside the project are already relative."""
-    bases = [(layout.root.as_posix() + "/", "")]
-    for written in (params.mirror, params.path):
-        if written:
-            bases.append((_resolve(layout, written).as_posix() + "/", written.rstrip("/") + "/"))
-    out = dict(reject)
-    for key in ("path", "reason"):
-        for resolved, shown in sorted(bases, key=lambda b: len(b[0]), reverse=True):
-            out[key] = out[key].replace(resolved, shown)
-    return out
+def _prefix(posix: str) -> str:
+    return posix if posix.endswith("/") else posix + "/"
 
 
-class _ChecksumMismatch(Exception):
-    pass
+def _verify(cand: _Candidate, namer: _Namer, cache: FileCache, outcome: _Outcome) -> None:
+    """Check one candidate where it lies and record a manifest row, or a reject.
 
-
-def _materialise(cand: _Candidate, layout: Layout, outcome: _Outcome) -> None:
-    """Copy one candidate into ``layout.raw`` and record a manifest row, or a reject."""
+    The SHA-256 and the decode check (``validate``) come from ``cache`` when the file's size and
+    mtime are those recorded; otherwise the file is read again. The file is stat'ed before it is
+    read, so a change during the read shows as a new mtime on the next run.
+    """
 
     def reject(reason: str) -> None:
-        outcome.rejects.append({"path": _display(layout, cand.source), "stage": STAGE, "reason": reason})
+        outcome.rejects.append({"path": namer.name(cand.source), "stage": STAGE, "reason": reason})
 
     if cand.problem:
         reject(cand.problem)
         return
-    dest = layout.raw / cand.split / cand.speaker_id / f"{cand.utterance_id}{cand.suffix}"
+    key = cand.source.as_posix()
     try:
-        digest = _copy_verified(cand.source, dest, cand.expected_sha256)
-    except _ChecksumMismatch as err:
-        reject(str(err))
+        st = os.stat(cand.source)
+        entry = cache.lookup(key, st)
+        if entry is None:
+            entry = Entry(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=sha256_file(cand.source))
+            outcome.hashed += 1
+        else:
+            outcome.reused += 1
+    except OSError as err:  # unreadable now, perhaps not on the next run: nothing is cached
+        reject(f"could not be read ({err.strerror or err})")
         return
-    except OSError as err:
-        reject(f"could not be read or copied ({err.strerror or err})")
+    if cand.expected_sha256 is not None and entry.sha256 != cand.expected_sha256:
+        cache.store(key, entry)
+        reject(f"sha256 mismatch: expected {cand.expected_sha256}, got {entry.sha256} (corrupt or modified file)")
         return
-    try:
-        info = validate(dest)
-    except AudioError as err:
-        dest.unlink(missing_ok=True)
-        reject(err.reason)
+    if entry.validator != cache.validator:
+        try:
+            info = validate(cand.source)
+            entry = replace(
+                entry,
+                validator=cache.validator,
+                duration_s=info.duration_s,
+                sample_rate=info.sample_rate,
+                channels=info.channels,
+                reason=None,
+            )
+        except AudioError as err:
+            entry = replace(
+                entry, validator=cache.validator, duration_s=None, sample_rate=None, channels=None, reason=err.reason
+            )
+        outcome.decoded += 1
+    cache.store(key, entry)
+    if entry.reason is not None:
+        reject(entry.reason)
         return
-    outcome.kept.add(dest)
     outcome.rows.append(
         {
             "utterance_id": cand.utterance_id,
             "speaker_id": cand.speaker_id,
             "split": cand.split,
-            "path": _display(layout, dest),
-            "duration_s": info.duration_s,
-            "sample_rate": info.sample_rate,
-            "channels": info.channels,
-            "sha256": digest,
+            "path": namer.name(cand.source),
+            "duration_s": entry.duration_s,
+            "sample_rate": entry.sample_rate,
+            "channels": entry.channels,
+            "sha256": entry.sha256,
+            "size_bytes": entry.size,
         }
     )
-
-
-def _copy_verified(source: Path, dest: Path, expected: str | None) -> str:
-    """Copy ``source`` to ``dest`` (atomically) unless ``dest`` already holds the right bytes.
-
-    Returns the SHA-256 of ``dest``. With an ``expected`` digest the copy is checked against it
-    before it replaces anything; without one, "the right bytes" means "the source's bytes".
-    """
-    if dest.is_file():
-        have = sha256_file(dest)
-        if expected is not None:
-            if have == expected:
-                return have
-        elif dest.stat().st_size == source.stat().st_size and have == sha256_file(source):
-            return have
-    h = hashlib.sha256()
-    with atomic_path(dest, suffix=dest.suffix) as tmp:
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(CHUNK_SIZE):
-                h.update(chunk)
-                dst.write(chunk)
-        digest = h.hexdigest()
-        if expected is not None and digest != expected:
-            raise _ChecksumMismatch(f"sha256 mismatch: expected {expected}, got {digest} (corrupt or modified file)")
-        # mkstemp creates 0600 files; the copy should be as readable as any other dataset file.
-        os.chmod(tmp, 0o644)
-    return digest
-
-
-def _prune(raw: Path, kept: set[Path]) -> None:
-    """Remove audio a previous run left in ``raw`` that this manifest no longer lists."""
-    if not raw.is_dir():
-        return
-    for dirpath, _dirnames, filenames in os.walk(raw, topdown=False):
-        here = Path(dirpath)
-        for name in filenames:
-            path = here / name
-            if path not in kept:
-                path.unlink()
-        if here != raw and not any(here.iterdir()):
-            here.rmdir()
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
