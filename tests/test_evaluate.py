@@ -289,3 +289,69 @@ def test_snorm_without_a_cohort_reports_nulls(tmp_path: Path, caplog: pytest.Log
     assert metrics["eer"] is not None
     assert metrics["eer_snorm"] is None and metrics["min_dcf_p0.01_snorm"] is None and metrics["n_cohort"] == 0
     assert "s-norm skipped" in caplog.text
+
+
+def _brute_force_identification(
+    x: np.ndarray, speakers: np.ndarray, is_eval: np.ndarray, enroll: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: per-speaker loops and a dense score matrix. Returns (rank of the truth, its speaker)."""
+    rng = np.random.default_rng(seed)
+    eval_speakers = sorted(set(speakers[is_eval].tolist()))
+    gallery, labels, queries = [], [], []
+    for spk in eval_speakers:
+        idx = np.flatnonzero(is_eval & (speakers == spk))
+        if len(idx) <= enroll:
+            continue
+        perm = rng.permutation(len(idx))
+        gallery.append(l2_normalise(x[idx[perm[:enroll]]].mean(axis=0, keepdims=True))[0])
+        labels.append(spk)
+        queries.extend(idx[perm[enroll:]])
+    for spk in sorted(set(speakers[~is_eval].tolist()) - set(eval_speakers)):
+        gallery.append(l2_normalise(x[~is_eval & (speakers == spk)].mean(axis=0, keepdims=True))[0])
+        labels.append(spk)
+    scores = x[queries] @ np.stack(gallery).T
+    ranked = np.asarray(labels)[np.argsort(-scores, axis=1, kind="stable")]
+    truth = speakers[queries]
+    hit = ranked == truth[:, None]
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), len(labels)), truth
+
+
+@pytest.mark.parametrize(
+    ("n_eval", "n_train", "per_speaker", "block"),
+    [(1100, 150, (2, 16), 4096), (2, 1, (4, 6), 4096), (40, 0, (1, 9), 65536)],
+)
+def test_identification_matches_brute_force(
+    monkeypatch: pytest.MonkeyPatch, n_eval: int, n_train: int, per_speaker: tuple[int, int], block: int
+) -> None:
+    """Grouped enrollment, distractor centroids and blocked FAISS search give the dense reference's top-k.
+
+    Rows are shuffled (the grouping must not rely on table order), some speakers are too small to
+    enroll, some train speakers are also eval speakers, and the first case has more queries than a
+    search block, so blocks and the merged tail are exercised; the second has a 3-speaker gallery (k < 5).
+    """
+    from voiceprint.evaluate import stage
+    from voiceprint.evaluate.bootstrap import accuracy_interval
+
+    monkeypatch.setattr(stage, "_QUERY_BLOCK", block)
+    rng = np.random.default_rng(11)
+    n_spk = n_eval + n_train
+    counts = rng.integers(per_speaker[0], per_speaker[1] + 1, n_spk)
+    names = np.array([f"spk{i:05d}" for i in range(n_spk)])
+    names[n_eval : n_eval + min(n_train, 3)] = names[: min(n_train, 3)]  # train rows of eval speakers
+    speakers = np.repeat(names, counts)
+    is_eval = np.repeat(np.arange(n_spk) < n_eval, counts)
+    centres = l2_normalise(rng.normal(size=(n_spk, DIM)))
+    x = l2_normalise(np.repeat(centres, counts, axis=0) + 0.2 * rng.normal(size=(len(speakers), DIM)))
+    order = rng.permutation(len(speakers))
+    x, speakers, is_eval = x[order], speakers[order], is_eval[order]
+
+    params = _params(enroll_per_speaker=3, seed=4, bootstrap=200)
+    got = stage._identification(x, speakers, is_eval, params)
+    rank, truth = _brute_force_identification(x, speakers, is_eval, enroll=3, seed=4)
+
+    assert got["n_queries"] == len(rank)
+    assert got["top1"] == float(np.mean(rank < 1)) and got["top5"] == float(np.mean(rank < 5))
+    interval = accuracy_interval(rank == 0, truth, replicates=200, level=params.evaluate.bootstrap_level, seed=4)
+    assert (got["top1_ci_low"], got["top1_ci_high"]) == (interval.low, interval.high)
+    if n_eval > 100:
+        assert got["n_queries"] > block and 0.1 < got["top1"] < 0.95  # several blocks, not trivially separable
