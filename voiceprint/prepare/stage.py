@@ -14,7 +14,8 @@ import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -108,10 +109,11 @@ def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> Pre
     candidates = _apply_caps(candidates, params.max_speakers, params.max_utterances_per_speaker)
     duplicates = _duplicate_ids(candidates)
     cache = FileCache(layout.file_cache, validator_fingerprint())
-    for cand in tqdm(candidates, desc="prepare", unit="file", disable=None if progress else True):
-        if cand in duplicates:
-            cand = replace(cand, problem=duplicates[cand])
-        _verify(cand, namer, cache, outcome)
+    candidates = [replace(c, problem=duplicates[c]) if c in duplicates else c for c in candidates]
+    checked = _checked_in_order(candidates, cache, _io_threads())
+    bar = tqdm(candidates, desc="prepare", unit="file", disable=None if progress else True)
+    for cand, found in zip(bar, checked):
+        _record(cand, found, namer, cache, outcome)
     cache.save()
 
     rows = sorted(outcome.rows, key=lambda r: (r["split"], r["speaker_id"], r["utterance_id"]))
@@ -436,53 +438,67 @@ def _prefix(posix: str) -> str:
     return posix if posix.endswith("/") else posix + "/"
 
 
-def _verify(cand: _Candidate, namer: _Namer, cache: FileCache, outcome: _Outcome) -> None:
-    """Check one candidate where it lies and record a manifest row, or a reject.
+@dataclass(frozen=True)
+class _Checked:
+    """What reading one candidate found: its cache entry (None with ``error``) and what was read."""
 
-    The SHA-256 and the decode check (``validate``) come from ``cache`` when the file's size and
-    mtime are those recorded; otherwise the file is read again. The file is stat'ed before it is
-    read, so a change during the read shows as a new mtime on the next run.
+    entry: Entry | None
+    error: str | None = None
+    hashed: bool = False
+    decoded: bool = False
+
+
+def _check(cand: _Candidate, cache: FileCache) -> _Checked:
+    """Hash and decode-check one candidate where it lies, or take both from ``cache``.
+
+    Reads only (it runs in a thread pool): the SHA-256 and the decode check (``validate``) come
+    from ``cache`` when the file's size and mtime are those recorded; otherwise the file is read
+    again. The file is stat'ed before it is read, so a change during the read shows as a new
+    mtime on the next run.
     """
-
-    def reject(reason: str) -> None:
-        outcome.rejects.append({"path": namer.name(cand.source), "stage": STAGE, "reason": reason})
-
     if cand.problem:
-        reject(cand.problem)
-        return
-    key = cand.source.as_posix()
+        return _Checked(None, cand.problem)
+    hashed = decoded = False
     try:
         st = os.stat(cand.source)
-        entry = cache.lookup(key, st)
+        entry = cache.lookup(cand.source.as_posix(), st)
         if entry is None:
             entry = Entry(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=sha256_file(cand.source))
-            outcome.hashed += 1
-        else:
-            outcome.reused += 1
+            hashed = True
     except OSError as err:  # unreadable now, perhaps not on the next run: nothing is cached
-        reject(f"could not be read ({err.strerror or err})")
-        return
+        return _Checked(None, f"could not be read ({err.strerror or err})")
     if cand.expected_sha256 is not None and entry.sha256 != cand.expected_sha256:
-        cache.store(key, entry)
-        reject(f"sha256 mismatch: expected {cand.expected_sha256}, got {entry.sha256} (corrupt or modified file)")
-        return
+        return _Checked(entry, hashed=hashed)  # _record rejects it; the decode check is not needed
     if entry.validator != cache.validator:
         try:
             info = validate(cand.source)
-            entry = replace(
-                entry,
-                validator=cache.validator,
-                duration_s=info.duration_s,
-                sample_rate=info.sample_rate,
-                channels=info.channels,
-                reason=None,
-            )
+            facts = {"duration_s": info.duration_s, "sample_rate": info.sample_rate, "channels": info.channels}
+            entry = replace(entry, validator=cache.validator, reason=None, **facts)
         except AudioError as err:
             entry = replace(
                 entry, validator=cache.validator, duration_s=None, sample_rate=None, channels=None, reason=err.reason
             )
-        outcome.decoded += 1
-    cache.store(key, entry)
+        decoded = True
+    return _Checked(entry, hashed=hashed, decoded=decoded)
+
+
+def _record(cand: _Candidate, checked: _Checked, namer: _Namer, cache: FileCache, outcome: _Outcome) -> None:
+    """Store what :func:`_check` found in ``cache`` and add a manifest row, or a reject."""
+
+    def reject(reason: str) -> None:
+        outcome.rejects.append({"path": namer.name(cand.source), "stage": STAGE, "reason": reason})
+
+    entry = checked.entry
+    if entry is None:
+        reject(checked.error or "could not be read")
+        return
+    outcome.hashed += checked.hashed
+    outcome.reused += not checked.hashed
+    outcome.decoded += checked.decoded
+    cache.store(cand.source.as_posix(), entry)
+    if cand.expected_sha256 is not None and entry.sha256 != cand.expected_sha256:
+        reject(f"sha256 mismatch: expected {cand.expected_sha256}, got {entry.sha256} (corrupt or modified file)")
+        return
     if entry.reason is not None:
         reject(entry.reason)
         return
@@ -499,6 +515,29 @@ def _verify(cand: _Candidate, namer: _Namer, cache: FileCache, outcome: _Outcome
             "size_bytes": entry.size,
         }
     )
+
+
+def _checked_in_order(candidates: list[_Candidate], cache: FileCache, threads: int) -> Iterator[_Checked]:
+    """:func:`_check` of each candidate, in order, ``threads`` files at a time.
+
+    Threads, not processes: hashing and decoding run in C with the GIL released, and the cache is
+    read in place. At most a few windows of futures exist at once, whatever the corpus size.
+    """
+    if threads <= 1:
+        yield from (_check(c, cache) for c in candidates)
+        return
+    window = 64 * threads
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prepare") as pool:
+        for start in range(0, len(candidates), window):
+            yield from pool.map(_check, candidates[start : start + window], [cache] * window)
+
+
+def _io_threads() -> int:
+    """Files read at once: the CPUs this process may use (hashing and decoding are CPU-bound)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
