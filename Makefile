@@ -52,15 +52,20 @@ bench: install
 	python benchmarks/bench_index.py --out $(BENCH_OUT)
 	python benchmarks/report.py $(BENCH_OUT) benchmarks/RESULTS.md
 
-# Prefect UI at http://127.0.0.1:4200 ; MLflow UI at http://127.0.0.1:5000
+# Prefect UI at http://127.0.0.1:$(PORT) ; MLflow UI at http://127.0.0.1:$(MLFLOW_PORT)
+# PORT sets the Prefect server's port *and* the API address its UI calls (Prefect reads that from
+# PREFECT_SERVER_API_PORT, not from --port); `make serve` uses the same PORT for PREFECT_API_URL:
+#   make prefect-server PORT=4300    and, in another terminal,    make serve PORT=4300
+PORT ?= 4200
+MLFLOW_PORT ?= 5000
 prefect-server: install
-	prefect server start --host 127.0.0.1
+	PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$(PORT) prefect server start --host 127.0.0.1 --port $(PORT)
 
 serve: install
-	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} python -m flows.serve --project-dir .
+	PREFECT_API_URL=http://127.0.0.1:$(PORT)/api python -m flows.serve --project-dir .
 
 mlflow-ui: install
-	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts
+	mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,7 +8,7 @@ sees them. Design: docs/orchestration.md#prefect.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +75,14 @@ def _set_in_document(doc: CommentedMap, dotted: str, value: Any) -> bool:
     return True
 
 
-def apply_overrides(project_dir: Path, overrides: dict[str, Any]) -> Params:
+def apply_overrides(project_dir: Path, overrides: dict[str, Any], clear: Iterable[str] = ()) -> Params:
     """Validate ``overrides`` and write them into ``project_dir/params.yaml``; return the new params.
 
     Args:
         project_dir: DVC project root holding ``params.yaml``.
         overrides: Dotted keys (``{"index.type": "hnsw"}``). ``None`` values mean "leave the key as
             it is", which lets callers pass every optional flow parameter straight through.
+        clear: Dotted keys to set to null (``data.max_speakers``: all speakers), validated too.
 
     Validation happens first, against the whole resulting file, so a typo or an invalid value
     raises :class:`~voiceprint.config.ConfigError` (naming the key and the allowed values) without
@@ -91,7 +92,7 @@ def apply_overrides(project_dir: Path, overrides: dict[str, Any]) -> Params:
     keeps ``git status`` quiet.
     """
     path = Path(project_dir) / PARAMS_FILE
-    wanted = {key: value for key, value in overrides.items() if value is not None}
+    wanted = {key: value for key, value in overrides.items() if value is not None} | dict.fromkeys(clear)
     params = load_params(path, wanted)  # raises ConfigError before anything is written
     if not wanted:
         return params

@@ -14,13 +14,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prefect import serve
 from prefect.settings import get_current_settings
 from prefect.types.entrypoint import EntrypointType
 
-from flows.pipeline import PROJECT_DIR_ENV, STAGE_FLOWS, voiceprint_pipeline
+from flows.pipeline import PIPELINE_PARAMETERS, PROJECT_DIR_ENV, STAGE_FLOWS, compare_flow, voiceprint_pipeline
+from voiceprint.config import Params, flatten_dotted, load_params
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -33,9 +34,9 @@ SERVER_HINT = """\
 PREFECT_API_URL is not set: Prefect would start a temporary in-process API that the UI cannot see,
 and the deployments would vanish when this process exits. Start a server and point at it:
 
-    prefect server start --host 127.0.0.1            # in another terminal; UI on http://127.0.0.1:4200
-    export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python -m flows.serve --project-dir {project_dir}
+    make prefect-server PORT=4200                     # in another terminal; UI on http://127.0.0.1:4200
+    make serve PORT=4200                              # or, by hand:
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve --project-dir {project_dir}
 """
 
 
@@ -45,27 +46,71 @@ def _summary(fl: Flow[..., object]) -> str:
     return doc.split("\nArgs:", 1)[0].strip()
 
 
+def current_settings(project_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Each flow's run-form defaults: the values its parameters stand for in ``params.yaml`` now.
+
+    ``{"voiceprint-pipeline": {"index_type": "flat", "max_speakers": None, ...}, "voiceprint-compare":
+    {"encoders": ["ecapa", ...]}}``; the schema's defaults where the project has no ``params.yaml``.
+    """
+    path = Path(project_dir) / "params.yaml"
+    params = load_params(path) if path.is_file() else Params()
+    flat = flatten_dotted(params.model_dump(mode="json"))
+    encoders = [name if name == spec else f"{name}={spec}" for name, spec in params.compare.encoders.items()]
+    return {
+        voiceprint_pipeline.name: {name: flat[key] for name, key in PIPELINE_PARAMETERS.items()},
+        compare_flow.name: {"encoders": encoders},
+    }
+
+
+def typed_schema(properties: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Give each parameter in ``properties`` (of a flow's OpenAPI parameter schema) its current value.
+
+    The flows declare ``X | None = None`` (None: keep the file's value when called directly), which
+    Prefect renders as a "None" default with an ``X | None`` toggle. Here a parameter whose current
+    value is not None loses the ``null`` branch and gets the value as its default, so the run form
+    and the Parameters tab show a plain typed field holding what ``params.yaml`` says; a setting
+    that is null in the file (``data.max_speakers``) keeps the toggle, defaulting to None.
+    """
+    for name, value in defaults.items():
+        prop = properties.get(name)
+        if prop is None:
+            continue
+        branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+        if value is not None and len(branches) == 1:
+            del prop["anyOf"]
+            prop.update(branches[0])
+        prop["default"] = value
+
+
 def deployments(project_dir: str | Path) -> list[RunnerDeployment]:
     """One deployment for the whole pipeline plus one per stage, all bound to ``project_dir``.
 
-    ``project_dir`` is stored as the deployments' default parameter, so it is visible (and can be
-    changed per run) in the UI's run form. The entrypoints are module paths
+    Each deployment's parameters (the UI run form's starting values) are ``project_dir`` and the
+    current value of every setting the flow exposes (:func:`current_settings`), typed
+    (:func:`typed_schema`): a user changes only what they mean to. The values are read when this
+    runs; restart ``flows.serve`` to refresh them. The entrypoints are module paths
     (``flows.pipeline.voiceprint_pipeline``) because the package is installed: a flow run then
     imports the same code whatever directory the runner was started from.
     """
     root = str(Path(project_dir).expanduser().resolve())
+    settings = current_settings(root)
     entries: list[tuple[Flow[..., object], list[str]]] = [(voiceprint_pipeline, TAGS)]
     entries += [(stage_flow, [*TAGS, "stage"]) for stage_flow in STAGE_FLOWS]
-    return [
-        fl.to_deployment(
+    out = []
+    for fl, tags in entries:
+        defaults = {**settings.get(fl.name, {}), "project_dir": root}
+        deployment = fl.to_deployment(
             name=DEPLOYMENT_NAME,
-            parameters={"project_dir": root},
+            parameters=defaults,
             description=_summary(fl),
             tags=tags,
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
-        for fl, tags in entries
-    ]
+        # Prefect keeps the schema it derived from the signature on a private attribute, and sends
+        # it with the deployment; it is the only place the UI takes types and defaults from.
+        typed_schema(deployment._parameter_openapi_schema.properties, defaults)
+        out.append(deployment)
+    return out
 
 
 def serve_all(project_dir: str | Path, limit: int | None = 1) -> None:

@@ -92,10 +92,16 @@ def run_stage(stage: str, project_dir: str) -> dict[str, Any]:
 #: suffixes (``min_dcf_p0.01``); the ``*_threshold`` companions are not headlines.
 _HEADLINES: tuple[tuple[str, re.Pattern[str], bool], ...] = (
     # (label, pattern, is a rate worth showing as a percentage)
-    ("EER", re.compile(r"(?:^|\.)eer(?:_pct|_percent)?$"), True),
+    ("EER", re.compile(r"(?:^|\.)eer(?:_pct|_percent)?(?:_ci_low|_ci_high)?$"), True),
+    ("EER s-norm", re.compile(r"(?:^|\.)eer_snorm(?:_ci_low|_ci_high)?$"), True),
     ("minDCF", re.compile(r"(?:^|\.)min[_\-]?dcf(?!.*threshold)"), False),
     ("top-1", re.compile(r"(?:^|\.)top[_\-]?1(?!\d)(?!.*threshold)"), True),
     ("top-5", re.compile(r"(?:^|\.)top[_\-]?5(?!\d)(?!.*threshold)"), True),
+    # identification through an index built with the pipeline's index settings, and its recall
+    ("top-1 via index", re.compile(r"(?:^|\.)index_top1$"), True),
+    ("top-5 via index", re.compile(r"(?:^|\.)index_top5$"), True),
+    ("index recall", re.compile(r"(?:^|\.)index_recall\d+$"), True),
+    ("index", re.compile(r"(?:^|\.)index_settings$"), False),
 )
 
 
@@ -111,15 +117,20 @@ def _fmt(value: Any, *, rate: bool = False) -> str:
 
 
 def metrics_markdown(metrics: Mapping[str, Any]) -> str:
-    """A headline table (EER, minDCF, top-1/5) followed by every scalar in ``metrics.json``."""
+    """A headline table (EER with its interval, s-norm EER, minDCF, top-1/5 exact and through the
+    index, the index's recall and settings) followed by every scalar in ``metrics.json``."""
     flat = flatten_dotted(metrics)
     scalars = {k: v for k, v in flat.items() if v is None or isinstance(v, (int, float, str, bool))}
     lines = ["# voiceprint evaluation", "", "| Metric | Key | Value |", "|---|---|---:|"]
     found = 0
     for label, pattern, rate in _HEADLINES:
         for key, value in scalars.items():
-            numeric = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-            if numeric and pattern.search(key.lower()):
+            shown = (
+                value is None
+                or isinstance(value, str)
+                or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            )
+            if shown and pattern.search(key.lower()):
                 lines.append(f"| {label} | `{key}` | {_fmt(value, rate=rate)} |")
                 found += 1
     if not found:
@@ -135,7 +146,8 @@ def publish_metrics(project_dir: str) -> dict[str, Any]:
     """Show ``metrics.json`` (written by the ``evaluate`` stage) as a keyed markdown artifact.
 
     The fixed key makes the Artifacts page keep one history of the metrics across runs, so a
-    parameter change (``index_type=hnsw``) can be compared with the previous run at a glance.
+    parameter change (``index_type=ivf``, ``index_nprobe=1``: lower ``index_top1`` and
+    ``index_recall1``) can be compared with the previous run at a glance.
     """
     path = Path(project_dir) / "metrics.json"
     if not path.exists():

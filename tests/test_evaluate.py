@@ -355,3 +355,40 @@ def test_identification_matches_brute_force(
     assert (got["top1_ci_low"], got["top1_ci_high"]) == (interval.low, interval.high)
     if n_eval > 100:
         assert got["n_queries"] > block and 0.1 < got["top1"] < 0.95  # several blocks, not trivially separable
+
+
+def test_identification_through_the_pipeline_index_settings(tmp_path: Path) -> None:
+    """``evaluate`` (as the stage runs it) also searches a gallery index built with ``params.index``:
+    an IVF index scanning one list of many misses speakers the exact search finds, so the reported
+    metrics change with ``index.type``/``index.nprobe``; a flat index reproduces exact search."""
+    layout = Layout.at(tmp_path / "project")
+    # 600 train + 60 eval speakers: a 660-centroid gallery supports 16 IVF lists (>= 39 per list).
+    write_utterances(layout, np.random.default_rng(8), n_train=600, n_eval=60, per_speaker=4, noise=0.6)
+
+    def run(**index: object) -> dict:
+        params = _params(enroll_per_speaker=2, bootstrap=0)
+        for key, value in index.items():
+            setattr(params.index, key, value)
+        return evaluate(layout, params, out_metrics=tmp_path / "m.json", out_plots=tmp_path / "p", index_search=True)
+
+    flat = run(type="flat")
+    assert flat["index_type"] == "flat" and flat["index_settings"] == "flat"
+    assert (flat["index_top1"], flat["index_top5"]) == (flat["top1"], flat["top5"])
+    assert flat["index_recall1"] == flat["index_recall5"] == 1.0
+
+    coarse = run(type="ivf", nlist=16, nprobe=1)
+    assert coarse["index_settings"] == "ivf nlist=16 nprobe=1"
+    # exact metrics keep their meaning; the approximate search loses queries
+    assert (coarse["top1"], coarse["top5"]) == (flat["top1"], flat["top5"])
+    assert coarse["index_recall1"] < 0.9 and coarse["index_top1"] < flat["top1"]
+    assert coarse["index_recall1"] <= coarse["index_recall5"]
+    assert json.loads((tmp_path / "m.json").read_text())["index_top1"] == coarse["index_top1"]
+
+    every_list = run(type="ivf", nlist=16, nprobe=16)  # scans all lists: exact again
+    assert every_list["index_recall1"] == 1.0 and every_list["index_top1"] == flat["top1"]
+    hnsw = run(type="hnsw")
+    assert hnsw["index_settings"] == "hnsw M=32 ef_search=128" and 0.0 <= hnsw["index_recall5"] <= 1.0
+
+    # without index_search (the encoder comparison's use) there are no index keys
+    plain = evaluate(layout, _params(enroll_per_speaker=2, bootstrap=0), out_metrics=tmp_path / "m2.json")
+    assert not any(key.startswith("index_") for key in plain)

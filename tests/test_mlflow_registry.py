@@ -62,7 +62,35 @@ def test_model_stage_logs_training_curves_and_summary(staged: dict) -> None:
     lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
     assert lrs[0] > lrs[1] > lrs[2] > 0  # cosine decay after warm-up
     assert run.data.metrics["loss_final"] == pytest.approx(summary["loss_final"])
+    assert "train_accuracy" not in run.data.metrics  # one accuracy metric: the train_acc curve
     assert "training.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # a model-training experiment: the MLflow 3 UI opens it on its runs, not on GenAI traces
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "voiceprint"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_model_is_a_logged_model_with_a_signature(staged: dict, tracking: str) -> None:
+    """The encoder is a logged model of the run (the experiment's Models page) with its schema."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    summary = staged["summary"]
+    client = MlflowClient(tracking_uri=tracking)
+    run = client.get_run(summary["mlflow_run_id"])
+    outputs = run.outputs.model_outputs if run.outputs else []
+    assert len(outputs) == 1
+    logged = client.get_logged_model(outputs[0].model_id)
+    assert logged.name == "model" and logged.source_run_id == run.info.run_id
+    assert logged.experiment_id == run.info.experiment_id and logged.tags["model_id"] == summary["model_id"]
+    found = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.model_id for m in found] == [logged.model_id]
+
+    info = mlflow.models.get_model_info(f"models:/{REGISTERED_MODEL}/1")
+    assert info.signature is not None and info.saved_input_example_info is not None
+    inputs, outputs_schema = info.signature.inputs.to_dict(), info.signature.outputs.to_dict()
+    assert inputs == [{"type": "array", "items": {"type": "double"}, "name": "waveform", "required": True}]
+    assert outputs_schema[0]["tensor-spec"] == {"dtype": "float32", "shape": (-1, 192)}  # model.lin_neurons
 
 
 def test_registered_pyfunc_embeds_like_the_encoder(
@@ -95,8 +123,8 @@ def test_registered_pyfunc_embeds_like_the_encoder(
     for row, wav in zip(got, (long, short, long)):
         want = F.normalize(encoder.embed(torch.from_numpy(wav)[None], torch.ones(1)), dim=1)[0].numpy()
         assert float(row @ want) > 0.9999
-    # A (batch, samples) array is the same request.
-    assert np.allclose(model.predict(np.stack([long, long])), got[[0, 2]], atol=1e-6)
+    # One waveform as {"waveform": samples} (MLflow's dict form of a one-row request).
+    assert np.allclose(model.predict({"waveform": long.tolist()}), got[[0]], atol=1e-6)
 
 
 def test_registered_pyfunc_rejects_unusable_input(staged: dict, tracking: str) -> None:
@@ -106,8 +134,9 @@ def test_registered_pyfunc_rejects_unusable_input(staged: dict, tracking: str) -
     with pytest.raises(Exception, match="at least 1600"):
         model.predict(pd.DataFrame({"waveform": [[0.0] * 800]}))
     with pytest.raises(Exception, match="NaN"):
-        model.predict(np.full((1, 16000), np.nan, dtype=np.float32))
-    with pytest.raises(Exception, match="'waveform' column"):
+        model.predict(pd.DataFrame({"waveform": [[float("nan")] * 16000]}))
+    # the signature names the input: MLflow rejects a request without it before predict runs
+    with pytest.raises(Exception, match=r"missing inputs \['waveform'\]"):
         model.predict(pd.DataFrame({"a": [[0.0] * 1000], "b": [[0.0] * 1000]}))
 
 

@@ -418,7 +418,8 @@ def test_served_deployment_runs_standin_pipeline_via_dvc(
     with served(standin_project, prefect_server, tmp_path) as deployment:
         assert deployment["entrypoint"] == "flows.pipeline.voiceprint_pipeline"
         schema = deployment["parameter_openapi_schema"]["properties"]
-        assert schema["index_type"]["anyOf"][0]["enum"] == ["flat", "ivf", "hnsw"]
+        # typed, starting from params.yaml (no "None" toggle): flows.serve.typed_schema
+        assert schema["index_type"]["enum"] == ["flat", "ivf", "hnsw"] and schema["index_type"]["default"] == "flat"
 
         run_id = trigger_like_the_ui(prefect_server, deployment, {"index_type": "hnsw", "max_speakers": 3})
         run = wait_for_terminal_state(prefect_server, run_id, deployment, timeout_s=420)

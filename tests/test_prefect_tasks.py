@@ -340,7 +340,13 @@ def test_metrics_markdown_finds_headline_metrics() -> None:
             "min_dcf_p0.01": 0.41,
             "min_dcf_p0.01_threshold": 0.7,
             "min_dcf_p0.05": None,
+            "eer_ci_low": 0.04,
+            "eer_ci_high": 0.061,
+            "eer_snorm": 0.05,
             "top1": 0.9,
+            "index_top1": 0.85,
+            "index_recall1": 0.9,
+            "index_settings": "ivf nlist=7 nprobe=1",
             "top5": 0.975,
             "top10": 1.0,
             "model_id": "ecapa|x",
@@ -352,6 +358,11 @@ def test_metrics_markdown_finds_headline_metrics() -> None:
     assert "| minDCF | `min_dcf_p0.05` | n/a |" in headline
     assert "| top-1 | `top1` | 0.9000 (90.00 %) |" in headline
     assert "| top-5 | `top5` | 0.9750 (97.50 %) |" in headline
+    assert "| EER | `eer_ci_low` | 0.0400 (4.00 %) |" in headline and "`eer_ci_high`" in headline
+    assert "| EER s-norm | `eer_snorm` | 0.0500 (5.00 %) |" in headline
+    assert "| top-1 via index | `index_top1` | 0.8500 (85.00 %) |" in headline
+    assert "| index recall | `index_recall1` | 0.9000 (90.00 %) |" in headline
+    assert "| index | `index_settings` | ivf nlist=7 nprobe=1 |" in headline
     assert "threshold" not in headline and "top10" not in headline
     assert "| `model_id` | ecapa\\|x |" in md  # pipes escaped in the full table
 
@@ -371,8 +382,8 @@ def test_pipeline_parameters_render_as_enums_with_descriptions() -> None:
     assert props["model_arch"]["anyOf"][0]["enum"] == ["ecapa", "moe"]
     assert all(p.get("description") for p in props.values())
     assert list(props) == [
-        "dataset", "dataset_path", "model_init", "model_arch", "model_source", "index_type",
-        "max_speakers", "model_steps", "project_dir",
+        "dataset", "dataset_path", "max_speakers", "model_init", "model_arch", "model_source", "model_steps",
+        "index_type", "index_nlist", "index_nprobe", "project_dir",
     ]  # fmt: skip
 
 
@@ -388,8 +399,49 @@ def test_deployments_cover_pipeline_and_each_stage(tmp_path: Path) -> None:
         ),
     ]
     assert deps[0].entrypoint == "flows.pipeline.voiceprint_pipeline"
-    assert all(d.parameters == {"project_dir": str(tmp_path.resolve())} for d in deps)
+    assert all(d.parameters["project_dir"] == str(tmp_path.resolve()) for d in deps)
+    assert [d.parameters for d in deps[1:-1]] == [{"project_dir": str(tmp_path.resolve())}] * 6
     assert "Args:" not in (deps[0].description or "")
+
+
+def test_run_form_starts_from_params_yaml_typed(tmp_path: Path, params_writer) -> None:
+    """The run form's defaults are the project's current settings, typed, with no None toggle
+    except for settings that are null in the file; the Parameters tab gets types and defaults."""
+    from flows.serve import deployments
+
+    params_writer(tmp_path, {"index.type": "hnsw", "index.nprobe": 3, "model.steps": 7, "data.max_speakers": None})
+    pipeline, *_, compare = deployments(tmp_path)
+    assert pipeline.parameters == {
+        "dataset": "librispeech-excerpts", "dataset_path": None, "max_speakers": None, "model_init": "scratch",
+        "model_arch": "ecapa", "model_source": "speechbrain/spkrec-ecapa-voxceleb", "model_steps": 7,
+        "index_type": "hnsw", "index_nlist": 64, "index_nprobe": 3, "project_dir": str(tmp_path.resolve()),
+    }  # fmt: skip
+    props = pipeline._parameter_openapi_schema.model_dump_for_openapi()["properties"]
+    assert props["index_type"]["type"] == "string" and props["index_type"]["default"] == "hnsw"
+    assert props["index_type"]["enum"] == ["flat", "ivf", "hnsw"] and "anyOf" not in props["index_type"]
+    assert (props["index_nprobe"]["type"], props["index_nprobe"]["default"]) == ("integer", 3)
+    assert (props["project_dir"]["type"], props["project_dir"]["default"]) == ("string", str(tmp_path.resolve()))
+    assert {b["type"] for b in props["max_speakers"]["anyOf"]} == {"integer", "null"}  # null in the file
+    assert compare.parameters["encoders"] == ["ecapa", "campplus", "ge2e"]
+    assert compare._parameter_openapi_schema.properties["encoders"]["type"] == "array"
+
+
+def test_run_writes_only_what_the_form_changed() -> None:
+    from flows.pipeline import changed_settings
+
+    defaults = {"index_type": "flat", "index_nprobe": 8, "max_speakers": 4, "dataset_path": None}
+    given = {"index_type": "ivf", "index_nprobe": 8, "max_speakers": None, "dataset_path": None}
+    assert changed_settings(given, defaults) == ({"index.type": "ivf"}, ("data.max_speakers",))
+    # called directly (no deployment): None keeps the file, values are written
+    assert changed_settings({"index_type": "hnsw", "max_speakers": None}, {}) == ({"index.type": "hnsw"}, ())
+
+
+def test_apply_overrides_clears_nullable_keys(tmp_path: Path, params_writer) -> None:
+    params_writer(tmp_path, {"data.max_speakers": 4})
+    params = apply_overrides(tmp_path, {"index.nprobe": 2}, clear=["data.max_speakers"])
+    assert params.data.max_speakers is None and params.index.nprobe == 2
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert raw["data"]["max_speakers"] is None and raw["index"]["nprobe"] == 2
 
 
 def test_serve_main_refuses_a_directory_without_dvc_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -249,20 +250,74 @@ def _enrolled_centroids(x: np.ndarray, enroll_rows: np.ndarray, block: int = 819
     return out
 
 
+def _index_settings(index: faiss.Index, kind: str) -> str:
+    """The search settings in effect after clamping: ``"flat"``, ``"ivf nlist=7 nprobe=1"``, ``"hnsw M=32 ef_search=128"``."""
+    if kind == "ivf":
+        ivf = faiss.extract_index_ivf(index)
+        return f"ivf nlist={int(ivf.nlist)} nprobe={int(ivf.nprobe)}"
+    if kind == "hnsw":
+        return f"hnsw M={int(index.hnsw.nb_neighbors(1))} ef_search={int(index.hnsw.efSearch)}"
+    return kind
+
+
+def _search_ranks(
+    index: faiss.Index, x: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(ranks, top-k rows)``: position of gallery row ``truth[q]`` in query ``q``'s results (``max(TOP_KS)``: absent)."""
+    rank = np.full(len(queries), max(TOP_KS), dtype=np.int64)
+    found = np.full((len(queries), k), -1, dtype=np.int64)
+    for start, stop in _query_blocks(len(queries), _QUERY_BLOCK):
+        _, rows = index.search(np.ascontiguousarray(x[queries[start:stop]]), k)
+        hit = rows == truth[start:stop, None]
+        rank[start:stop] = np.where(hit.any(axis=1), hit.argmax(axis=1), max(TOP_KS))
+        found[start:stop] = rows
+    return rank, found
+
+
+def _index_identification(
+    gallery: np.ndarray,
+    x: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    exact_rows: np.ndarray,
+    index: IndexParams,
+) -> dict[str, Any]:
+    """Top-k through an index built with the pipeline's ``index`` settings, and its recall vs exact search.
+
+    ``index_recall<k>``: fraction of queries whose exact top-1 gallery speaker is among the index's
+    first k results (1.0 for ``flat``). ``index_top<k>``: identification accuracy through the index.
+    """
+    k = exact_rows.shape[1]
+    approx = build_index(gallery, index)
+    rank, rows = _search_ranks(approx, x, queries, truth, k)
+    exact_top1 = exact_rows[:, :1]
+    out: dict[str, Any] = {"index_type": index.type, "index_settings": _index_settings(approx, index.type)}
+    out.update({f"index_top{top}": float(np.mean(rank < top)) for top in TOP_KS})
+    out.update({f"index_recall{top}": float(np.mean((rows[:, :top] == exact_top1).any(axis=1))) for top in TOP_KS})
+    return out
+
+
 def _identification(
     x: np.ndarray,
     speakers: np.ndarray,
     is_eval: np.ndarray,
     params: Params,
+    *,
+    index_search: bool = False,
 ) -> dict[str, Any]:
     """Closed-set top-k identification of held-out eval utterances against a speaker gallery.
 
     Each eval speaker with more than ``enroll_per_speaker`` utterances enrolls that many, drawn by
     one seeded permutation per speaker (speakers in sorted order, rows in table order); the rest
-    are queries. Train speakers not in eval are distractor centroids. The gallery is an exact flat
-    inner-product index searched in blocks of :data:`_QUERY_BLOCK` queries, so the cost is
-    O(N log N) grouping plus O(queries x gallery) scoring, and memory past the embeddings is
-    the gallery plus one block.
+    are queries. Train speakers not in eval are distractor centroids. ``top1``/``top5`` come from
+    an exact flat inner-product index searched in blocks of :data:`_QUERY_BLOCK` queries, so the
+    cost is O(N log N) grouping plus O(queries x gallery) scoring, and memory past the embeddings
+    is the gallery plus one block.
+
+    With ``index_search`` the same gallery is also indexed with ``params.index`` (the settings the
+    ``index`` stage builds ``data/index`` with: flat, ivf with nlist/nprobe, hnsw) and searched
+    again: ``index_top1``/``index_top5`` and ``index_recall1``/``index_recall5`` (the exact top-1
+    among the index's top 1 / top 5), see :func:`_index_identification`.
     """
     cfg = params.evaluate
     rng = np.random.default_rng(cfg.seed)
@@ -315,6 +370,9 @@ def _identification(
     for k in TOP_KS:
         out[f"top{k}"] = None
     out.update(_absent_interval("top1", params))
+    if index_search:
+        out.update(index_type=params.index.type, index_settings=None)
+        out.update({f"index_{name}{k}": None for name in ("top", "recall") for k in TOP_KS})
     if len(gallery_labels) < 2 or len(queries) == 0:
         log.warning(
             "identification skipped: %d gallery speaker(s), %d queries (need >= 2 and >= 1)",
@@ -324,18 +382,17 @@ def _identification(
         out["n_queries"] = 0
         return out
 
+    gallery_matrix = np.concatenate(gallery)
     flat = IndexParams(type="flat", use_gpu=params.index.use_gpu)
-    index = build_index(np.concatenate(gallery), flat)
+    index = build_index(gallery_matrix, flat)
     k = min(max(TOP_KS), len(gallery_labels))
     # Gallery rows are unique labels and eval speaker i is gallery row i, so a query is right at k
     # when gallery row ``truth[q]`` is among its first k results.
     truth = np.repeat(np.arange(n_eval_in_gallery, dtype=np.int64), [len(q) for q in query_idx])
-    rank = np.full(len(queries), max(TOP_KS), dtype=np.int64)  # position of the truth; max(TOP_KS): absent
-    for start, stop in _query_blocks(len(queries), _QUERY_BLOCK):
-        _, rows = index.search(np.ascontiguousarray(x[queries[start:stop]]), k)
-        hit = rows == truth[start:stop, None]
-        rank[start:stop] = np.where(hit.any(axis=1), hit.argmax(axis=1), max(TOP_KS))
+    rank, exact_rows = _search_ranks(index, x, queries, truth, k)
     out.update({f"top{top}": float(np.mean(rank < top)) for top in TOP_KS})
+    if index_search:
+        out.update(_index_identification(gallery_matrix, x, queries, truth, exact_rows, params.index))
     if cfg.bootstrap:
         # Speaker codes in gallery order sort like the speaker ids, so the draws are those of the ids.
         interval = accuracy_interval(
@@ -463,6 +520,7 @@ def evaluate(
     out_plots: str | Path | None = None,
     embeddings: str | Path | None = None,
     trials_root: str | Path | None = None,
+    index_search: bool = False,
 ) -> dict[str, Any]:
     """Compute verification and identification metrics; write metrics.json and plots.
 
@@ -472,7 +530,9 @@ def evaluate(
     list that cannot be used (``evaluate.trials``: a bad trial file, all pairs of too many
     utterances, more samples than pairs) is a :class:`voiceprint.config.ConfigError`, raised
     before anything is written. A relative trial-file path is resolved against ``trials_root``
-    (default ``layout.root``, the project).
+    (default ``layout.root``, the project). ``index_search`` adds identification through an index
+    built with ``params.index`` (``index_*`` keys, :func:`_identification`); the ``evaluate`` stage
+    sets it, the encoder comparison does not (its outputs do not depend on ``index``).
     """
     started = time.perf_counter()
     out_metrics = Path(out_metrics) if out_metrics is not None else layout.metrics
@@ -504,7 +564,7 @@ def evaluate(
     scores, same = trial_scores(x[is_eval], speakers[is_eval], trials)
     verification, curve = _verification(scores, same, speakers[is_eval], params, trials)
     normalised = snorm_metrics(x[is_eval], speakers[is_eval], x[~is_eval], params, trials)
-    identification = _identification(x, speakers, is_eval, params)
+    identification = _identification(x, speakers, is_eval, params, index_search=index_search)
 
     metrics: dict[str, Any] = {
         "trials": trials.spec,
@@ -530,7 +590,7 @@ def evaluate(
         metrics["n_trials"],
         metrics["n_queries"],
         time.perf_counter() - started,
-        json.dumps({k: metrics.get(k) for k in ("eer", "eer_snorm", "top1", "top5")}),
+        json.dumps({k: metrics.get(k) for k in ("eer", "eer_snorm", "top1", "top5", "index_top1", "index_recall1")}),
     )
     return metrics
 
@@ -539,6 +599,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     """The ``evaluate`` stage: :func:`evaluate`, logged to MLflow with its plots."""
     from voiceprint.tracking.runs import log_evaluation
 
-    metrics = evaluate(layout, params)
-    run_id = log_evaluation(layout, params, metrics, layout.plots)
+    # The MLflow run spans the stage's work (its duration in the UI), not just the logging at the end.
+    started_ms = int(time.time() * 1000)
+    metrics = evaluate(layout, params, index_search=True)
+    run_id = log_evaluation(layout, params, metrics, layout.plots, start_time_ms=started_ms)
     return {**metrics, "mlflow_run_id": run_id}

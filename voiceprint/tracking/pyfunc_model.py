@@ -1,14 +1,14 @@
 """The trained ECAPA-TDNN as an MLflow pyfunc: 16 kHz waveforms in, L2-normalised embeddings out.
 
-:func:`save_pyfunc` writes an MLflow model (*model from code*, never a cloudpickle) whose artifact is
-the model directory; :class:`EcapaEmbeddingModel` ``predict`` takes a DataFrame with a ``waveform``
-column, a 1-D or 2-D array, a list or ``{"waveform": [...]}`` of mono 16 kHz audio in [-1, 1].
-Input forms and design: docs/orchestration.md#the-registered-model.
+:func:`log_pyfunc` logs an MLflow model (*model from code*, never a cloudpickle) whose artifact is
+the model directory, with a signature (``waveform``: array of double in; ``(-1, dim)`` float32 out)
+and an input example; :func:`save_pyfunc` writes the same model to a directory. Through MLflow,
+``predict`` takes a DataFrame with a ``waveform`` column (one mono 16 kHz waveform in [-1, 1] per
+row) or ``{"waveform": [...]}`` for one. Design: docs/orchestration.md#the-registered-model.
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,8 +45,8 @@ class EcapaEmbeddingModel(mlflow.pyfunc.PythonModel):
 
         self.encoder = load_model_dir(context.artifacts[ARTIFACT], device="cpu")
 
-    # The DataFrame hint is one MLflow infers no schema from (so it validates nothing); arrays, lists
-    # and dicts are accepted as well (docs/orchestration.md#the-registered-model).
+    # MLflow validates the input against the logged signature first and hands over a DataFrame;
+    # called directly, arrays, lists and dicts are accepted as well (waveforms_from_input).
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:  # noqa: ANN001
         return embed_waveforms(self.encoder, waveforms_from_input(model_input))
 
@@ -120,27 +120,62 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
+def signature(dim: int) -> Any:
+    """``waveform`` (a variable-length array of samples per row, double: JSON numbers) in, ``(rows, dim)`` float32 out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array(DataType.double), "waveform")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(dim)), "embedding")]),
+    )
+
+
+def input_example() -> pd.DataFrame:
+    """Two short waveforms (0.1 s and 0.15 s of a quiet tone), as the model's logged input example."""
+    t = np.arange(MIN_SAMPLES * 3 // 2, dtype=np.float32) / SAMPLE_RATE
+    tone = (0.1 * np.sin(2 * np.pi * 220.0 * t)).round(4).astype(np.float32)
+    return pd.DataFrame({"waveform": [tone[:MIN_SAMPLES].tolist(), tone.tolist()]})
+
+
+def _model_kwargs(model_dir: str | Path, script: Path, model_id: str, dim: int) -> dict[str, Any]:
+    """What :func:`save_pyfunc` and :func:`log_pyfunc` pass to MLflow, beside the destination."""
+    package = Path(__file__).resolve().parents[1]  # the whole voiceprint package: the pyfunc loads encoders/
+    script.write_text(_MODEL_SCRIPT)
+    return dict(
+        python_model=str(script),
+        artifacts={ARTIFACT: str(Path(model_dir).resolve())},
+        code_paths=[str(package)],
+        pip_requirements=pip_requirements(),
+        signature=signature(dim),
+        input_example=input_example(),
+        metadata={"model_id": model_id, "sample_rate": SAMPLE_RATE, "output": "l2-normalised embeddings"},
+    )
+
+
+def embedding_dim(model_dir: str | Path) -> int:
+    """The embedding size of the model in ``model_dir`` (loads it on the CPU)."""
+    from voiceprint.encoders.loader import load_model_dir
+
+    return int(load_model_dir(model_dir, device="cpu").dim)
+
+
 def save_pyfunc(model_dir: str | Path, path: str | Path, *, model_id: str) -> Path:
     """Write the pyfunc for the SpeechBrain-layout ``model_dir`` to the new directory ``path``."""
-    package = Path(__file__).resolve().parents[1]  # the whole voiceprint package: the pyfunc loads encoders/
-    # No signature, on purpose: inputs are variable-length waveforms in several shapes, which an
-    # MLflow schema would either reject or reshape; predict validates them itself. MLflow logs a
-    # warning for every model saved without one, silenced here.
-    pyfunc_log = logging.getLogger("mlflow.pyfunc")
-    level = pyfunc_log.level
-    pyfunc_log.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory(prefix="voiceprint-pyfunc-") as tmp:
-            script = Path(tmp) / "ecapa_pyfunc.py"
-            script.write_text(_MODEL_SCRIPT)
-            mlflow.pyfunc.save_model(
-                path=str(path),
-                python_model=str(script),
-                artifacts={ARTIFACT: str(Path(model_dir).resolve())},
-                code_paths=[str(package)],
-                pip_requirements=pip_requirements(),
-                metadata={"model_id": model_id, "sample_rate": SAMPLE_RATE, "output": "l2-normalised embeddings"},
-            )
-    finally:
-        pyfunc_log.setLevel(level)
+    with tempfile.TemporaryDirectory(prefix="voiceprint-pyfunc-") as tmp:
+        kwargs = _model_kwargs(model_dir, Path(tmp) / "ecapa_pyfunc.py", model_id, embedding_dim(model_dir))
+        mlflow.pyfunc.save_model(path=str(path), **kwargs)
     return Path(path)
+
+
+def log_pyfunc(model_dir: str | Path, *, model_id: str, registered_model_name: str | None = None) -> Any:
+    """Log the pyfunc as ``model`` of the active MLflow run (a logged model: the experiment's Models
+    page); register it as a new version of ``registered_model_name`` when given. Returns the ModelInfo."""
+    with tempfile.TemporaryDirectory(prefix="voiceprint-pyfunc-") as tmp:
+        kwargs = _model_kwargs(model_dir, Path(tmp) / "ecapa_pyfunc.py", model_id, embedding_dim(model_dir))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            registered_model_name=registered_model_name,
+            tags={"model_id": model_id},
+            **kwargs,
+        )

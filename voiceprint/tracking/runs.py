@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EXPERIMENT",
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
     "TrainingRun",
     "dvc_data_hash",
     "flatten_params",
@@ -40,6 +42,13 @@ __all__ = [
 ]
 
 EXPERIMENT = "voiceprint"
+#: The experiment tag MLflow 3's UI reads to pick an experiment's landing page, and the value for
+#: "custom model development" (runs, metrics, models) as opposed to "genai_development" (traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+#: Summary statistics that repeat a training curve under another name; they stay in training.json.
+_SUMMARY_DUPLICATES = frozenset({"train_accuracy"})  # the ``train_acc`` curve's last window
 _EMBEDDINGS_OUT = "data/embeddings"
 _REMOTE_SCHEMES = {"http", "https", "databricks", "databricks-uc", "uc"}
 
@@ -126,11 +135,14 @@ def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _create_run(layout: Layout, run_name: str, tags: Mapping[str, str]) -> tuple[Any, str, str]:
+def _create_run(
+    layout: Layout, run_name: str, tags: Mapping[str, str], start_time_ms: int | None = None
+) -> tuple[Any, str, str]:
     """A new run in experiment ``voiceprint``: ``(client, run id, tracking URI)``.
 
     Every run carries the same lineage tags (git commit, Prefect flow run, project root); ``tags``
-    add to them and win on a clash.
+    add to them and win on a clash. ``start_time_ms`` (epoch ms) backdates the run to when the
+    stage's work began, so the UI's duration is the stage's, not the logging's.
     """
     from mlflow.tracking import MlflowClient
 
@@ -141,23 +153,31 @@ def _create_run(layout: Layout, run_name: str, tags: Mapping[str, str]) -> tuple
     lineage = {"git_commit": commit, "prefect_flow_run_id": prefect_flow_run_id(), "project_root": str(layout.root)}
     if commit != "unknown":
         lineage["mlflow.source.git.commit"] = commit
-    run = client.create_run(experiment_id, run_name=run_name, tags={**lineage, **tags})
+    run = client.create_run(experiment_id, start_time=start_time_ms, run_name=run_name, tags={**lineage, **tags})
     return client, run.info.run_id, uri
 
 
 def _experiment_id(client: Any, layout: Layout, uri: str) -> str:
-    """Id of experiment ``voiceprint``, created (artifacts beside the project) if missing."""
+    """Id of experiment ``voiceprint``, created (artifacts beside the project) if missing.
+
+    The experiment is marked as a model-training one (:data:`EXPERIMENT_KIND_TAG`), so the MLflow 3
+    UI opens it on its runs rather than on the (empty) GenAI traces page; an experiment created
+    before the tag existed gets it on its next run.
+    """
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(layout, uri))
-    except Exception:
-        # Another process created it between our lookup and create: use theirs.
-        experiment = client.get_experiment_by_name(EXPERIMENT)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(
+                EXPERIMENT, artifact_location=_artifact_location(layout, uri), tags=EXPERIMENT_TAGS
+            )
+        except Exception:
+            # Another process created it between our lookup and create: use theirs.
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def log_evaluation(
@@ -170,12 +190,15 @@ def log_evaluation(
     extra_tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
     extra_artifacts: Sequence[str | Path] = (),
+    start_time_ms: int | None = None,
+    end_time_ms: int | None = None,
 ) -> str:
     """Log one evaluation as an MLflow run in experiment ``voiceprint``; returns the run id.
 
     ``metrics`` is what :func:`voiceprint.evaluate.stage.evaluate` returned; it is logged both as MLflow
     metrics (numeric entries) and, verbatim, as the ``metrics.json`` artifact. Every file in
-    ``plots_dir`` goes under the run's ``plots/`` artifacts.
+    ``plots_dir`` goes under the run's ``plots/`` artifacts. ``start_time_ms``/``end_time_ms``
+    (epoch ms; default: now) are the run's start and end, i.e. the stage's, not the logging's.
     """
     _quiet_mlflow()
     from mlflow.entities import Metric, Param, RunStatus
@@ -185,7 +208,7 @@ def log_evaluation(
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # nests the run under its parent in the UI
     tags.update(extra_tags or {})
-    client, run_id, uri = _create_run(layout, run_name, tags)
+    client, run_id, uri = _create_run(layout, run_name, tags, start_time_ms)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         now = get_current_time_millis()
@@ -204,7 +227,7 @@ def log_evaluation(
             client.log_artifacts(run_id, str(plots_dir), artifact_path="plots")
         status = RunStatus.to_string(RunStatus.FINISHED)
     finally:
-        client.set_terminated(run_id, status=status)
+        client.set_terminated(run_id, status=status, end_time=end_time_ms)
     log.info("logged MLflow run %s to %s", run_id, uri)
     return run_id
 
@@ -233,15 +256,18 @@ class TrainingRun:
         )
 
     def log_summary(self, stats: Mapping[str, Any]) -> None:
-        """The stage's numeric statistics as metrics, its model id as a tag, the rest as ``training.json``."""
+        """The stage's numeric statistics as metrics, its model id as a tag, all of them as ``training.json``.
+
+        ``train_accuracy`` (the last window of the ``train_acc`` curve) is left out of the metrics,
+        so the run has one accuracy metric.
+        """
         from mlflow.entities import Metric
         from mlflow.utils.time import get_current_time_millis
 
         now = get_current_time_millis()
         step = int(stats.get("steps") or 0)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, v, now, step) for k, v in _numeric_metrics(stats).items()]
-        )
+        numeric = {k: v for k, v in _numeric_metrics(stats).items() if k not in _SUMMARY_DUPLICATES}
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in numeric.items()])
         if stats.get("model_id"):
             self.client.set_tag(self.run_id, "model_id", str(stats["model_id"]))
         with tempfile.TemporaryDirectory(prefix="voiceprint-mlflow-") as tmp:
@@ -250,35 +276,49 @@ class TrainingRun:
             self.client.log_artifact(self.run_id, str(path))
 
     def register_model(self, model_dir: str | Path, model_id: str, name: str | None = None) -> dict[str, str]:
-        """Log ``model_dir`` as a pyfunc under the run's ``model/`` artifacts and register a new version.
+        """Log ``model_dir`` as a pyfunc ``model`` of the run and register it as a new version.
 
-        Returns ``{"name", "version", "uri"}`` (``uri`` is ``models:/<name>/<version>``); the version
-        carries tags ``model_id`` and ``run_id``.
+        The pyfunc is logged with ``mlflow.pyfunc.log_model`` (signature and input example: see
+        :mod:`voiceprint.tracking.pyfunc_model`), so it is a logged model of the run (the
+        experiment's Models page) as well as a registered version. Returns ``{"name", "version",
+        "uri"}`` (``uri`` is ``models:/<name>/<version>``); the version carries tags ``model_id``
+        and ``run_id``.
         """
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-
-        from voiceprint.tracking.pyfunc_model import REGISTERED_MODEL, save_pyfunc
+        from voiceprint.tracking.pyfunc_model import REGISTERED_MODEL, log_pyfunc
 
         name = name or REGISTERED_MODEL
-        with tempfile.TemporaryDirectory(prefix="voiceprint-pyfunc-") as tmp:
-            local = save_pyfunc(model_dir, Path(tmp) / "model", model_id=model_id)
-            self.client.log_artifacts(self.run_id, str(local), artifact_path="model")
-        try:
-            self.client.create_registered_model(
+        with _active_run(self.uri, self.run_id):
+            info = log_pyfunc(model_dir, model_id=model_id, registered_model_name=name)
+        version = str(info.registered_model_version)
+        for key, value in {"model_id": model_id, "run_id": self.run_id}.items():
+            self.client.set_model_version_tag(name, version, key, value)
+        if not self.client.get_registered_model(name).description:
+            self.client.update_registered_model(
                 name, description="voiceprint ECAPA-TDNN: 16 kHz waveforms -> L2-normalised speaker embeddings"
             )
-        except MlflowException as err:
-            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-                raise
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/model"
-        version = self.client.create_model_version(
-            name, source=source, run_id=self.run_id, tags={"model_id": model_id, "run_id": self.run_id}
-        )
-        self.registered = {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}"}
+        self.registered = {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
         self.client.set_tag(self.run_id, "registered_model", self.registered["uri"])
-        log.info("registered %s as %s", model_id, self.registered["uri"])
+        log.info("registered %s as %s (logged model %s)", model_id, self.registered["uri"], info.model_id)
         return self.registered
+
+
+@contextlib.contextmanager
+def _active_run(uri: str, run_id: str) -> Iterator[None]:
+    """``run_id`` as MLflow's active run on store ``uri``, for the fluent ``log_model`` only.
+
+    MLflow's global tracking URI (and ``MLFLOW_TRACKING_URI``, which setting it overwrites) is put
+    back afterwards. The run's final status is set by :func:`training_run`, which ends it again.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        if env_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
 
 
 @contextlib.contextmanager
