@@ -35,7 +35,9 @@ PREFECT_API_URL is not set: Prefect would start a temporary in-process API that 
 and the deployments would vanish when this process exits. Start a server and point at it:
 
     make prefect-server PORT=4200                     # in another terminal; UI on http://127.0.0.1:4200
-    make serve PORT=4200                              # or, by hand:
+    make serve PORT=4200
+or by hand (the UI reads the API port from PREFECT_SERVER_API_PORT, not from --port):
+    PREFECT_SERVER_API_PORT=4200 prefect server start --host 127.0.0.1 --port 4200
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve --project-dir {project_dir}
 """
 

@@ -19,7 +19,7 @@ from voiceprint.config import ConfigError, load_params
 pytestmark = pytest.mark.timeout(120)
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = "compare, data, embed, evaluate, index, model, vad"
+SECTIONS = "compare, compute, data, embed, evaluate, index, model, vad"
 VAD_KEYS = "max_segment_s, method, min_segment_s, min_silence_s, min_speech_s, pad_s, threshold"
 
 #: params.yaml text -> fragments the one-line message must contain (key, reason, allowed values).
