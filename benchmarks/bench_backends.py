@@ -2,10 +2,11 @@
 
 Same weights (bench_embed's seeded C=1024 checkpoint), files and engine (``run_encoder``: decoding,
 batch plan, Fbank + sentence mean norm in torch float32); only the network after the features runs
-in the backend (ONNX graph from torch.onnx.export, dynamic batch and frame axes). Per-utterance (the
-engine's CPU default) and length-bucketed batches; rounds interleaved in rotating order, each round
-trimming every file by ``--trim-s`` more so no backend sees a known shape; min and median x real
-time. Agreement: cosine of every embedding (whole files) to SpeechBrain fp32's (target >= 0.999).
+in the backend (the ONNX export of ``embed.backend: openvino`` in voiceprint/encoders/openvino_backend.py,
+dynamic batch and frame axes). Per-utterance (the engine's CPU default) and length-bucketed batches;
+rounds interleaved in rotating order, each round trimming every file by ``--trim-s`` more so no
+backend sees a known shape; min and median x real time. Agreement: cosine of every embedding (whole
+files) to SpeechBrain fp32's (target >= 0.999).
 
     python benchmarks/bench_backends.py [--seconds 290] [--rounds 5] [--modes single,batched] [--out FILE]
     python benchmarks/bench_backends.py --quick     # < 1 min: 20 s of audio, 2 rounds, per-utterance only
@@ -19,9 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -35,58 +34,15 @@ from benchmarks.common import emit, hardware  # noqa: E402
 from voiceprint.config import EmbedParams  # noqa: E402
 from voiceprint.embed.engine import Item, engine_dtype, run_encoder  # noqa: E402
 from voiceprint.encoders.ecapa import EcapaConfig, EcapaEncoder, load_ecapa, save_speechbrain_checkpoint  # noqa: E402
+from voiceprint.encoders.openvino_backend import (  # noqa: E402
+    OpenVinoNet,
+    check_export,
+    compile_onnx,
+    export_onnx,
+    frames_of,
+)
 
 TARGET_MIN_COSINE = 0.999
-
-
-# --------------------------------------------------------------------------------------------------
-# Export
-
-
-def _mask(length: torch.Tensor, max_len=None, dtype=None, device=None) -> torch.Tensor:
-    """SpeechBrain's ``length_to_mask`` by broadcasting: its ``expand(len(length), ...)`` would bake
-    the traced batch size into the graph."""
-    mask = torch.arange(max_len, device=length.device, dtype=length.dtype).unsqueeze(0) < length.unsqueeze(1)
-    return mask.to(dtype or length.dtype)
-
-
-@contextmanager
-def _traceable_masks():
-    import speechbrain.lobes.models.ECAPA_TDNN as sb_ecapa
-
-    original = sb_ecapa.length_to_mask
-    sb_ecapa.length_to_mask = _mask
-    try:
-        yield
-    finally:
-        sb_ecapa.length_to_mask = original
-
-
-def export_onnx(model: torch.nn.Module, path: Path, n_mels: int) -> Path:
-    """``ECAPA_TDNN`` as ONNX: ``feats (B, frames, n_mels)``, ``lengths (B,)`` -> ``embedding (B, 1, D)``."""
-    with _traceable_masks(), warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(),
-            (torch.randn(2, 300, n_mels), torch.tensor([1.0, 0.7])),
-            str(path),
-            input_names=["feats", "lengths"],
-            output_names=["embedding"],
-            dynamic_axes={"feats": {0: "batch", 1: "frames"}, "lengths": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    return path
-
-
-def check_export(run: Callable, model: torch.nn.Module, n_mels: int) -> float:
-    """Max abs difference to torch fp32 on a batch size and length the trace did not see."""
-    torch.manual_seed(1)
-    feats, lengths = torch.randn(3, 411, n_mels), torch.tensor([1.0, 0.55, 0.8])
-    with torch.inference_mode():
-        want = model(feats, lengths).numpy()
-    got = run(feats.numpy(), lengths.numpy())
-    return float(np.abs(got.reshape(want.shape) - want).max())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,7 +61,7 @@ def ort_runner(path: Path, threads: int, spinning: bool = True) -> Callable:
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
     def run(feats: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        return session.run(None, {"feats": feats, "lengths": lengths})[0]
+        return session.run(None, {"feats": feats, "frames": frames_of(lengths, feats.shape[1])})[0]
 
     return run
 
@@ -125,23 +81,10 @@ def quantize_int8(src: Path, dst: Path) -> Path:
 
 
 def ov_runner(path: Path, threads: int, precision: str | None) -> tuple[Callable, str]:
-    """OpenVINO CPU plugin on the ONNX file; ``precision`` is the inference precision hint (None: default)."""
-    import openvino as ov
-
-    core = ov.Core()
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
-    if precision is not None:
-        config["INFERENCE_PRECISION_HINT"] = precision
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-    request = compiled.create_infer_request()
-    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
-    resolved = hint.to_string() if hasattr(hint, "to_string") else str(hint)  # "bf16", "f32"
-
-    def run(feats: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        request.infer({"feats": feats, "lengths": lengths}, share_inputs=True)
-        return request.get_output_tensor(0).data.copy()
-
-    return run, resolved
+    """OpenVINO CPU plugin on the ONNX file (the package's ``embed.backend: openvino`` compile);
+    ``precision`` is the inference precision hint (None: default)."""
+    compiled, resolved = compile_onnx(path, threads=threads, precision=precision)  # resolved: "bf16", "f32"
+    return OpenVinoNet(compiled).run, resolved
 
 
 class BackendNet(torch.nn.Module):

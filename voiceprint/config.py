@@ -349,6 +349,13 @@ class EmbedParams(_Section):
         description="bf16 autocast where the hardware runs it natively (CUDA, CPUs with AVX512-BF16 or AMX), "
         "fp16 on GPUs without bf16.",
     )
+    backend: Literal["torch", "openvino"] = Field(
+        default="torch",
+        description="What runs the network after the features (which stay torch float32): `torch` (eager, "
+        "`amp` autocast) or `openvino` (CPU only: OpenVINO with bf16 inference precision where the CPU has "
+        "native bf16 and `amp` is true, else f32; recorded as precision `openvino-bf16`/`openvino-f32`, same "
+        "`model_id`). Needs `device: cpu`, or `auto` on a machine without CUDA.",
+    )
     cpu_batching: Literal["auto"] | bool = Field(
         default="auto",
         description="On CPU: length-bucketed batches (true) or one segment per call (false); `auto`: batches "
@@ -365,6 +372,12 @@ class EmbedParams(_Section):
         description="`utterance: file`: longer files are embedded in equal chunks of at most this many seconds, "
         "averaged.",
     )
+
+    @model_validator(mode="after")
+    def _openvino_runs_on_cpu(self) -> EmbedParams:
+        if self.backend == "openvino" and self.device == "cuda":
+            raise ValueError("embed.backend openvino runs on CPU only: set embed.device to cpu (or auto without CUDA)")
+        return self
 
 
 class IndexParams(_Section):

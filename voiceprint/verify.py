@@ -46,7 +46,7 @@ def load_project_encoder(layout: Layout) -> SpeakerEncoder:
     if not (layout.model_dir / "embedding_model.ckpt").exists():
         raise VerifyError(f"no model at {layout.model_dir}: run `dvc repro` (or `make run`) first")
     params = load_params(layout.params)
-    return load_pipeline_encoder(layout, pick_device(params.embed.device))
+    return load_pipeline_encoder(layout, pick_device(params.embed.device), params.embed.backend, amp=params.embed.amp)
 
 
 class Verifier:

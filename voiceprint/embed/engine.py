@@ -6,7 +6,8 @@ non-blocking. On CPU a large model gets one segment per call instead (faster the
 :func:`batch_plan`). Decoding and resampling run in a DataLoader worker process while the model
 computes (on CPU only when a core is free for it, :func:`decode_workers`). The model runs under bf16
 autocast where the hardware has native bf16 (CUDA; CPUs with AVX512-BF16/AMX), fp16 on older GPUs
-(:func:`engine_dtype`).
+(:func:`engine_dtype`); ``embed.backend: openvino`` runs it in OpenVINO on CPU instead
+(:func:`load_pipeline_encoder`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from voiceprint.common import audio, schema
 from voiceprint.common.layout import Layout
 from voiceprint.common.memory import release_free_heap
-from voiceprint.common.precision import autocast_dtype
+from voiceprint.common.precision import autocast_dtype, dtype_name
 from voiceprint.config import EmbedParams
 from voiceprint.encoders.base import SpeakerEncoder
 
@@ -99,6 +100,17 @@ def _collate(batch: list[tuple[int, np.ndarray | None, str | None]]):
 def engine_dtype(encoder: SpeakerEncoder, params: EmbedParams) -> torch.dtype | None:
     """The autocast type the engine runs ``encoder`` under, or None for float32."""
     return autocast_dtype(encoder.device, params.amp) if encoder.autocast_safe else None
+
+
+def precision_key(encoder: SpeakerEncoder, params: EmbedParams) -> str:
+    """The precision in the embed stage's fingerprints: ``str(engine_dtype)`` (``torch.bfloat16``,
+    ``None``), or the encoder's :attr:`~SpeakerEncoder.fixed_precision` (another backend)."""
+    return encoder.fixed_precision or str(engine_dtype(encoder, params))
+
+
+def precision_name(encoder: SpeakerEncoder, params: EmbedParams) -> str:
+    """The precision ``embed.json`` records: ``bfloat16``, ``float32``, ... or ``openvino-bf16``."""
+    return encoder.fixed_precision or dtype_name(engine_dtype(encoder, params))
 
 
 def decode_workers(device: torch.device) -> int:
@@ -208,7 +220,26 @@ def run_encoder(
     bar.close()
 
 
-def load_pipeline_encoder(layout: Layout, device: torch.device) -> SpeakerEncoder:
+def load_pipeline_encoder(
+    layout: Layout, device: torch.device, backend: str = "torch", *, amp: bool = True
+) -> SpeakerEncoder:
+    """The project's model (``models/ecapa``) on ``device``, its network run by ``backend`` (``embed.backend``).
+
+    ``openvino``: CPU only (ValueError otherwise); bf16 where native and ``amp``, else f32; the ONNX
+    export and OpenVINO's compiled blobs are cached in ``data/cache/openvino`` (no DVC output).
+    """
     from voiceprint.encoders.loader import load_encoder
 
-    return load_encoder("ecapa", model_dir=layout.model_dir, device=str(device))
+    if backend == "openvino" and device.type != "cpu":
+        raise ValueError(
+            f"embed.backend openvino runs on CPU only, but embed.device resolved to {device}: "
+            "set embed.device: cpu, or embed.backend: torch to use the GPU"
+        )
+    encoder = load_encoder("ecapa", model_dir=layout.model_dir, device=str(device))
+    if backend == "torch":
+        return encoder
+    if backend == "openvino":
+        from voiceprint.encoders.openvino_backend import openvino_encoder
+
+        return openvino_encoder(encoder, bf16=amp, cache_dir=layout.data / "cache" / "openvino")
+    raise ValueError(f"unknown embed.backend {backend!r}: expected torch or openvino")

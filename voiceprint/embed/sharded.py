@@ -128,13 +128,14 @@ def embed_shard(task: EmbedShard) -> dict[str, int]:
     import torch
 
     from voiceprint.compute.worker import cached, files_key, threads_for, use_threads
-    from voiceprint.embed.engine import engine_dtype, load_pipeline_encoder, run_encoder
+    from voiceprint.embed.engine import load_pipeline_encoder, precision_key, run_encoder
     from voiceprint.embed.tables import segment_batch
 
     use_threads(threads_for(task.threads, task.host_threads))
-    key = ("pipeline-encoder", files_key(task.layout.model_dir), task.device)
-    encoder = cached(key, lambda: load_pipeline_encoder(task.layout, torch.device(task.device)))
-    precision = str(engine_dtype(encoder, task.params))
+    backend, amp = task.params.backend, task.params.amp
+    key = ("pipeline-encoder", files_key(task.layout.model_dir), task.device, backend, amp)
+    encoder = cached(key, lambda: load_pipeline_encoder(task.layout, torch.device(task.device), backend, amp=amp))
+    precision = precision_key(encoder, task.params)
     if encoder.model_id != task.model_id or precision != task.precision:
         raise ComputeError(
             f"this worker's encoder ({encoder.model_id}, {precision}) differs from the driver's "

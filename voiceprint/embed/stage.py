@@ -25,15 +25,15 @@ import pyarrow.parquet as pq
 from voiceprint.common import atomic, schema
 from voiceprint.common.layout import Layout
 from voiceprint.common.parts import PartStore, fingerprint
-from voiceprint.common.precision import dtype_name
 from voiceprint.config import ComputeParams, EmbedParams, Params
 from voiceprint.embed.engine import (
     BATCH_PLAN_VERSION,
     Item,
     batch_plan,
-    engine_dtype,
     load_pipeline_encoder,
     pick_device,
+    precision_key,
+    precision_name,
     run_encoder,
 )
 from voiceprint.embed.tables import Stager, merge_parts, segment_batch
@@ -133,7 +133,7 @@ def embed_segments(
     """
     out_dir = Path(out_dir) if out_dir is not None else layout.embeddings
     device = pick_device(params.device) if encoder is None else encoder.device
-    encoder = encoder or load_pipeline_encoder(layout, device)
+    encoder = encoder or load_pipeline_encoder(layout, device, params.backend, amp=params.amp)
     segments, files = _passes(layout, params, encoder)
     skip_segments = utterances_only and files is not None
 
@@ -166,7 +166,7 @@ def embed_segments(
                     seg_schema,
                     layout,
                     compute,
-                    precision=str(engine_dtype(encoder, params)),
+                    precision=precision_key(encoder, params),
                     progress=progress,
                     name=name,
                 )
@@ -204,7 +204,7 @@ def embed_segments(
         "model_id": encoder.model_id,
         "utterance": params.utterance,
         "device": str(device),
-        "precision": dtype_name(engine_dtype(encoder, params)),
+        "precision": precision_name(encoder, params),
         "resumed_batches": resumed,
         "audio_s": round(float(segments.durations.sum()), 2),
         "seconds": round(elapsed, 2),
@@ -236,7 +236,7 @@ def _source(layout: Layout, encoder: SpeakerEncoder, params: EmbedParams, segmen
         layout.segments,
         encoder.model_id,
         encoder.dim,
-        str(engine_dtype(encoder, params)),
+        precision_key(encoder, params),  # the backend too: openvino-bf16 vectors never mix with torch's
         [b.tolist() for b in segments.batches],
         params.utterance,
         file_plan,

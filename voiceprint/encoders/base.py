@@ -26,6 +26,9 @@ class SpeakerEncoder(ABC):
     #: feature front end in float32 (log-mel of quiet frames suffers in 16 bits) and were checked
     #: against float32 say yes.
     autocast_safe: bool = False
+    #: Set by an encoder whose network runs outside torch at a precision of its own (``openvino-bf16``):
+    #: the embed stage records and fingerprints it instead of the engine's autocast type.
+    fixed_precision: str | None = None
 
     @abstractmethod
     def embed(self, wavs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor: ...
