@@ -15,6 +15,8 @@ from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from voiceprint.common.cores import usable_cores
+
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -48,14 +50,6 @@ def files_key(directory: Path) -> tuple[str, tuple[tuple[str, int, int], ...]]:
     return str(directory), tuple(entries)
 
 
-def host_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def threads_for(requested: int | None, host_threads: Mapping[str, int]) -> int:
     """Torch threads for a task on the current worker: ``requested``, or this host's cores divided
     by the Dask threads of all workers on it (``host_threads``: host -> Dask threads, from the driver)."""
@@ -64,7 +58,7 @@ def threads_for(requested: int | None, host_threads: Mapping[str, int]) -> int:
     from distributed import get_worker
 
     host = get_worker().address.rsplit(":", 1)[0].split("://")[-1]
-    return max(1, host_cores() // max(1, host_threads.get(host, 1)))
+    return max(1, usable_cores() // max(1, host_threads.get(host, 1)))
 
 
 def use_threads(threads: int) -> None:

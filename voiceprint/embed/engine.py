@@ -12,7 +12,6 @@ autocast where the hardware has native bf16 (CUDA; CPUs with AVX512-BF16/AMX), f
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from voiceprint.common import audio, schema
+from voiceprint.common.cores import usable_cores
 from voiceprint.common.layout import Layout
 from voiceprint.common.memory import release_free_heap
 from voiceprint.common.precision import autocast_dtype, dtype_name
@@ -122,11 +122,7 @@ def decode_workers(device: torch.device) -> int:
     """
     if device.type != "cpu":
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return 1 if cores > torch.get_num_threads() else 0
+    return 1 if usable_cores() > torch.get_num_threads() else 0
 
 
 #: Seconds between returns of free heap pages to the kernel during a run.

@@ -27,6 +27,7 @@ from voiceprint.common import schema
 from voiceprint.common.atomic import write_table
 from voiceprint.common.audio import AUDIO_SUFFIXES, AudioError, os_reason, validate
 from voiceprint.common.checksums import parse_checksum_file, sha256_file
+from voiceprint.common.cores import usable_cores
 from voiceprint.common.layout import Layout
 from voiceprint.config import DataParams, Params
 from voiceprint.prepare import librispeech
@@ -110,7 +111,7 @@ def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> Pre
     duplicates = _duplicate_ids(candidates)
     cache = FileCache(layout.file_cache, validator_fingerprint())
     candidates = [replace(c, problem=duplicates[c]) if c in duplicates else c for c in candidates]
-    checked = _checked_in_order(candidates, cache, _io_threads())
+    checked = _checked_in_order(candidates, cache, usable_cores())  # hashing and decoding are CPU-bound
     bar = tqdm(candidates, desc="prepare", unit="file", disable=None if progress else True)
     for cand, found in zip(bar, checked):
         _record(cand, found, namer, cache, outcome)
@@ -530,14 +531,6 @@ def _checked_in_order(candidates: list[_Candidate], cache: FileCache, threads: i
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prepare") as pool:
         for start in range(0, len(candidates), window):
             yield from pool.map(_check, candidates[start : start + window], [cache] * window)
-
-
-def _io_threads() -> int:
-    """Files read at once: the CPUs this process may use (hashing and decoding are CPU-bound)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
