@@ -276,6 +276,7 @@ def run_pipeline(
             break
     data = project / "data"
     metrics = json.loads((project / "metrics.json").read_text()) if (project / "metrics.json").exists() else {}
+    metrics = next((block for block in metrics.values() if isinstance(block, dict)), metrics)  # the one eval set
     run = {
         **base,
         "kind": "run",

@@ -207,7 +207,10 @@ def _summary_line(result: dict[str, Any] | None, metrics: dict[str, Any] | None 
 
 
 def headline(metrics: dict[str, Any]) -> str:
-    """The evaluation's headline numbers, as one short phrase."""
+    """The evaluation's headline numbers, as one short phrase (one per eval set, each named)."""
+    blocks = {name: block for name, block in metrics.items() if isinstance(block, dict)}
+    if blocks:
+        return "; ".join(f"{name}: {headline(block)}" for name, block in blocks.items())
     parts = []
     for label, key in (("EER", "eer"), ("top-1", "top1"), ("top-1 via index", "index_top1")):
         value = metrics.get(key)

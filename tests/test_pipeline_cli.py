@@ -28,14 +28,14 @@ def test_stages_produce_the_documented_layout(project: Layout, monkeypatch):
     utt = pq.read_table(project.utterance_embeddings)
     assert set(utt.column("split").to_pylist()) == {"train", "eval"}
     assert (project.index_dir / "speakers.faiss").exists()
-    metrics = json.loads(project.metrics.read_text())
+    (metrics,) = json.loads(project.metrics.read_text()).values()  # one source: one eval set
     assert 0.0 <= metrics["eer"] <= 1.0 and metrics["n_trials"] == 20 * 19 // 2
     assert metrics["n_queries"] == 4 * 3 and metrics["n_gallery_speakers"] == 8
     # Speaker-bootstrap intervals around the point estimates (voiceprint.evaluate.bootstrap), on real audio.
     assert 0.0 <= metrics["eer_ci_low"] <= metrics["eer"] <= metrics["eer_ci_high"] <= 1.0
     assert 0.0 <= metrics["top1_ci_low"] <= metrics["top1"] <= metrics["top1_ci_high"] <= 1.0
     assert summary["mlflow_run_id"]
-    assert (project.plots / "det.png").exists()
+    assert (project.plots / "librispeech" / "det.png").exists()
 
 
 def test_verify_identify_enroll(project: Layout, excerpts_dir: Path, capsys):

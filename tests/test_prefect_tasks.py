@@ -377,7 +377,13 @@ def test_pipeline_parameters_render_as_enums_with_descriptions() -> None:
 
     props = voiceprint_pipeline.parameters.properties
     assert props["index_type"]["anyOf"][0]["enum"] == ["flat", "ivf", "hnsw"]
-    assert props["dataset"]["anyOf"][0]["enum"] == ["librispeech-excerpts", "librispeech", "folder", "voxceleb"]
+    assert props["dataset"]["anyOf"][0]["enum"] == [
+        "librispeech-excerpts",
+        "librispeech",
+        "folder",
+        "voxceleb",
+        "speech-commands",
+    ]
     assert props["model_init"]["anyOf"][0]["enum"] == ["scratch", "pretrained", "distill"]
     assert props["model_arch"]["anyOf"][0]["enum"] == ["ecapa", "moe"]
     assert all(p.get("description") for p in props.values())

@@ -126,7 +126,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise CliError(f"{folder}: not a directory")
     encoder = _verifier(project).encoder
-    overrides: dict[str, Any] = {"data.dataset": "folder", "data.path": str(folder), "data.train_subset": None}
+    # The folder alone: none of the project's other sources, and its one eval set.
+    overrides: dict[str, Any] = {
+        "data.dataset": "folder",
+        "data.path": str(folder),
+        "data.train_subset": None,
+        "data.name": None,
+        "data.sources": {},
+        "data.train": None,
+        "evaluate.sets": None,
+    }
     params = load_params(project.params, overrides)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="voiceprint-eval-"))
     scratch = Layout.at(workdir)

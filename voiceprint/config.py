@@ -27,32 +27,37 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-DatasetKind = Literal["librispeech-excerpts", "librispeech", "folder", "voxceleb"]
+DatasetKind = Literal["librispeech-excerpts", "librispeech", "folder", "voxceleb", "speech-commands"]
 ModelInit = Literal["scratch", "pretrained", "distill"]
 ModelArch = Literal["ecapa", "moe"]
 IndexType = Literal["flat", "ivf", "hnsw"]
 
+#: Kinds whose files live under ``data.path`` (required) rather than in the mirror or a download.
+PATH_KINDS = ("folder", "voxceleb")
+#: Kinds read from LibriSpeech subsets (``train_subset`` / ``eval_subset``).
+LIBRISPEECH_KINDS = ("librispeech-excerpts", "librispeech")
+#: A source name: a metrics.json block, an MLflow metric prefix and a `data.train` entry.
+SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 
-class DataParams(_Section):
-    """Where the audio comes from, and which part of it trains the model and which is evaluated."""
+
+class SourceParams(_Section):
+    """One dataset source: where its audio comes from and how it splits into train and eval speakers."""
 
     dataset: DatasetKind = Field(
         default="librispeech-excerpts",
         description="What to prepare: `librispeech-excerpts` (short excerpts of LibriSpeech subsets), "
-        "`librispeech` (whole subsets), `folder` (your own recordings under `data.path`) or `voxceleb` "
-        "(VoxCeleb1/2 as distributed, `idXXXXX/<video>/<nnnnn>.{wav,m4a}` under `data.path`; speaker `idXXXXX`, "
-        "utterance id `idXXXXX-<video>-<nnnnn>`: the path in VoxCeleb's trial lists with '/' read as '-').",
-    )
-    mirror: str | None = Field(
-        default="../shared/datasets",
-        description="Local mirror searched before the network; a relative path is resolved against the "
-        "project root. null: no mirror.",
+        "`librispeech` (whole subsets), `speech-commands` (Speech Commands v0.02 test clips grouped by "
+        "speaker, one-second words; speakers split in halves by a fixed rule, see docs/stages.md#prepare), `folder` (your "
+        "own recordings under `data.path`) or `voxceleb` (VoxCeleb1/2 as distributed, "
+        "`idXXXXX/<video>/<nnnnn>.{wav,m4a}` under `data.path`; speaker `idXXXXX`, utterance id "
+        "`idXXXXX-<video>-<nnnnn>`: the path in VoxCeleb's trial lists with '/' read as '-').",
     )
     path: str | None = Field(
         default=None,
         description="`folder` datasets: a tree of `<speaker>/<utterance>.<ext>` (ext: wav, flac, m4a, mp3, ogg, "
         "opus); `voxceleb`: `<speaker>/<video>/<utterance>.<ext>`. Either optionally split into `train/` and "
-        "`test/` (without them everything is evaluated); a relative path is resolved against the project root.",
+        "`test/` (without them everything is evaluated); a relative path is resolved against the project root. "
+        "`speech-commands`: the folder of speaker folders (null: `speech-commands-test/` in `data.mirror`).",
     )
     train_subset: str | None = Field(
         default="train-clean-100",
@@ -63,10 +68,6 @@ class DataParams(_Section):
         default="test-other",
         description="LibriSpeech subset (and excerpts) that is evaluated: verification trials and "
         "identification queries.",
-    )
-    url_base: str = Field(
-        default="https://www.openslr.org/resources/12",
-        description="Where LibriSpeech archives are downloaded from when no mirror holds them.",
     )
     max_speakers: int | None = Field(
         default=None,
@@ -80,10 +81,76 @@ class DataParams(_Section):
     )
 
     @model_validator(mode="after")
-    def _folder_needs_path(self) -> DataParams:
-        if self.dataset in ("folder", "voxceleb") and not self.path:
+    def _folder_needs_path(self) -> SourceParams:
+        if self.dataset in PATH_KINDS and not self.path:
             raise ValueError(f"data.path is required when data.dataset is '{self.dataset}'")
         return self
+
+
+class DataParams(SourceParams):
+    """Where the audio comes from, and which part of it trains the model and which is evaluated.
+
+    The keys at this level describe the primary source (named `data.name`); `data.sources` adds more,
+    each prepared into the same manifest with its own eval set.
+    """
+
+    name: str | None = Field(
+        default=None,
+        pattern=f"^{SOURCE_NAME}$",
+        description="Name of the primary source (its metrics.json block and `data.train` entry); null: "
+        "`librispeech` for the LibriSpeech kinds, else the kind (`folder`, `voxceleb`, `speech-commands`).",
+    )
+    mirror: str | None = Field(
+        default="../shared/datasets",
+        description="Local mirror searched before the network; a relative path is resolved against the "
+        "project root. null: no mirror.",
+    )
+    url_base: str = Field(
+        default="https://www.openslr.org/resources/12",
+        description="Where LibriSpeech archives are downloaded from when no mirror holds them.",
+    )
+    sources: dict[str, SourceParams] = Field(
+        default_factory=dict,
+        description="More sources, by name (e.g. `speech-commands: {dataset: speech-commands}`), each with the "
+        "keys of the primary source (`dataset`, `path`, `train_subset`, `eval_subset`, `max_*`). Each has its "
+        "own eval set; their train splits join the primary's as `data.train` says.",
+    )
+    train: list[str] | None = Field(
+        default=None,
+        description="Sources whose train split is kept (training, identification distractors, AS-norm cohort); "
+        "null: every source's. Speakers are pooled by id: one speaker in two sources is one class. Batches are "
+        "speaker-balanced over the pool (each speaker once per pass), so a source weighs by its speakers.",
+    )
+
+    @model_validator(mode="after")
+    def _sources_are_consistent(self) -> DataParams:
+        names = list(self.all_sources())
+        bad = [n for n in self.sources if not re.fullmatch(SOURCE_NAME, n)]
+        if bad:
+            raise ValueError(f"data.sources names must be letters, digits, '_', '.', '-': {bad}")
+        if self.primary_name in self.sources:
+            raise ValueError(
+                f"data.sources has a source named {self.primary_name!r}, the primary source's name (data.name)"
+            )
+        unknown = [n for n in self.train or [] if n not in names]
+        if unknown:
+            raise ValueError(f"data.train names unknown source(s) {unknown}; the sources are {names}")
+        return self
+
+    @property
+    def primary_name(self) -> str:
+        if self.name:
+            return self.name
+        return "librispeech" if self.dataset in LIBRISPEECH_KINDS else self.dataset
+
+    def all_sources(self) -> dict[str, SourceParams]:
+        """Every source by name, the primary first."""
+        primary = SourceParams(**{k: getattr(self, k) for k in SourceParams.model_fields})
+        return {self.primary_name: primary, **self.sources}
+
+    def trains(self, name: str) -> bool:
+        """Whether source ``name``'s train split is kept."""
+        return self.train is None or name in self.train
 
 
 class VadParams(_Section):
@@ -186,11 +253,24 @@ class MoeParams(_Section):
 class AugmentParams(_Section):
     """Training augmentation of the crops (voiceprint.training.augment)."""
 
-    kinds: list[Literal["noise", "nonspeech", "reverb", "speed", "specaug"]] = Field(
+    kinds: list[
+        Literal["noise", "nonspeech", "reverb", "speed", "specaug", "telephone", "codec", "loudness", "shortcrop"]
+    ] = Field(
         default_factory=lambda: ["noise", "nonspeech", "reverb", "speed"],
         description="Any of `noise` (coloured noise and a random gain), `nonspeech` (noise cut from the gaps "
         "VAD left in the training files), `reverb` (synthetic room impulse responses), `speed` (speed "
-        "perturbation by `model.augment.speeds`) and `specaug` (masks over log-mel frames and bands).",
+        "perturbation by `model.augment.speeds`), `specaug` (masks over log-mel frames and bands), "
+        "`telephone` (a narrow-band phone channel on half the crops: 300-3,400 Hz, 8 kHz, G.711 mu-law on "
+        "half of those), `codec` (an Opus or MP3 round trip at a low bitrate on 30 % of the crops, through "
+        "PyAV), `loudness` (a -30 to +20 dB gain in place of the +-6 dB one, and hard clipping of 0.1-5 % of "
+        "the samples on 30 % of the crops) and `shortcrop` (each batch cut to one random length from "
+        "`model.augment.min_crop_s` to `model.crop_s`).",
+    )
+    min_crop_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="`shortcrop`: the shortest crop, in seconds (capped at `model.crop_s`); each batch's length "
+        "is drawn uniformly between it and `model.crop_s`.",
     )
     speeds: tuple[float, ...] = Field(
         default=(0.8, 0.9, 1.0, 1.1, 1.2),
@@ -489,10 +569,21 @@ class EvaluateParams(_Section):
         "(voiceprint.evaluate.bootstrap); 0: off.",
     )
     bootstrap_level: float = Field(default=0.95, gt=0.0, lt=1.0, description="Coverage of the bootstrap intervals.")
+    sets: dict[str, str | None] | None = Field(
+        default=None,
+        description="The eval sets, by source name (`data.name`, `data.sources`), each with its own trials "
+        "(null: `evaluate.trials`), e.g. `{librispeech: null, speech-commands: 'sampled:200000'}`. Each set is "
+        "its source's eval split, scored on its own: one block per set in metrics.json, metric names prefixed "
+        "with the set in MLflow. The train splits of all sources stay the shared distractors and AS-norm "
+        "cohort. null: every source's eval split.",
+    )
 
     @model_validator(mode="after")
     def _trials_form(self) -> EvaluateParams:
         parse_trials(self.trials)
+        for spec in (self.sets or {}).values():
+            if spec is not None:
+                parse_trials(spec)
         return self
 
 
@@ -567,6 +658,26 @@ class Params(_Section):
         default_factory=ComputeParams,
         description="Execution engine of `segment` and `embed` (no output depends on it).",
     )
+
+    @model_validator(mode="after")
+    def _sets_name_sources(self) -> Params:
+        names = list(self.data.all_sources())
+        unknown = [n for n in self.evaluate.sets or {} if n not in names]
+        if unknown:
+            raise ValueError(f"evaluate.sets names unknown source(s) {unknown}; the sources are {names}")
+        return self
+
+
+def eval_sets(params: Params) -> dict[str, EvaluateParams]:
+    """Each eval set's name and its evaluate section (``trials`` resolved), in ``evaluate.sets`` order
+    (every source's, primary first, when it is null)."""
+    chosen = params.evaluate.sets
+    if chosen is None:
+        chosen = dict.fromkeys(params.data.all_sources())
+    return {
+        name: params.evaluate.model_copy(update={"trials": trials or params.evaluate.trials, "sets": None})
+        for name, trials in chosen.items()
+    }
 
 
 #: Keys of the flat ``model`` section that moved into its subsections, for the error message of an
@@ -656,14 +767,16 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     params = params_from_dict(raw, str(path))
-    _check_dataset_path(params.data, path)
-    check_trials_path(params.evaluate, path.resolve().parent, path)
+    for name, data in params.data.all_sources().items():
+        _check_dataset_path(data, path, "data" if name == params.data.primary_name else f"data.sources.{name}")
+    for evaluate in eval_sets(params).values():
+        check_trials_path(evaluate, path.resolve().parent, path)
     return params
 
 
-def _check_dataset_path(data: DataParams, source: Path) -> None:
+def _check_dataset_path(data: SourceParams, source: Path, key: str = "data") -> None:
     """A ``folder`` or ``voxceleb`` dataset's ``data.path`` must be an existing directory (relative: to the project)."""
-    if data.dataset not in ("folder", "voxceleb") or not data.path:
+    if data.dataset not in PATH_KINDS or not data.path:
         return
     root = source.resolve().parent
     folder = Path(data.path).expanduser()
@@ -673,8 +786,8 @@ def _check_dataset_path(data: DataParams, source: Path) -> None:
     reason = "is not a directory" if folder.exists() else "does not exist"
     tree = "<speaker>/<video>/<utterance>" if data.dataset == "voxceleb" else "<speaker>/<utterance>"
     raise ConfigError(
-        f"{source}: invalid parameters: data.path: {folder} {reason} "
-        f"(data.path={data.path!r}, relative paths are resolved against {root}; "
+        f"{source}: invalid parameters: {key}.path: {folder} {reason} "
+        f"({key}.path={data.path!r}, relative paths are resolved against {root}; "
         f"it must hold {tree}.wav|flac|m4a|mp3|ogg|opus, optionally under train/ and test/)"
     )
 

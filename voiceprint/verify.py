@@ -36,10 +36,20 @@ class Verdict:
         return {"score": round(self.score, 4), "threshold": round(self.threshold, 4), "same_speaker": self.same_speaker}
 
 
-def eer_threshold(layout: Layout) -> float:
+def eer_threshold(layout: Layout, eval_set: str | None = None) -> float:
+    """The EER operating point of ``eval_set`` in metrics.json (default: its first set, the primary source's)."""
     if not layout.metrics.exists():
         raise VerifyError(f"no {layout.metrics}: run the evaluate stage first or pass --threshold")
-    return float(json.loads(layout.metrics.read_text())["eer_threshold"])
+    metrics = json.loads(layout.metrics.read_text())
+    blocks = {name: block for name, block in metrics.items() if isinstance(block, dict)}
+    if not blocks:  # metrics.json from before eval sets: one flat block
+        return float(metrics["eer_threshold"])
+    name = eval_set or next(iter(blocks))
+    if name not in blocks:
+        raise VerifyError(f"{layout.metrics} has no eval set {name!r} (it has {sorted(blocks)})")
+    if blocks[name].get("eer_threshold") is None:
+        raise VerifyError(f"{layout.metrics}: eval set {name!r} has no eer_threshold; pass --threshold")
+    return float(blocks[name]["eer_threshold"])
 
 
 def load_project_encoder(layout: Layout) -> SpeakerEncoder:

@@ -243,10 +243,10 @@ def test_reject_counts_reach_metrics_json_and_mlflow(run: Run, bad_audio_dataset
         "rejects_segment": len(bad_audio_dataset.unusable) - n_prepare,
         "rejects_embed": 0,
     }
-    on_disk = json.loads(run.layout.metrics.read_text())
+    ((name, on_disk),) = json.loads(run.layout.metrics.read_text()).items()  # one source, one eval set
     assert {k: on_disk[k] for k in expected} == expected
     logged = MlflowClient(tracking_uri=run.mlflow_uri).get_run(run.evaluate["mlflow_run_id"]).data.metrics
-    assert {k: logged[k] for k in expected} == {k: float(v) for k, v in expected.items()}
+    assert {k: logged[f"{name}/{k}"] for k in expected} == {k: float(v) for k, v in expected.items()}
     # The same numbers as the DuckDB view.
     by_stage = run_query(run.layout, "SELECT stage, count(*) AS n FROM rejects GROUP BY stage").to_pylist()
     assert {f"rejects_{r['stage']}": r["n"] for r in by_stage} == {

@@ -31,7 +31,7 @@ BAD_PARAMS: dict[str, tuple[str, list[str]]] = {
     "wrong-dataset": (
         "data:\n  dataset: librivox\n",
         [
-            "data.dataset: Input should be 'librispeech-excerpts', 'librispeech', 'folder' or 'voxceleb'",
+            "data.dataset: Input should be 'librispeech-excerpts', 'librispeech', 'folder', 'voxceleb' or 'speech-commands'",
             "got 'librivox'",
         ],
     ),

@@ -23,6 +23,8 @@ MANIFEST = pa.schema(
         ("channels", pa.int16()),
         ("sha256", pa.string()),
         ("size_bytes", pa.int64()),
+        # The source it came from (data.name or a data.sources key): its eval set in evaluate.
+        ("source", pa.string()),
     ]
 )
 

@@ -1,9 +1,11 @@
-"""The ``evaluate`` stage: verification and closed-set identification on the eval split.
+"""The ``evaluate`` stage: verification and closed-set identification on each eval set.
 
-:func:`run` (through :func:`evaluate`) scores the chosen trials (:mod:`voiceprint.evaluate.trials`),
-raw and AS-normalised, with speaker-bootstrap intervals, runs identification against a gallery
-with train-speaker distractors, counts rejects, writes ``metrics.json``, ``det.png``,
-``scores.png`` and ``det.csv`` atomically, and logs to MLflow. Design: docs/design/evaluation.md.
+:func:`run` (through :func:`evaluate_sets`) evaluates every set of ``evaluate.sets`` (a source's
+eval split, :func:`voiceprint.config.eval_sets`) with :func:`evaluate`: it scores the set's trials
+(:mod:`voiceprint.evaluate.trials`), raw and AS-normalised, with speaker-bootstrap intervals, runs
+identification against a gallery with train-speaker distractors and counts rejects. It writes
+``metrics.json`` (one block per set) and ``plots/<set>/`` atomically, and logs to MLflow.
+Design: docs/design/evaluation.md.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from matplotlib.figure import Figure
 from voiceprint.common.atomic import atomic_path, write_json, write_text
 from voiceprint.common.layout import Layout
 from voiceprint.common.schema import embeddings_matrix, l2_normalise
-from voiceprint.config import IndexParams, Params
+from voiceprint.config import IndexParams, Params, eval_sets
 from voiceprint.evaluate.bootstrap import accuracy_interval, eer_interval
 from voiceprint.evaluate.metrics import det_curve, eer, min_dcf
 from voiceprint.evaluate.snorm import as_norm_pairs, as_norm_trials
@@ -37,6 +39,8 @@ __all__ = [
     "all_pairs_scores",
     "dcf_key",
     "evaluate",
+    "evaluate_sets",
+    "eval_sources",
     "pair_speakers",
     "reject_counts",
     "snorm_metrics",
@@ -521,8 +525,10 @@ def evaluate(
     embeddings: str | Path | None = None,
     trials_root: str | Path | None = None,
     index_search: bool = False,
+    eval_source: str | None = None,
+    write_metrics: bool = True,
 ) -> dict[str, Any]:
-    """Compute verification and identification metrics; write metrics.json and plots.
+    """Compute verification and identification metrics of one eval set; write metrics.json and plots.
 
     Returns the metrics dictionary written to ``out_metrics`` (default ``layout.metrics``).
     Metrics that cannot be computed (too few speakers or utterances) are ``None`` with a warning
@@ -533,6 +539,8 @@ def evaluate(
     (default ``layout.root``, the project). ``index_search`` adds identification through an index
     built with ``params.index`` (``index_*`` keys, :func:`_identification`); the ``evaluate`` stage
     sets it, the encoder comparison does not (its outputs do not depend on ``index``).
+    ``eval_source`` keeps only that source's eval utterances (by the manifest; the train split
+    stays whole); None: every eval utterance. ``write_metrics=False`` writes the plots only.
     """
     started = time.perf_counter()
     out_metrics = Path(out_metrics) if out_metrics is not None else layout.metrics
@@ -542,6 +550,13 @@ def evaluate(
     if not path.exists():
         raise FileNotFoundError(f"{path}: utterance embeddings not found; run the embed stage first")
     table = pq.read_table(path, columns=["utterance_id", "speaker_id", "split", "model_id", "embedding"])
+    if eval_source is not None:
+        sources = eval_sources(layout)
+        keep = [
+            split == "train" or sources.get(utt) == eval_source
+            for utt, split in zip(table.column("utterance_id").to_pylist(), table.column("split").to_pylist())
+        ]
+        table = table.filter(np.asarray(keep, dtype=bool))
     table = table.sort_by([("speaker_id", "ascending"), ("utterance_id", "ascending")])
     model_ids = sorted({m for m in table.column("model_id").unique().to_pylist() if m is not None})
     if len(model_ids) > 1:
@@ -584,7 +599,8 @@ def evaluate(
     _plot_det(curve, metrics, out_plots / "det.png")
     _plot_scores(scores, same, metrics, out_plots / "scores.png", _trials_title(trials))
     _write_det_csv(curve, out_plots / "det.csv")
-    write_json(out_metrics, metrics)
+    if write_metrics:
+        write_json(out_metrics, metrics)
     log.info(
         "evaluated %d trials, %d queries in %.1fs: %s",
         metrics["n_trials"],
@@ -595,12 +611,63 @@ def evaluate(
     return metrics
 
 
+def eval_sources(layout: Layout) -> dict[str, str]:
+    """``{utterance_id: source}`` from the manifest (every utterance of the primary source when the
+    manifest predates sources)."""
+    table = pq.read_table(layout.manifest)
+    utterances = table.column("utterance_id").to_pylist()
+    if "source" not in table.column_names:
+        return dict.fromkeys(utterances, "")
+    return dict(zip(utterances, table.column("source").to_pylist()))
+
+
+def evaluate_sets(
+    layout: Layout,
+    params: Params,
+    *,
+    out_metrics: str | Path | None = None,
+    out_plots: str | Path | None = None,
+    embeddings: str | Path | None = None,
+    index_search: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate` on each set of :func:`voiceprint.config.eval_sets`, with its own trials.
+
+    Returns and writes ``{set: metrics}`` to ``out_metrics`` (default ``layout.metrics``), one block
+    per set so that ``dvc metrics diff`` lines them up; each set's plots go to ``out_plots/<set>/``.
+    A set without eval utterances is an error naming the sources that have some.
+    """
+    out_metrics = Path(out_metrics) if out_metrics is not None else layout.metrics
+    out_plots = Path(out_plots) if out_plots is not None else layout.plots
+    sets = eval_sets(params)
+    present = set(eval_sources(layout).values()) if layout.manifest.exists() else set()
+    by_source = bool(present - {""})  # a manifest that names sources (else: one set, every eval utterance)
+    blocks: dict[str, dict[str, Any]] = {}
+    for name, evaluate_params in sets.items():
+        if by_source and name not in present:
+            raise ValueError(
+                f"evaluate.sets: no utterances of source {name!r} in {layout.manifest} "
+                f"(sources there: {sorted(present)}); run the prepare stage"
+            )
+        only = name if by_source else None
+        blocks[name] = evaluate(
+            layout,
+            params.model_copy(update={"evaluate": evaluate_params}),
+            out_plots=out_plots / name,
+            embeddings=embeddings,
+            index_search=index_search,
+            eval_source=only,
+            write_metrics=False,
+        )
+    write_json(out_metrics, blocks)
+    return blocks
+
+
 def run(params: Params, layout: Layout) -> dict[str, Any]:
-    """The ``evaluate`` stage: :func:`evaluate`, logged to MLflow with its plots."""
+    """The ``evaluate`` stage: :func:`evaluate_sets`, logged to MLflow with its plots."""
     from voiceprint.tracking.runs import log_evaluation
 
     # The MLflow run spans the stage's work (its duration in the UI), not just the logging at the end.
     started_ms = int(time.time() * 1000)
-    metrics = evaluate(layout, params, index_search=True)
+    metrics = evaluate_sets(layout, params, index_search=True)
     run_id = log_evaluation(layout, params, metrics, layout.plots, start_time_ms=started_ms)
     return {**metrics, "mlflow_run_id": run_id}

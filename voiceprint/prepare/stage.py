@@ -29,8 +29,8 @@ from voiceprint.common.audio import AUDIO_SUFFIXES, AudioError, os_reason, valid
 from voiceprint.common.checksums import parse_checksum_file, sha256_file
 from voiceprint.common.cores import usable_cores
 from voiceprint.common.layout import Layout
-from voiceprint.config import DataParams, Params
-from voiceprint.prepare import librispeech
+from voiceprint.config import DataParams, Params, SourceParams
+from voiceprint.prepare import librispeech, speech_commands
 from voiceprint.prepare.filecache import Entry, FileCache, validator_fingerprint
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class PrepareResult:
     hashed: int = 0
     reused: int = 0
     decoded: int = 0
+    #: Utterances per source and split (``{"speech-commands": {"train": 2120, "eval": 2198}}``).
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def total_utterances(self) -> int:
@@ -77,6 +79,7 @@ class _Candidate:
     source: Path
     expected_sha256: str | None = None  # the reference digest, when the source publishes one
     problem: str | None = None  # known unusable before looking at it (missing, unlisted, ...)
+    origin: str = ""  # the name of the source (data.name or a data.sources key)
 
 
 @dataclass
@@ -89,25 +92,28 @@ class _Outcome:
 
 
 def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> PrepareResult:
-    """Acquire ``params.dataset``, verify each file in place, write manifest and rejects."""
+    """Acquire every source of ``params``, verify each file in place, write manifest and rejects."""
     outcome = _Outcome()
+    sources = params.all_sources()
     namer = _Namer(params, layout)
-    if params.dataset == "librispeech-excerpts":
-        candidates, splits = _excerpts_candidates(params, layout)
-    elif params.dataset == "librispeech":
-        candidates, splits = _librispeech_candidates(params, layout, progress=progress)
-    elif params.dataset in ("folder", "voxceleb"):
-        candidates, splits, stray = _folder_candidates(params, layout)
-        tree = "<speaker>/<video>/<utterance>" if params.dataset == "voxceleb" else "<speaker>/<utterance>"
+    candidates: list[_Candidate] = []
+    splits: list[str] = []
+    for name, source in sources.items():
+        found, source_splits, stray = _source_candidates(source, params, layout, progress=progress)
         for path, problem in stray:
+            tree = "<speaker>/<video>/<utterance>" if source.dataset == "voxceleb" else "<speaker>/<utterance>"
             reason = problem or f"audio file outside a speaker folder (expected {tree}.{{{_SUFFIX_LIST}}})"
             outcome.rejects.append({"path": namer.name(path), "stage": STAGE, "reason": reason})
-    else:  # pragma: no cover - DataParams validates the literal
-        raise PrepareError(f"unknown dataset kind {params.dataset!r}")
+        if not params.trains(name):
+            found = [c for c in found if c.split != TRAIN]
+            source_splits = [split for split in source_splits if split != TRAIN]
+        found = _apply_caps(found, source.max_speakers, source.max_utterances_per_speaker)
+        candidates.extend(replace(c, origin=name) for c in found)
+        splits.extend(split for split in source_splits if split not in splits)
     if (layout.root / LEGACY_RAW).is_dir():
         log.warning("prepare: %s is no longer used (the corpus is read in place); delete it", LEGACY_RAW)
 
-    candidates = _apply_caps(candidates, params.max_speakers, params.max_utterances_per_speaker)
+    candidates = _drop_eval_speakers_from_train(candidates, outcome, namer)
     duplicates = _duplicate_ids(candidates)
     cache = FileCache(layout.file_cache, validator_fingerprint())
     candidates = [replace(c, problem=duplicates[c]) if c in duplicates else c for c in candidates]
@@ -117,7 +123,7 @@ def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> Pre
         _record(cand, found, namer, cache, outcome)
     cache.save()
 
-    rows = sorted(outcome.rows, key=lambda r: (r["split"], r["speaker_id"], r["utterance_id"]))
+    rows = sorted(outcome.rows, key=lambda r: (r["split"], r["speaker_id"], r["utterance_id"], r["source"]))
     write_table(layout.manifest, pa.Table.from_pylist(rows, schema=schema.MANIFEST))
     rejects = sorted((namer.reject(r) for r in outcome.rejects), key=lambda r: r["path"])
     rejects_path = layout.rejects(STAGE)
@@ -125,12 +131,16 @@ def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> Pre
 
     utterances = {split: 0 for split in splits}
     speakers_by_split: dict[str, set[str]] = {split: set() for split in splits}
+    by_source: dict[str, dict[str, int]] = {name: {} for name in sources}
     for row in rows:
         utterances[str(row["split"])] = utterances.get(str(row["split"]), 0) + 1
         speakers_by_split.setdefault(str(row["split"]), set()).add(str(row["speaker_id"]))
+        counts = by_source.setdefault(str(row["source"]), {})
+        counts[str(row["split"])] = counts.get(str(row["split"]), 0) + 1
     result = PrepareResult(
         utterances=utterances,
         speakers={split: len(s) for split, s in speakers_by_split.items()},
+        sources=by_source,
         rejects=len(rejects),
         manifest=str(layout.manifest),
         rejects_path=str(rejects_path),
@@ -149,6 +159,9 @@ def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> Pre
         log.warning("prepare: %d file(s) rejected; see %s", len(rejects), rejects_path)
     if not utterances.get(EVAL):
         log.warning("prepare: the eval split is empty")
+    for name, counts in by_source.items():
+        if len(sources) > 1 and not counts.get(EVAL):
+            log.warning("prepare: source %r has no eval utterances", name)
     return result
 
 
@@ -165,21 +178,36 @@ def _resolve(layout: Layout, path: str) -> Path:
 _SUFFIX_LIST = ",".join(s.lstrip(".") for s in AUDIO_SUFFIXES)
 
 
+def _source_candidates(
+    source: SourceParams, data: DataParams, layout: Layout, *, progress: bool
+) -> tuple[list[_Candidate], list[str], list[tuple[Path, str | None]]]:
+    """One source's candidates, the splits it has, and its stray files (folder kinds only)."""
+    if source.dataset == "librispeech-excerpts":
+        return (*_excerpts_candidates(source, data, layout), [])
+    if source.dataset == "librispeech":
+        return (*_librispeech_candidates(source, data, layout, progress=progress), [])
+    if source.dataset == "speech-commands":
+        return (*_speech_commands_candidates(source, data, layout), [])
+    if source.dataset in ("folder", "voxceleb"):
+        return _folder_candidates(source, layout)
+    raise PrepareError(f"unknown dataset kind {source.dataset!r}")  # pragma: no cover - validated
+
+
 def _is_audio(path: Path) -> bool:
     return path.suffix.lower() in AUDIO_SUFFIXES and not path.name.startswith(".")
 
 
-def _excerpts_candidates(params: DataParams, layout: Layout) -> tuple[list[_Candidate], list[str]]:
-    if params.mirror is None:
+def _excerpts_candidates(params: SourceParams, data: DataParams, layout: Layout) -> tuple[list[_Candidate], list[str]]:
+    if data.mirror is None:
         raise PrepareError(
             "data.dataset is 'librispeech-excerpts' but data.mirror is not set; set data.mirror in "
             f"params.yaml to the folder that contains {EXCERPTS_DIR}/"
         )
-    source = _resolve(layout, params.mirror) / EXCERPTS_DIR
+    source = _resolve(layout, data.mirror) / EXCERPTS_DIR
     checksum_file = source / EXCERPTS_MANIFEST
     if not checksum_file.is_file():
         raise PrepareError(
-            f"LibriSpeech excerpts not found: looked for {checksum_file} (data.mirror={params.mirror!r}, "
+            f"LibriSpeech excerpts not found: looked for {checksum_file} (data.mirror={data.mirror!r}, "
             f"resolved against {layout.root}); set data.mirror in params.yaml to the folder that "
             f"contains {EXCERPTS_DIR}/"
         )
@@ -214,9 +242,9 @@ def _excerpts_candidates(params: DataParams, layout: Layout) -> tuple[list[_Cand
 
 
 def _librispeech_candidates(
-    params: DataParams, layout: Layout, *, progress: bool
+    params: SourceParams, data: DataParams, layout: Layout, *, progress: bool
 ) -> tuple[list[_Candidate], list[str]]:
-    mirror = _resolve(layout, params.mirror) if params.mirror else None
+    mirror = _resolve(layout, data.mirror) if data.mirror else None
     candidates: list[_Candidate] = []
     splits: list[str] = []
     for split, subset in ((TRAIN, params.train_subset), (EVAL, params.eval_subset)):
@@ -224,7 +252,7 @@ def _librispeech_candidates(
             continue
         try:
             root = librispeech.fetch_subset(
-                subset, downloads=layout.downloads, mirror=mirror, url_base=params.url_base, progress=progress
+                subset, downloads=layout.downloads, mirror=mirror, url_base=data.url_base, progress=progress
             )
         except librispeech.LibriSpeechError as err:
             raise PrepareError(f"data.{'train' if split == TRAIN else 'eval'}_subset: {err}") from None
@@ -234,8 +262,47 @@ def _librispeech_candidates(
     return candidates, splits
 
 
+def _speech_commands_candidates(
+    params: SourceParams, data: DataParams, layout: Layout
+) -> tuple[list[_Candidate], list[str]]:
+    """Every clip of a Speech Commands folder, verified against its ``MANIFEST.sha256`` when it has one,
+    in the train or eval split by :func:`voiceprint.prepare.speech_commands.split_speakers`."""
+    if params.path:
+        base = _resolve(layout, params.path)
+    elif data.mirror:
+        base = _resolve(layout, data.mirror) / speech_commands.DEFAULT_FOLDER
+    else:
+        raise PrepareError(
+            "a speech-commands source needs its path, or data.mirror holding "
+            f"{speech_commands.DEFAULT_FOLDER}/; set the source's path"
+        )
+    if not base.is_dir():
+        raise PrepareError(
+            f"Speech Commands not found: {base} is not a directory (path={params.path!r}, "
+            f"data.mirror={data.mirror!r}, resolved against {layout.root})"
+        )
+    checksum_file = base / speech_commands.CHECKSUMS
+    reference = parse_checksum_file(checksum_file) if checksum_file.is_file() else None
+    on_disk = {p.relative_to(base).as_posix() for p in base.glob("*/*") if _is_audio(p)}
+    listed = set(reference) if reference is not None else set()
+    relatives = sorted(rel for rel in on_disk | listed if len(rel.split("/")) == 2)
+    split_of = speech_commands.split_speakers(rel.split("/")[0] for rel in relatives)
+    candidates = []
+    for rel in relatives:
+        speaker, name = rel.split("/")
+        path = base / rel
+        problem = None
+        if reference is not None and rel not in reference:
+            problem = f"not listed in {checksum_file.name}, so it cannot be verified"
+        elif rel not in on_disk:
+            problem = f"listed in {checksum_file.name} but missing from {base}"
+        expected = reference.get(rel) if reference is not None else None
+        candidates.append(_Candidate(split_of[speaker], speaker, Path(name).stem, path, expected, problem))
+    return candidates, [EVAL, TRAIN]
+
+
 def _folder_candidates(
-    params: DataParams, layout: Layout
+    params: SourceParams, layout: Layout
 ) -> tuple[list[_Candidate], list[str], list[tuple[Path, str | None]]]:
     """Candidates, the splits present, and what lies outside any speaker folder: stray audio files
     (problem None) and symlinks that cannot be followed (with the problem).
@@ -370,6 +437,20 @@ def _walk_audio(folder: Path) -> list[tuple[Path, str | None]]:
 # selection and verification
 
 
+def _drop_eval_speakers_from_train(candidates: list[_Candidate], outcome: _Outcome, namer: _Namer) -> list[_Candidate]:
+    """Train candidates of a speaker who is also evaluated (in any source) become rejects: a speaker
+    the model trained on would flatter the eval set. Speakers are matched by id across sources."""
+    evaluated = {c.speaker_id: c.origin for c in candidates if c.split == EVAL}
+    kept = []
+    for c in candidates:
+        if c.split == TRAIN and c.speaker_id in evaluated:
+            reason = f"speaker {c.speaker_id!r} is also in the eval split of source {evaluated[c.speaker_id]!r}"
+            outcome.rejects.append({"path": namer.name(c.source), "stage": STAGE, "reason": reason})
+        else:
+            kept.append(c)
+    return kept
+
+
 def _apply_caps(candidates: Iterable[_Candidate], max_speakers: int | None, max_utts: int | None) -> list[_Candidate]:
     grouped: dict[str, dict[str, list[_Candidate]]] = defaultdict(lambda: defaultdict(list))
     for c in candidates:
@@ -407,7 +488,8 @@ class _Namer:
         # (resolved prefix, written prefix); the project root first, so a base inside the project
         # is named relative to the root too, then the longest base first.
         bases: list[tuple[str, str]] = []
-        for written in (params.mirror, params.path):
+        paths = [source.path for source in params.all_sources().values()]
+        for written in dict.fromkeys([params.mirror, *paths]):
             if not written:
                 continue
             resolved = _resolve(layout, written).as_posix()
@@ -514,6 +596,7 @@ def _record(cand: _Candidate, checked: _Checked, namer: _Namer, cache: FileCache
             "channels": entry.channels,
             "sha256": entry.sha256,
             "size_bytes": entry.size,
+            "source": cand.origin,
         }
     )
 

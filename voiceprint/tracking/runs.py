@@ -125,13 +125,17 @@ def prefect_flow_run_id() -> str:
     return os.environ.get("PREFECT__FLOW_RUN_ID") or "none"
 
 
-def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+def _numeric_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Finite numbers of ``metrics``; a nested block (one eval set) is named ``<set>/<key>``."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            out.update(_numeric_metrics(value, f"{prefix}{key}/"))
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if math.isfinite(value):
-            out[key] = float(value)
+            out[f"{prefix}{key}"] = float(value)
     return out
 
 
@@ -204,7 +208,8 @@ def log_evaluation(
     from mlflow.entities import Metric, Param, RunStatus
     from mlflow.utils.time import get_current_time_millis
 
-    tags = {"dvc_data_hash": dvc_data_hash(layout.root), "model_id": str(metrics.get("model_id", "unknown"))}
+    blocks = [m for m in metrics.values() if isinstance(m, Mapping)] or [metrics]
+    tags = {"dvc_data_hash": dvc_data_hash(layout.root), "model_id": str(blocks[0].get("model_id", "unknown"))}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # nests the run under its parent in the UI
     tags.update(extra_tags or {})

@@ -132,7 +132,13 @@ class AamObjective(Objective):
         self.centres = centres
         aug = params.augment
         self.classes = SpeedClasses(len(data.labels), params.speed_pseudo_speakers, aug.speeds)
-        self.augmenter = Augmenter(aug.kinds, int(round(params.crop_s * audio.TARGET_SR)), data.nonspeech, aug.speeds)
+        self.augmenter = Augmenter(
+            aug.kinds,
+            int(round(params.crop_s * audio.TARGET_SR)),
+            data.nonspeech,
+            aug.speeds,
+            min_crop_s=aug.min_crop_s,
+        )
         self.sampler = CropSampler(data, self.augmenter.source_samples, np.random.default_rng(params.seed))
         self.rng = self.sampler.rng
         self.queue = self.sampler.speakers
@@ -185,7 +191,9 @@ class DistillObjective(Objective):
         self.teacher = torch.tensor(cache.embeddings)  # a copy: arrays read from Parquet are read-only
         self.rows_by_speaker = [np.flatnonzero(cache.speaker == s) for s in range(len(data.labels))]
         self.rng = np.random.default_rng(params.seed)
-        self.augmenter = Augmenter(student_augmentations(params.augment.kinds), self.crop, data.nonspeech)
+        self.augmenter = Augmenter(
+            student_augmentations(params.augment.kinds), self.crop, data.nonspeech, min_crop_s=params.augment.min_crop_s
+        )
         self.queue = SpeakerQueue(len(data.labels), self.rng)
         self.aam_weight = params.distill.aam_weight
         self.project: torch.nn.Module | None = None
