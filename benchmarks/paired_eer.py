@@ -10,10 +10,12 @@ of these come from one set of speaker draws and each run's replicates, computed 
 (:func:`voiceprint.evaluate.bootstrap.shared_draw_eers`).
 
     python benchmarks/paired_eer.py PROJECT_A PROJECT_B [PROJECT_C ...] [--replicates 1000]
+        [--set speech-commands] [--trials sampled:200000]
 
 Each PROJECT is a project directory whose ``data/embeddings/utterances.parquet`` the embed stage
 wrote (``dvc repro evaluate`` done). Projects must hold the same eval utterances; only those all
-of them hold are scored.
+of them hold are scored. ``--set`` keeps one eval set (a source of the first project's manifest),
+``--trials`` draws that set's trials as the evaluate stage does (default: all pairs).
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 from voiceprint.common.layout import Layout  # noqa: E402
-from voiceprint.compare.stage import common_eval_trials  # noqa: E402
+from voiceprint.compare.stage import set_trials  # noqa: E402
 from voiceprint.evaluate.bootstrap import percentile_interval, shared_draw_eers  # noqa: E402
 from voiceprint.evaluate.metrics import eer  # noqa: E402
-from voiceprint.evaluate.stage import pair_speakers  # noqa: E402
+from voiceprint.evaluate.stage import eval_sources, trial_speakers  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicates", type=int, default=1000)
     ap.add_argument("--level", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--set", dest="eval_set", default=None, help="one eval set (source name); default: every eval utterance"
+    )
+    ap.add_argument("--trials", default="all-pairs", help="an evaluate.trials spec for the set (default all-pairs)")
     args = ap.parse_args(argv)
     if len(args.projects) < 2:
         ap.error("give at least two projects")
@@ -52,8 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         if name in tables:
             ap.error(f"{project} given twice")
         tables[name] = path
-    scored, same, labels = common_eval_trials(tables)
-    a, b = pair_speakers(labels)
+    sources = None
+    if args.eval_set is not None:
+        sources = eval_sources(Layout.at(args.projects[0]))
+        if args.eval_set not in set(sources.values()):
+            ap.error(f"no eval set {args.eval_set!r} in {args.projects[0]} (sets: {sorted(set(sources.values()))})")
+    scored, same, labels, trials = set_trials(
+        tables, args.trials, root=Path.cwd(), seed=args.seed, sources=sources, eval_set=args.eval_set
+    )
+    a, b = trial_speakers(labels, trials)
     eers = shared_draw_eers(scored, a, b, replicates=args.replicates, seed=args.seed)
     point = {name: eer(scores, same)[0] for name, scores in scored.items()}
     reference = next(iter(scored))

@@ -106,31 +106,6 @@ def in_set(ids: np.ndarray, split: np.ndarray, sources: dict[str, str], eval_set
     return (np.asarray(split) == "train") | np.asarray([sources.get(u) == eval_set for u in ids.tolist()], dtype=bool)
 
 
-def common_eval_trials(tables: dict[str, Path]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """All-pairs cosine scores of the eval utterances that every table holds, one array per table.
-
-    Returns ``(scores by name, same-speaker flag, speakers of those utterances)``; element ``k`` of
-    every score array is the same trial (rows sorted by speaker, then utterance). Every eval
-    utterance, whatever its source and ``evaluate.trials``: ``benchmarks/paired_eer.py``'s trials;
-    the comparison scores each set's own trials (:func:`set_trials`).
-    """
-    from voiceprint.evaluate.stage import all_pairs_scores
-
-    eval_rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for name, path in tables.items():
-        x, speakers, split, ids = _eval_matrix(path)
-        keep = split == "eval"
-        eval_rows[name] = (x[keep], speakers[keep], ids[keep])
-    common = sorted(set.intersection(*(set(ids.tolist()) for _, _, ids in eval_rows.values())))
-    scored: dict[str, np.ndarray] = {}
-    same, labels = np.zeros(0, bool), np.zeros(0, str)
-    for name, (x, speakers, ids) in eval_rows.items():
-        keep = np.isin(ids, common)
-        scored[name], same = all_pairs_scores(x[keep], speakers[keep])
-        labels = speakers[keep]
-    return scored, same, labels
-
-
 def set_trials(
     tables: dict[str, Path],
     trials: str,
