@@ -508,4 +508,4 @@ def test_served_deployment_runs_real_pipeline(
     assert (real_project / "metrics.json").is_file()
     assert_dvc_up_to_date(real_project)
     assert_run_structure(prefect_server, run_id)
-    assert_metrics_artifact(prefect_server, "| EER | `eer` |")
+    assert_metrics_artifact(prefect_server, "| EER | `librispeech.eer` |")  # the one eval set's block
