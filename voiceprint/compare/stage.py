@@ -98,14 +98,6 @@ def set_sources(layout: Layout, params: Params) -> tuple[dict[str, EvaluateParam
     return sets, sources, by_source
 
 
-def in_set(ids: np.ndarray, split: np.ndarray, sources: dict[str, str], eval_set: str | None) -> np.ndarray:
-    """The rows :func:`voiceprint.evaluate.stage.evaluate` keeps for ``eval_set``: the whole train split
-    and that source's eval utterances (every row when ``eval_set`` is None)."""
-    if eval_set is None:
-        return np.ones(len(ids), dtype=bool)
-    return (np.asarray(split) == "train") | np.asarray([sources.get(u) == eval_set for u in ids.tolist()], dtype=bool)
-
-
 def set_trials(
     tables: dict[str, Path],
     trials: str,
@@ -118,7 +110,7 @@ def set_trials(
     """One eval set's trials (``trials``: an ``evaluate.trials`` spec), scored with every table.
 
     ``tables`` maps a name to its ``utterances.parquet``. The rows are those :func:`evaluate` keeps
-    for the set (:func:`in_set`: the train split and ``eval_set``'s eval utterances by ``sources``;
+    for the set (:func:`voiceprint.evaluate.stage.in_set`: the train split and ``eval_set``'s eval utterances by ``sources``;
     all when ``eval_set`` is None), restricted to the utterances every table holds, and the trial
     list is drawn over them as evaluate draws it (:func:`voiceprint.evaluate.trials.load_trials`
     with ``seed``; a relative trial file resolved against ``root``). So when every encoder embedded
@@ -127,7 +119,7 @@ def set_trials(
     Returns ``(scores by name, same-speaker flag, speakers of the set's eval rows, trials)``; the
     trials index those eval rows (sorted by speaker, then utterance).
     """
-    from voiceprint.evaluate.stage import trial_scores
+    from voiceprint.evaluate.stage import in_set, trial_scores
     from voiceprint.evaluate.trials import load_trials
 
     rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -261,7 +253,7 @@ def compare_encoder(layout: Layout, params: Params, name: str, *, progress: bool
     from voiceprint.embed.engine import pick_device
     from voiceprint.embed.stage import embed_segments, reuse_embeddings
     from voiceprint.encoders.loader import load_encoder
-    from voiceprint.evaluate.stage import evaluate
+    from voiceprint.evaluate.stage import evaluate, in_set
 
     if name not in params.compare.encoders:
         raise ValueError(f"unknown encoder {name!r}; compare.encoders has {sorted(params.compare.encoders)}")

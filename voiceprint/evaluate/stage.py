@@ -41,6 +41,7 @@ __all__ = [
     "evaluate",
     "evaluate_sets",
     "eval_sources",
+    "in_set",
     "pair_speakers",
     "reject_counts",
     "snorm_metrics",
@@ -551,12 +552,9 @@ def evaluate(
         raise FileNotFoundError(f"{path}: utterance embeddings not found; run the embed stage first")
     table = pq.read_table(path, columns=["utterance_id", "speaker_id", "split", "model_id", "embedding"])
     if eval_source is not None:
-        sources = eval_sources(layout)
-        keep = [
-            split == "train" or sources.get(utt) == eval_source
-            for utt, split in zip(table.column("utterance_id").to_pylist(), table.column("split").to_pylist())
-        ]
-        table = table.filter(np.asarray(keep, dtype=bool))
+        ids = np.asarray(table.column("utterance_id").to_pylist(), dtype=object)
+        split = np.asarray(table.column("split").to_pylist(), dtype=object)
+        table = table.filter(in_set(ids, split, eval_sources(layout), eval_source))
     table = table.sort_by([("speaker_id", "ascending"), ("utterance_id", "ascending")])
     model_ids = sorted({m for m in table.column("model_id").unique().to_pylist() if m is not None})
     if len(model_ids) > 1:
@@ -609,6 +607,14 @@ def evaluate(
         json.dumps({k: metrics.get(k) for k in ("eer", "eer_snorm", "top1", "top5", "index_top1", "index_recall1")}),
     )
     return metrics
+
+
+def in_set(ids: np.ndarray, split: np.ndarray, sources: dict[str, str], eval_set: str | None) -> np.ndarray:
+    """The rows :func:`evaluate` keeps for ``eval_set``: the whole train split and that source's eval
+    utterances by ``sources`` (:func:`eval_sources`; every row when ``eval_set`` is None)."""
+    if eval_set is None:
+        return np.ones(len(ids), dtype=bool)
+    return (np.asarray(split) == "train") | np.asarray([sources.get(u) == eval_set for u in ids.tolist()], dtype=bool)
 
 
 def eval_sources(layout: Layout) -> dict[str, str]:
