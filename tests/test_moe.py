@@ -184,9 +184,12 @@ def test_moe_directory_that_does_not_match_its_config_is_refused(
 
 def test_compare_table_reports_gate_usage_only_for_mixtures() -> None:
     single = {"eer": 0.05, "top1": 0.9}
-    mixture = {"eer": 0.04, "top1": 0.95, **gate_usage_stats(np.array([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4]]))}
+    gates = gate_usage_stats(np.array([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4]]))  # an encoder's own keys
     assert render_gate_usage({"ecapa": single}) == ""
-    table = render_markdown({"ecapa": single, "moe": mixture})
+    table = render_markdown(
+        {"librispeech": {"ecapa": single, "moe": {"eer": 0.04, "top1": 0.95}}}, {"ecapa": {}, "moe": gates}
+    )
+    assert "## librispeech" in table and table.count("## Mixture-of-experts gate usage") == 1
     assert "## Mixture-of-experts gate usage" in table
     row = next(line for line in table.splitlines() if line.startswith("| moe | 2 |"))
     assert "0.50 / 0.50" in row and "67 % / 33 %" in row
