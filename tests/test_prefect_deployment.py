@@ -121,17 +121,17 @@ class PrefectServer:
     startup_s: float
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """``prefect server start`` on a free 127.0.0.1 port with its own home and SQLite database."""
-    home = tmp_path_factory.mktemp("prefect-server")
+@contextlib.contextmanager
+def running_prefect_server(home: Path, settings: dict[str, str]) -> Iterator[PrefectServer]:
+    """``prefect server start`` on a free 127.0.0.1 port with its own home and SQLite database, until
+    ``/health`` answers; ``settings`` adds environment variables (``{port}`` in a value: the port)."""
     port = _free_port()
     env = _base_env() | {
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",  # skips preparing the UI bundle; the API is all we need
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",  # SQLite busy -> 503: worth seeing in the log
+        **{key: value.format(port=port) for key, value in settings.items()},
     }
     log = home / "server.log"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
@@ -149,12 +149,20 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
             if time.monotonic() - started > SERVER_START_TIMEOUT_S:
                 pytest.fail(f"prefect server not healthy after {SERVER_START_TIMEOUT_S:.0f} s:\n{_tail(log)}")
             time.sleep(0.25)
-        startup_s = time.monotonic() - started
-        print(f"\nprefect server healthy after {startup_s:.1f} s at {api_url}")
-        yield PrefectServer(api_url=api_url, client=client, log=log, startup_s=startup_s)
+        yield PrefectServer(api_url=api_url, client=client, log=log, startup_s=time.monotonic() - started)
     finally:
         client.close()
         _kill_group(proc)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """The API alone: ``PREFECT_SERVER_UI_ENABLED=false`` skips preparing the UI bundle."""
+    with running_prefect_server(
+        tmp_path_factory.mktemp("prefect-server"), {"PREFECT_SERVER_UI_ENABLED": "false"}
+    ) as server:
+        print(f"\nprefect server healthy after {server.startup_s:.1f} s at {server.api_url}")
+        yield server
 
 
 @contextlib.contextmanager

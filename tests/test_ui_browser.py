@@ -30,7 +30,6 @@ import httpx
 import pytest
 import yaml
 from test_prefect_deployment import (
-    SERVER_START_TIMEOUT_S,
     SMALL_SUBSET,
     PrefectServer,
     _base_env,
@@ -38,10 +37,10 @@ from test_prefect_deployment import (
     _free_port,
     _init_repo,
     _kill_group,
-    _RetryBusyTransport,
     _source_deps,
     _start,
     _tail,
+    running_prefect_server,
     served,
     wait_for_terminal_state,
 )
@@ -86,38 +85,14 @@ def browser() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def prefect_ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """``prefect server start`` with its UI, on a free port given as --port and PREFECT_SERVER_API_PORT."""
-    home = tmp_path_factory.mktemp("prefect-ui")
-    port = _free_port()
-    env = _base_env() | {
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    settings = {
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),  # the address the UI calls; --port alone leaves it at 4200
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",  # SQLite busy -> 503: worth seeing in the log
+        "PREFECT_SERVER_API_PORT": "{port}",  # the address the UI calls; --port alone leaves it at 4200
     }
-    log = home / "server.log"
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    started = time.monotonic()
-    proc = _start(cmd, env=env, cwd=home, log=log)
-    api_url = f"http://127.0.0.1:{port}/api"
-    client = httpx.Client(base_url=api_url, timeout=30.0, transport=_RetryBusyTransport())
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with {proc.returncode}:\n{_tail(log)}")
-            with contextlib.suppress(httpx.TransportError):
-                if client.get("/health").json() is True:
-                    break
-            if time.monotonic() - started > SERVER_START_TIMEOUT_S:
-                pytest.fail(f"prefect server not healthy after {SERVER_START_TIMEOUT_S:.0f} s:\n{_tail(log)}")
-            time.sleep(0.25)
-        ui_settings = httpx.get(f"http://127.0.0.1:{port}/ui-settings", timeout=30).json()
-        assert ui_settings["api_url"] == api_url  # the UI talks to this server, not to :4200
-        yield PrefectServer(api_url=api_url, client=client, log=log, startup_s=time.monotonic() - started)
-    finally:
-        client.close()
-        _kill_group(proc)
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-ui"), settings) as server:
+        ui_settings = httpx.get(server.api_url.removesuffix("/api") + "/ui-settings", timeout=30).json()
+        assert ui_settings["api_url"] == server.api_url  # the UI talks to this server, not to :4200
+        yield server
 
 
 @pytest.fixture
