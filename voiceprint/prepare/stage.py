@@ -232,13 +232,20 @@ def _excerpts_candidates(params: SourceParams, data: DataParams, layout: Layout)
             path = source / rel
             if len(parts) != 3 or not _is_audio(path):
                 continue
-            problem = None
-            if rel not in reference:
-                problem = f"not listed in {EXCERPTS_MANIFEST}, so it cannot be verified"
-            elif rel not in on_disk:
-                problem = f"listed in {EXCERPTS_MANIFEST} but missing from {source}"
+            problem = _listing_problem(rel, reference, on_disk, EXCERPTS_MANIFEST, source)
             candidates.append(_Candidate(split, parts[1], path.stem, path, reference.get(rel), problem))
     return candidates, splits
+
+
+def _listing_problem(
+    rel: str, reference: dict[str, str] | None, on_disk: set[str], checksums: str, base: Path
+) -> str | None:
+    """Why a file of a checksum-listed source cannot be verified: unlisted (when there is a list) or missing."""
+    if reference is not None and rel not in reference:
+        return f"not listed in {checksums}, so it cannot be verified"
+    if rel not in on_disk:
+        return f"listed in {checksums} but missing from {base}"
+    return None
 
 
 def _librispeech_candidates(
@@ -291,11 +298,7 @@ def _speech_commands_candidates(
     for rel in relatives:
         speaker, name = rel.split("/")
         path = base / rel
-        problem = None
-        if reference is not None and rel not in reference:
-            problem = f"not listed in {checksum_file.name}, so it cannot be verified"
-        elif rel not in on_disk:
-            problem = f"listed in {checksum_file.name} but missing from {base}"
+        problem = _listing_problem(rel, reference, on_disk, checksum_file.name, base)
         expected = reference.get(rel) if reference is not None else None
         candidates.append(_Candidate(split_of[speaker], speaker, Path(name).stem, path, expected, problem))
     return candidates, [EVAL, TRAIN]
