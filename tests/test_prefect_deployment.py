@@ -121,6 +121,17 @@ class PrefectServer:
     startup_s: float
 
 
+def copy_project_code(project: Path, code_deps: list[str]) -> None:
+    """``project`` (created) with the repo's dvc.yaml and the top-level files and folders its stages' code deps name."""
+    project.mkdir()
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    for top in sorted({Path(d).parts[0] for d in code_deps}):
+        if (REPO / top).is_dir():
+            shutil.copytree(REPO / top, project / top, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(REPO / top, project / top)
+
+
 @contextlib.contextmanager
 def running_prefect_server(home: Path, settings: dict[str, str]) -> Iterator[PrefectServer]:
     """``prefect server start`` on a free 127.0.0.1 port with its own home and SQLite database, until
@@ -489,13 +500,7 @@ def real_project(tmp_path: Path, excerpts_dir: Path, params_writer) -> Path:
     if missing:
         pytest.fail(f"stage code not in the repo yet, dvc.yaml deps missing: {', '.join(missing)}")
     project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
-    for top in sorted({Path(d).parts[0] for d in code_deps}):
-        if (REPO / top).is_dir():
-            shutil.copytree(REPO / top, project / top, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy(REPO / top, project / top)
+    copy_project_code(project, code_deps)
     params_writer(project, {**SMALL_SUBSET, "data.mirror": str(excerpts_dir.parent)})
     _init_repo(project)
     return project

@@ -40,6 +40,7 @@ from test_prefect_deployment import (
     _source_deps,
     _start,
     _tail,
+    copy_project_code,
     running_prefect_server,
     served,
     wait_for_terminal_state,
@@ -101,13 +102,7 @@ def tiny_project(tmp_path: Path, excerpts_dir: Path, params_writer) -> Path:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     code_deps = _source_deps(stages)
     project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
-    for top in sorted({Path(d).parts[0] for d in code_deps}):
-        if (REPO / top).is_dir():
-            shutil.copytree(REPO / top, project / top, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy(REPO / top, project / top)
+    copy_project_code(project, code_deps)
     params_writer(
         project,
         {
