@@ -1,9 +1,10 @@
-"""Per-worker-process state: a model loaded once, torch threads set once.
+"""Per-worker-process state: a model loaded once, torch threads set once, glibc's heap as at home.
 
 A Dask worker process runs many shards; :func:`cached` keeps what a shard task builds (the
 encoder) keyed by what identifies it, and :func:`use_threads` sizes torch's intra-op pool from
 ``compute.threads_per_worker`` or the host's cores shared by its worker threads.
-Guide: docs/compute.md#workers.
+:func:`prepare_worker` does both settings and undoes the nanny's forced mmap
+(:func:`voiceprint.common.memory.undo_forced_mmap`). Guide: docs/compute.md#workers.
 """
 
 from __future__ import annotations
@@ -69,3 +70,14 @@ def use_threads(threads: int) -> None:
     with _LOCK:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+
+def prepare_worker(threads: int | None = None) -> None:
+    """Settings every shard task applies first: the heap thresholds (once), and torch's threads
+    where ``threads`` is given."""
+    from voiceprint.common.memory import undo_forced_mmap
+
+    if undo_forced_mmap():
+        log.info("worker %d: heap served up to 32 MiB again (the environment had forced mmap)", os.getpid())
+    if threads is not None:
+        use_threads(threads)

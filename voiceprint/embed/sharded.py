@@ -127,11 +127,11 @@ def embed_shard(task: EmbedShard) -> dict[str, int]:
     """Worker task: embed one shard's batches with this process's cached encoder and write its part."""
     import torch
 
-    from voiceprint.compute.worker import cached, files_key, threads_for, use_threads
+    from voiceprint.compute.worker import cached, files_key, prepare_worker, threads_for
     from voiceprint.embed.engine import load_pipeline_encoder, precision_key, run_encoder
     from voiceprint.embed.tables import segment_batch
 
-    use_threads(threads_for(task.threads, task.host_threads))
+    prepare_worker(threads_for(task.threads, task.host_threads))
     backend, amp = task.params.backend, task.params.amp
     key = ("pipeline-encoder", files_key(task.layout.model_dir), task.device, backend, amp)
     encoder = cached(key, lambda: load_pipeline_encoder(task.layout, torch.device(task.device), backend, amp=amp))

@@ -68,8 +68,10 @@ def segment_shard(
     layout: Layout, params: VadParams, store: PartStore, first: int, utts: list[dict[str, Any]]
 ) -> dict[str, int]:
     """Worker task: segment manifest rows ``first`` .. ``first + len(utts) - 1`` into one part."""
+    from voiceprint.compute.worker import prepare_worker
     from voiceprint.segment.stage import segment_rows
 
+    prepare_worker()
     rows, rejects, _ = segment_rows(layout, utts, params, progress=False)
     store.write(
         pa.Table.from_pylist(rows, schema=schema.SEGMENTS), range(first, first + len(utts)), rejects, number=first
