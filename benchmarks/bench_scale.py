@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -545,11 +546,27 @@ def load_records(path: Path) -> list[dict[str, Any]]:
 
 
 def _latest(records: list[dict[str, Any]], kind: str) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """The last record per (scale, engine, stage) of ``kind`` (later runs replace earlier ones)."""
-    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    """The last record per (scale, engine, stage) of ``kind`` (later runs replace earlier ones).
+
+    Where the latest invocation (``run_id``) repeated a stage (``--repeats``), its wall and CPU
+    seconds are the median of the repeats, and ``repeats`` says how many there were.
+    """
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for rec in records:
         if rec.get("kind") == kind and rec.get("rc", 0) == 0:
-            out[(rec.get("scale"), rec.get("engine"), rec.get("stage"))] = rec
+            key = (rec.get("scale"), rec.get("engine"), rec.get("stage"))
+            same = [r for r in groups.get(key, []) if r.get("run_id") == rec.get("run_id")]
+            groups[key] = [*same, rec]
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for key, recs in groups.items():
+        rec = dict(recs[-1])
+        if len(recs) > 1 and kind == "stage":
+            for field in ("wall_s", "cpu_s"):
+                rec[field] = round(statistics.median(r[field] for r in recs), 3)
+            rec["xrt"] = round(rec["audio_s"] / rec["wall_s"], 2) if rec["wall_s"] else None
+            rec["xrt_per_core"] = round(rec["audio_s"] / rec["cpu_s"], 2) if rec["cpu_s"] else None
+        rec["repeats"] = len(recs)
+        out[key] = rec
     return out
 
 
@@ -607,7 +624,8 @@ def render_report(records: list[dict[str, Any]]) -> str:
         "shift), see `benchmarks/scale_corpus.py`. Each stage is one `python -m tasks.run STAGE` process tree.",
         "x RT = audio seconds / wall seconds; per core = audio seconds / CPU seconds of the whole tree.",
         "Peak RSS/proc: the largest process of the tree (wait4 `ru_maxrss`, exact); tree: the largest sampled sum.",
-        "Start-up: intercept of the line through the `tiny` corpus (8 files) and the smallest scale's wall.",
+        "Start-up: intercept of the line through the `tiny` corpus (8 files) and the smallest scale's wall; tiny and the "
+        "smallest scale run `--repeats` times (medians; column `n`).",
         "",
     ]
     hw = next((r.get("hardware") for r in reversed(records) if r.get("hardware")), None)
@@ -635,8 +653,8 @@ def render_report(records: list[dict[str, Any]]) -> str:
     lines += [
         "## Stages",
         "",
-        "| stage | scale | engine | wall s | start-up s | x RT | x RT/core | peak RSS/proc MB | tree MB | procs | data/ added | load |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| stage | scale | engine | n | wall s | start-up s | x RT | x RT/core | peak RSS/proc MB | tree MB | procs | data/ added | load |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     fixed = {e: fixed_costs(stage_recs, e) for e in engines}
     for stage in STAGES:
@@ -646,7 +664,7 @@ def render_report(records: list[dict[str, Any]]) -> str:
                 if not r:
                     continue
                 lines.append(
-                    f"| {stage} | {scale} | {engine} | {r['wall_s']:.1f} | {fixed[engine].get(stage, 0):.1f} | {r['xrt'] or 0:.1f} | "
+                    f"| {stage} | {scale} | {engine} | {r['repeats']} | {r['wall_s']:.1f} | {fixed[engine].get(stage, 0):.1f} | {r['xrt'] or 0:.1f} | "
                     f"{r['xrt_per_core'] or 0:.1f} | {r['ru_maxrss_mb']:.0f} | {r['peak_rss_sum_mb']:.0f} | {r['n_processes']} | "
                     f"{_fmt_bytes(r['data_bytes_added'])} | {r['load_before']:.1f}/{r['load_after']:.1f} |"
                 )
@@ -865,6 +883,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--single-engine-at", default="100", help="scales that run only the first of --engines")
     p.add_argument("--no-tiny", action="store_true", help="skip the tiny corpus (start-up cost) runs")
     p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of tiny and of the smallest scale, whose few seconds of work the start-up fit and the "
+        "linearity ratios divide by; the report takes each stage's median",
+    )
+    p.add_argument(
         "--corpus-root", type=Path, default=Path("/work/scale-corpus"), help="corpora: <root>/x<N>, <root>/tiny"
     )
     p.add_argument("--work-root", type=Path, default=Path("/work/scale-runs"), help="projects: <root>/<scale>-<engine>")
@@ -931,11 +956,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     emit(decode_rate(args.corpus_root / labels[-1][0]), args.out)
     failed = False
+    smallest = min(args.scales, default=None)
     for label, scale in labels:
         engines = args.engines[:1] if scale in args.single_engine_at else args.engines
-        for engine in engines:
-            records = run_pipeline(label, args.corpus_root / label, corpora[label], engine, args)
-            failed |= not records[-1]["ok"]
+        repeats = args.repeats if scale in ("tiny", smallest) else 1
+        for _ in range(repeats):
+            for engine in engines:
+                records = run_pipeline(label, args.corpus_root / label, corpora[label], engine, args)
+                failed |= not records[-1]["ok"]
     write_report(args)
     return 1 if failed else 0
 

@@ -178,3 +178,17 @@ def test_report_renders_targets_from_records() -> None:
     assert rows["| index"][3:] == ["PASS", "2.0", "FAIL |"]
     assert "| x100 | local |" in text and "5.0% | PASS |" in text
     assert "| 8 x (16 cores + H100) |" in text
+
+
+def test_repeats_of_the_latest_invocation_report_their_median() -> None:
+    def stage(run_id: str, wall: float) -> dict:
+        return {"bench": "scale", "kind": "stage", "scale": "x1", "engine": "local", "stage": "embed", "rc": 0,
+                "run_id": run_id, "wall_s": wall, "cpu_s": 2 * wall, "audio_s": 3600.0}  # fmt: skip
+
+    older = [stage("A", 100.0), stage("A", 101.0), stage("A", 102.0)]
+    latest = bs._latest([*older, stage("B", 14.0), stage("B", 30.0), stage("B", 16.0)], "stage")
+    rec = latest[("x1", "local", "embed")]
+    assert (rec["wall_s"], rec["cpu_s"], rec["repeats"]) == (16.0, 32.0, 3)  # medians of run B only
+    assert rec["xrt"] == pytest.approx(225.0) and rec["xrt_per_core"] == pytest.approx(112.5)
+    single = bs._latest([*older, stage("C", 20.0)], "stage")[("x1", "local", "embed")]
+    assert (single["wall_s"], single["repeats"]) == (20.0, 1)  # a new invocation replaces the old repeats
