@@ -168,6 +168,10 @@ def test_report_renders_targets_from_records() -> None:
          "disk": {"data_bytes": 900, "embeddings_bytes": 850, "index_bytes": 10, "data_excl_embeddings_bytes": 50}}
     )  # fmt: skip
     text = bs.render_report(records)
+    assert "| x100 | local |" in text and "| - | 5.0% | PASS |" in text  # no DVC record yet
+    records.append({"bench": "scale", "kind": "dvc", "scale": "x100", "engine": "local", "dvc_cache_bytes": 60})
+    text = bs.render_report(records)
+    assert "| 50 B | 60 B | 11.0% | FAIL |" in text  # the cached outputs count
     section = text.split("## Targets")[1].split("Disk:")[0]
     rows = {
         c[0]: c[2:]
@@ -176,7 +180,6 @@ def test_report_renders_targets_from_records() -> None:
     assert rows["| segment"] == ["100.0", "100.0", "1.0", "PASS", "1.0", "PASS |"]
     assert rows["| embed"][3] == "FAIL" and rows["| embed"][0] == "138.75"
     assert rows["| index"][3:] == ["PASS", "2.0", "FAIL |"]
-    assert "| x100 | local |" in text and "5.0% | PASS |" in text
     assert "| 8 x (16 cores + H100) |" in text
 
 
@@ -192,3 +195,17 @@ def test_repeats_of_the_latest_invocation_report_their_median() -> None:
     assert rec["xrt"] == pytest.approx(225.0) and rec["xrt_per_core"] == pytest.approx(112.5)
     single = bs._latest([*older, stage("C", 20.0)], "stage")[("x1", "local", "embed")]
     assert (single["wall_s"], single["repeats"]) == (20.0, 1)  # a new invocation replaces the old repeats
+
+
+def test_dvc_cache_holds_the_outputs_once_and_starts_fresh(tmp_path: Path) -> None:
+    project = tmp_path / "x1-local"
+    (project / "data" / "index").mkdir(parents=True)
+    (project / "data" / "embeddings").mkdir()
+    (project / "data" / "manifest.parquet").write_bytes(b"m" * 1000)
+    (project / "data" / "index" / "speakers.faiss").write_bytes(b"i" * 3000)
+    (project / "data" / "embeddings" / "part-0.parquet").write_bytes(b"e" * 50_000)
+    first = bs.dvc_cache(project)
+    assert first["outs"] == ["data/manifest.parquet", "data/index"]  # present outputs only, never embeddings
+    # the two files' bytes plus the index folder's small .dir listing
+    assert 4000 <= first["dvc_cache_bytes"] < 4000 + 1000, first
+    assert bs.dvc_cache(project)["dvc_cache_bytes"] == first["dvc_cache_bytes"]
