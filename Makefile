@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 run: install
 	dvc repro
-	@echo "--- evaluation (dvc metrics show metrics.json) ---"
-	dvc metrics show metrics.json
+	@echo "--- evaluation (every metric: dvc metrics show) ---"
+	voiceprint results
 	@echo "--- encoder comparison (compare.md) ---"
 	@cat compare.md
 	@echo "--- dvc status ---"

@@ -100,3 +100,25 @@ def test_mlflow_metric_names_carry_the_set(tmp_path: Path, monkeypatch: pytest.M
     assert logged.data.metrics["clean/eer"] == 0.0
     assert logged.data.metrics["noisy/eer"] == pytest.approx(result["noisy"]["eer"])
     assert "eer" not in logged.data.metrics
+
+
+def test_results_prints_one_row_per_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from voiceprint.cli import main
+
+    layout = Layout.at(tmp_path)
+    _two_sources(layout, np.random.default_rng(0))
+    metrics = evaluate_sets(layout, _params({"noisy": "sampled:200", "clean": None}))
+    assert main(["--project", str(tmp_path), "results"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    by_set = {r[0].removeprefix("| "): r for r in rows[2:]}
+    assert sorted(by_set) == ["clean", "noisy"]
+    noisy = by_set["noisy"]
+    assert noisy[1].startswith(f"{100 * metrics['noisy']['eer']:.2f} (")
+    assert noisy[5] == "200 (sampled:200)" and noisy[6] == "7 |"
+
+
+def test_results_without_metrics_says_what_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from voiceprint.cli import main
+
+    assert main(["--project", str(tmp_path), "results"]) == 2
+    assert "run the evaluate stage first" in capsys.readouterr().err

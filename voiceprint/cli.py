@@ -165,6 +165,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from voiceprint.evaluate.summary import summary_table
+
+    path = _layout(args).metrics
+    if not path.is_file():
+        raise CliError(f"{path} does not exist: run the evaluate stage first (dvc repro evaluate)")
+    try:
+        print(summary_table(json.loads(path.read_text())))
+    except ValueError as err:
+        raise CliError(f"{path}: {err}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voiceprint", description=__doc__.splitlines()[0])
     parser.add_argument("--project", default=".", help="project root holding params.yaml and data/ (default: .)")
@@ -198,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--max-rows", type=int, default=50)
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("results", help="one line per eval set from metrics.json (EER, AS-norm, minDCF, top-1)")
+    p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("evaluate", help="segment -> embed -> evaluate a folder of speakers with the current model")
     p.add_argument(
