@@ -513,6 +513,18 @@ def linearity(wall_small: float, audio_small: float, wall_big: float, audio_big:
     }
 
 
+def memory_per_file(
+    rss_small: float, files_small: int, rss_big: float, files_big: int, files_at: int
+) -> dict[str, Any]:
+    """Peak RSS as a line in the number of files through two scales: MB per 1,000 files, and the peak
+    that line gives at ``files_at`` files (a stage whose peak does not grow projects its own peak)."""
+    slope = max(0.0, (rss_big - rss_small) / (files_big - files_small)) if files_big > files_small else 0.0
+    return {
+        "mb_per_1000_files": round(1000 * slope, 2),
+        "projected_mb": round(rss_big + slope * (files_at - files_big)),
+    }
+
+
 def rss_ratio(peak_big: float, peak_small: float) -> dict[str, Any]:
     ratio = peak_big / peak_small if peak_small else math.inf
     return {"ratio": round(ratio, 3), "ok": ratio <= RSS_FLAT}
@@ -717,6 +729,7 @@ def render_report(records: list[dict[str, Any]]) -> str:
         "",
     ]
     lines += _targets(stage_recs, runs, dvc, fixed, engines, scales)
+    lines += _memory_section(stage_recs, engines, scales)
     lines += _projection_section(records, stage_recs, fixed, engines, scales)
     ident = [r for r in records if r.get("kind") == "identification"]
     if ident:
@@ -810,6 +823,37 @@ def _targets(stage_recs: dict, runs: dict, dvc: dict, fixed: dict, engines: list
     return lines
 
 
+def _memory_section(stage_recs: dict, engines: list[str], scales: list[str]) -> list[str]:
+    """Per-process peak RSS as fixed + per-file, fitted through the two largest scales, at VoxCeleb2's file count."""
+    real = [s for s in scales if s != "tiny"]
+    lines: list[str] = []
+    for engine in engines:
+        measured = [s for s in real if all((s, engine, st) in stage_recs for st in STAGES)]
+        if len(measured) < 2 or measured[-1] != real[-1]:
+            continue  # only an engine measured at the largest scale: smaller pairs project noise
+        a, b = measured[-2], measured[-1]
+        if not lines:
+            lines += [
+                "## Memory per file",
+                "",
+                f"Peak RSS of the largest process as a line in the number of files, through the two largest scales "
+                f"of each engine, extended to VoxCeleb2's {VOX['utterances']:,} files. A stage that holds per-file "
+                "state (the manifest rows, the batch plan, the embeddings it scores or indexes) grows; a streaming "
+                "stage stays flat.",
+                "",
+                "| stage | engine | scales | peak MB | MB per 1,000 files | projected at VoxCeleb2 |",
+                "|---|---|---|---:|---:|---:|",
+            ]
+        for stage in STAGES:
+            ra, rb = stage_recs[(a, engine, stage)], stage_recs[(b, engine, stage)]
+            m = memory_per_file(ra["ru_maxrss_mb"], ra["files"], rb["ru_maxrss_mb"], rb["files"], VOX["utterances"])
+            lines.append(
+                f"| {stage} | {engine} | {a} -> {b} | {ra['ru_maxrss_mb']:.0f} -> {rb['ru_maxrss_mb']:.0f} | "
+                f"{m['mb_per_1000_files']} | {_fmt_bytes(m['projected_mb'] * MB)} |"
+            )
+    return [*lines, ""] if lines else []
+
+
 def stage_rates(stage_recs: dict, fixed: dict[str, float], engine: str, scale: str) -> dict[str, dict[str, float]]:
     """Per-stage inputs of :func:`project` from one measured (scale, engine): marginal CPU, i.e. the CPU of
     ``scale`` minus the CPU of the tiny corpus, per audio second and per file (CPU time suffers far less than
@@ -869,8 +913,8 @@ def _projection_section(
         + f"; FLAC decoding alone {1 / decode_cpu:.0f}) and per file for index and evaluate; start-up as above.",
         "Model: prepare hashes and decode-checks on the threads of one machine; segment and embed spread over all cores",
         "(and machines, with Dask)",
-        f"at {PARALLEL_EFFICIENCY:.0%} efficiency; index and evaluate run on one core of one machine. Wall times on this "
-        "machine were inflated by other work (see `load`), so CPU rates are used for every row.",
+        f"at {PARALLEL_EFFICIENCY:.0%} efficiency; index and evaluate run on one core of one machine. CPU rates are used "
+        "for every row: wall times move with other load on the machine (see `load`).",
         "",
         "**Assumed, not measured** (no GPU was lent to this work): one H100 embeds "
         f"{GPU_EMBED_XRT:,.0f} x real time with this model; with a GPU, embed is bounded by that rate or by decoding. "

@@ -209,3 +209,11 @@ def test_dvc_cache_holds_the_outputs_once_and_starts_fresh(tmp_path: Path) -> No
     # the two files' bytes plus the index folder's small .dir listing
     assert 4000 <= first["dvc_cache_bytes"] < 4000 + 1000, first
     assert bs.dvc_cache(project)["dvc_cache_bytes"] == first["dvc_cache_bytes"]
+
+
+def test_memory_per_file_is_the_line_through_two_scales() -> None:
+    grows = bs.memory_per_file(1000.0, 3_510, 1450.0, 35_100, 1_128_246)
+    assert grows["mb_per_1000_files"] == pytest.approx(1000 * 450 / 31_590, abs=0.01)
+    assert grows["projected_mb"] == round(1450 + 450 / 31_590 * (1_128_246 - 35_100))
+    flat = bs.memory_per_file(900.0, 3_510, 880.0, 35_100, 1_128_246)  # noise below the smaller peak
+    assert flat == {"mb_per_1000_files": 0.0, "projected_mb": 880}
