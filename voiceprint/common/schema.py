@@ -82,4 +82,4 @@ def embeddings_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
 
 def l2_normalise(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, eps)).astype(np.float32)
+    return (vectors / np.maximum(norms, eps)).astype(np.float32, copy=False)  # the quotient is new already
