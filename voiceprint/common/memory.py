@@ -1,18 +1,11 @@
 """Keep a long-running process's heap from growing with the amount of data it has seen.
 
-CPU inference over variable-length batches allocates tensors of ever-different sizes. glibc keeps
-freed blocks in its heap, where later, differently sized tensors often cannot reuse them, so the
-resident size of the ``embed`` stage grew with the number of batches (measured: +600 MB over 25
-batches at 1x data, more at 4x). ``malloc_trim`` hands the free pages back to the kernel; the
-engine calls it every 2 s, which keeps the peak flat (``benchmarks/bench_pipeline.py``) at
-a cost too small to measure. Serving large blocks from ``mmap`` instead (``M_MMAP_THRESHOLD``) also
-kept memory flat but made ``embed`` 2.5x slower through page faults.
-
-Dask's nanny starts every worker with ``MALLOC_TRIM_THRESHOLD_=65536``, which also switches off
-glibc's dynamic mmap threshold: every tensor over 128 KiB then comes from a fresh ``mmap``. Measured
-on the 1x scale corpus, the two workers of ``local:2`` spent 20 of their 45 CPU seconds in the
-kernel against 5 of 30 for the local engine. :func:`undo_forced_mmap` puts the thresholds back
-where glibc's dynamic rule would take them; ``malloc_trim`` above still keeps the heap flat.
+glibc keeps freed blocks of ever-different tensor sizes in its heap, so the ``embed`` stage's RSS
+grew with the number of batches; :func:`release_free_heap` (``malloc_trim``, every 2 s in the
+engine) hands free pages back. Serving every large block from ``mmap`` instead keeps memory flat
+but costs page faults: 2.5x slower ``embed``. Dask's nanny forces exactly that in its workers
+(``MALLOC_TRIM_THRESHOLD_``); :func:`undo_forced_mmap` undoes it. Measurements: docs/compute.md
+(How a stage runs) and docs/experiments/2026-12-07-scale-100x.md.
 """
 
 from __future__ import annotations
