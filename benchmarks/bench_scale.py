@@ -1033,10 +1033,11 @@ def main(argv: list[str] | None = None) -> int:
         write_report(args)
         return 0
     if args.dvc_only:
+        runs = _latest(load_records(args.out), "run")
         for label in ["tiny", *(f"x{n}" for n in args.scales)]:
             for engine in args.engines:
                 project = args.work_root / f"{label}-{engine}"
-                run = _latest(load_records(args.out), "run").get((label, engine, None))
+                run = runs.get((label, engine, None))
                 if run and (project / "data" / "manifest.parquet").exists():
                     base = {
                         k: run[k] for k in ("bench", "scale", "engine", "address", "audio_s", "files", "corpus_bytes")
