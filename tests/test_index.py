@@ -15,8 +15,15 @@ import pytest
 from voiceprint.common.layout import Layout
 from voiceprint.common.schema import embedding_column, embedding_schema, l2_normalise
 from voiceprint.config import IndexParams
+from voiceprint.index import stage as index_stage
 from voiceprint.index.enrollment import EnrollmentError, enroll, load_enrollments, safe_name
-from voiceprint.index.faiss_index import build_index, effective_nlist
+from voiceprint.index.faiss_index import (
+    SpeakerSums,
+    build_index,
+    build_index_from_batches,
+    effective_nlist,
+    speaker_centroids,
+)
 from voiceprint.index.gallery import SpeakerGallery
 from voiceprint.index.stage import build_indexes
 
@@ -140,6 +147,62 @@ def test_ivf_nlist_is_clamped_and_settings_apply() -> None:
     hnsw = build_index(rng.normal(size=(50, 8)), IndexParams(type="hnsw", ef_search=77, hnsw_m=8))
     assert hnsw.hnsw.efSearch == 77
     assert build_index(np.zeros((0, 8)), IndexParams(type="ivf")).ntotal == 0
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_batched_build_equals_whole_matrix_build(kind: str) -> None:
+    """The index stage feeds faiss a batch at a time: for flat, and for IVF trained on every row
+    (n <= nlist x 256), the index must be the same bytes as one built from the whole matrix."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1000, DIM)).astype(np.float32)
+    params = IndexParams(type=kind, nlist=8, use_gpu="never")
+    whole = faiss.serialize_index(build_index(x, params)).tobytes()
+    batched = build_index_from_batches(lambda: (x[i : i + 128] for i in range(0, 1000, 128)), 1000, DIM, params)
+    assert batched.ntotal == 1000
+    assert faiss.serialize_index(batched).tobytes() == whole
+    with pytest.raises(ValueError, match="expected 1001 vectors"):
+        build_index_from_batches(lambda: iter((x,)), 1001, DIM, params)
+
+
+def test_ivf_on_more_rows_than_faiss_trains_on_samples_evenly_and_reproducibly() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2000, 8)).astype(np.float32)
+    params = IndexParams(type="ivf", nlist=2, nprobe=2, use_gpu="never")  # trains on 2 x 256 of 2,000 rows
+    a, b = (
+        build_index_from_batches(lambda: (x[i : i + 300] for i in range(0, 2000, 300)), 2000, 8, params) for _ in "ab"
+    )
+    assert faiss.serialize_index(a).tobytes() == faiss.serialize_index(b).tobytes()
+    assert a.ntotal == 2000 and faiss.extract_index_ivf(a).nlist == 2
+
+
+def test_speaker_sums_fed_in_batches_give_the_same_bits_as_whole() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(500, DIM)).astype(np.float32)
+    speakers = [f"s{int(i)}" for i in rng.integers(0, 40, size=500)]
+    names, centroids, counts = speaker_centroids(x, speakers)
+    sums = SpeakerSums(speakers, DIM)
+    for i in range(0, 500, 64):
+        sums.add(x[i : i + 64], speakers[i : i + 64])
+    b_names, b_centroids, b_counts = sums.centroids()
+    assert b_names == names == sorted(set(speakers))
+    assert np.array_equal(b_centroids, centroids) and np.array_equal(b_counts, counts) and counts.sum() == 500
+    with pytest.raises(ValueError, match="'stranger' was not among the speakers"):
+        sums.add(x[:1], ["stranger"])
+
+
+def test_build_indexes_reads_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches smaller than the tables: the same vectors and centroids, and the id table in order."""
+    whole, batched = Layout.at(tmp_path / "whole"), Layout.at(tmp_path / "batched")
+    for layout in (whole, batched):
+        write_embeddings(layout, np.random.default_rng(8))
+    build_indexes(whole, IndexParams(type="flat", use_gpu="never"))
+    monkeypatch.setattr(index_stage, "BATCH_ROWS", 16)  # 150 segment rows, 50 utterance rows
+    build_indexes(batched, IndexParams(type="flat", use_gpu="never"))
+    for name in ("segments.faiss", "speakers.faiss", "speakers_ids.parquet", "index.json"):
+        assert (whole.index_dir / name).read_bytes() == (batched.index_dir / name).read_bytes(), name
+    ids = pq.ParquetFile(batched.index_dir / "segments_ids.parquet")
+    assert ids.metadata.num_row_groups == 10  # ceil(150 / 16)
+    assert ids.read().equals(pq.read_table(whole.index_dir / "segments_ids.parquet"))
 
 
 def test_build_indexes_writes_aligned_files(built: tuple[Layout, dict]) -> None:

@@ -1,7 +1,8 @@
 """The ``index`` stage: FAISS indexes over the embeddings into ``data/index``.
 
 :func:`run` (through :func:`build_indexes`) builds a segment index and a speaker-centroid index,
-each with its id table, and swaps them in whole. Index building is in
+each with its id table, and swaps them in whole. The embeddings are read in batches, so memory is
+the indexes plus one batch. Index building is in
 :mod:`voiceprint.index.faiss_index`; enrolled speakers join at load time
 (:class:`voiceprint.index.gallery.SpeakerGallery`). Design: docs/stages.md#index.
 """
@@ -12,10 +13,12 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -29,8 +32,9 @@ from voiceprint.index.faiss_index import (
     SEGMENTS_INDEX,
     SPEAKERS_IDS,
     SPEAKERS_INDEX,
+    SpeakerSums,
     build_index,
-    speaker_centroids,
+    build_index_from_batches,
     to_cpu,
     use_gpu,
 )
@@ -55,60 +59,67 @@ def _index_params_info(index: faiss.Index) -> dict[str, Any]:
     return info
 
 
-def _read_embeddings(path: Path, columns: list[str]) -> pa.Table:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: embeddings not found; run the embed stage first")
-    return pq.read_table(path, columns=columns)
+#: Rows read from an embeddings table at a time (the embed stage's row group): one batch besides the index.
+BATCH_ROWS = 4_096
 
 
-def _single_model_id(tables: dict[str, pa.Table]) -> str:
+class _EmbeddingsFile:
+    """One embeddings table read a column set and ``BATCH_ROWS`` rows at a time, never whole."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: embeddings not found; run the embed stage first")
+        # pre_buffer=False: otherwise the reader caches every row group's column chunks up front.
+        self.file = pq.ParquetFile(path, pre_buffer=False)
+        self.kind, self.rows = kind, self.file.metadata.num_rows
+        self.dim = int(self.file.schema_arrow.field("embedding").type.list_size)
+
+    def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        return self.file.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+
+    def vectors(self) -> Iterator[np.ndarray]:
+        for batch in self.batches(["embedding"]):
+            yield embeddings_matrix(pa.Table.from_batches([batch]))
+
+    def model_ids(self) -> set[str]:
+        found: set[str] = set()
+        for batch in self.batches(["model_id"]):
+            found |= {m for m in batch.column(0).unique().to_pylist() if m is not None}
+        if len(found) > 1:
+            raise ValueError(f"{self.kind} embeddings mix several models: {sorted(found)}")
+        return found
+
+
+def _single_model_id(files: list[_EmbeddingsFile]) -> str:
     """The one model id shared by all rows: mixing models in one index makes scores meaningless."""
     ids: set[str] = set()
-    for name, table in tables.items():
-        found = {m for m in table.column("model_id").unique().to_pylist() if m is not None}
-        if len(found) > 1:
-            raise ValueError(f"{name} embeddings mix several models: {sorted(found)}")
-        ids |= found
+    for f in files:
+        ids |= f.model_ids()
     if len(ids) > 1:
         raise ValueError(f"segment and utterance embeddings come from different models: {sorted(ids)}")
     return ids.pop() if ids else "unknown"
 
 
-def build_indexes(layout: Layout, params: IndexParams) -> dict[str, Any]:
-    """The ``index`` stage: segment index and speaker-centroid index into ``layout.index_dir``.
+def _write_segment_ids(segs: _EmbeddingsFile, target: Path) -> None:
+    """Row ``i`` of the segment index's id table, copied batch by batch from the embeddings table."""
+    columns = ["segment_id", "utterance_id", "speaker_id", "split"]
+    sch = segs.file.schema_arrow
+    with pq.ParquetWriter(target, pa.schema([sch.field(c) for c in columns])) as writer:
+        for batch in segs.batches(columns):
+            writer.write_batch(batch, row_group_size=BATCH_ROWS)
 
-    Reads ``layout.segment_embeddings`` and ``layout.utterance_embeddings`` (all splits: the
-    gallery should know every speaker we have audio for). Row ``i`` of each ``*_ids.parquet`` is
-    faiss id ``i``. Returns the statistics also written to ``index.json``.
-    """
-    started = time.perf_counter()
-    segs = _read_embeddings(
-        layout.segment_embeddings,
-        ["segment_id", "utterance_id", "speaker_id", "split", "model_id", "embedding"],
-    )
-    utts = _read_embeddings(
-        layout.utterance_embeddings, ["utterance_id", "speaker_id", "split", "model_id", "embedding"]
-    )
-    model_id = _single_model_id({"segment": segs, "utterance": utts})
-    seg_dim = segs.schema.field("embedding").type.list_size
-    utt_dim = utts.schema.field("embedding").type.list_size
-    if seg_dim != utt_dim:
-        raise ValueError(f"segment embeddings are {seg_dim}-d but utterance embeddings {utt_dim}-d")
 
-    seg_vectors = embeddings_matrix(segs)
-    seg_index = build_index(seg_vectors, params)
-
-    utt_vectors = embeddings_matrix(utts)
-    speaker_col = utts.column("speaker_id").to_pylist()
-    speakers, centroids, counts = speaker_centroids(utt_vectors, speaker_col)
+def _speaker_table(utts: _EmbeddingsFile) -> tuple[np.ndarray, pa.Table]:
+    """Speaker centroids and their id table (speaker, splits, utterance count): two passes, batch by batch."""
     splits_by_speaker: dict[str, set[str]] = {}
-    for spk, split in zip(speaker_col, utts.column("split").to_pylist(), strict=True):
-        splits_by_speaker.setdefault(str(spk), set()).add(str(split))
-    spk_index = build_index(centroids, params)
-    built_with = "gpu" if use_gpu(params) else "cpu"
-
-    seg_ids = segs.select(["segment_id", "utterance_id", "speaker_id", "split"])
-    spk_ids = pa.table(
+    for batch in utts.batches(["speaker_id", "split"]):
+        for spk, split in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+            splits_by_speaker.setdefault(str(spk), set()).add(str(split))
+    sums = SpeakerSums(splits_by_speaker, utts.dim)
+    for batch in utts.batches(["speaker_id", "embedding"]):
+        sums.add(embeddings_matrix(pa.Table.from_batches([batch])), batch.column(0).to_pylist())
+    speakers, centroids, counts = sums.centroids()
+    table = pa.table(
         {
             "speaker_id": pa.array(speakers, pa.string()),
             # A speaker present in several splits (folder datasets) gets e.g. "eval,train".
@@ -116,14 +127,37 @@ def build_indexes(layout: Layout, params: IndexParams) -> dict[str, Any]:
             "num_utterances": pa.array(counts, pa.int64()),
         }
     )
+    return centroids, table
+
+
+def build_indexes(layout: Layout, params: IndexParams) -> dict[str, Any]:
+    """The ``index`` stage: segment index and speaker-centroid index into ``layout.index_dir``.
+
+    Reads ``layout.segment_embeddings`` and ``layout.utterance_embeddings`` (all splits: the
+    gallery should know every speaker we have audio for) in batches of :data:`BATCH_ROWS` rows, so
+    memory is the indexes plus one batch. Row ``i`` of each ``*_ids.parquet`` is faiss id ``i``.
+    Returns the statistics also written to ``index.json``.
+    """
+    started = time.perf_counter()
+    segs = _EmbeddingsFile(layout.segment_embeddings, "segment")
+    utts = _EmbeddingsFile(layout.utterance_embeddings, "utterance")
+    model_id = _single_model_id([segs, utts])
+    if segs.dim != utts.dim:
+        raise ValueError(f"segment embeddings are {segs.dim}-d but utterance embeddings {utts.dim}-d")
+
+    seg_index = build_index_from_batches(segs.vectors, segs.rows, segs.dim, params)
+    centroids, spk_ids = _speaker_table(utts)
+    spk_index = build_index(centroids, params)
+    built_with = "gpu" if use_gpu(params) else "cpu"
+
     info: dict[str, Any] = {
         "type": params.type,
-        "dim": int(utt_dim),
+        "dim": int(utts.dim),
         "model_id": model_id,
         "counts": {
-            "segments": int(segs.num_rows),
-            "utterances": int(utts.num_rows),
-            "speakers": len(speakers),
+            "segments": int(segs.rows),
+            "utterances": int(utts.rows),
+            "speakers": int(spk_ids.num_rows),
         },
         "segments_index": _index_params_info(to_cpu(seg_index)),
         "speakers_index": _index_params_info(to_cpu(spk_index)),
@@ -135,15 +169,15 @@ def build_indexes(layout: Layout, params: IndexParams) -> dict[str, Any]:
     }
     with atomic_dir(layout.index_dir) as tmp:
         faiss.write_index(to_cpu(seg_index), str(tmp / SEGMENTS_INDEX))
-        pq.write_table(seg_ids, tmp / SEGMENTS_IDS)
+        _write_segment_ids(segs, tmp / SEGMENTS_IDS)
         faiss.write_index(to_cpu(spk_index), str(tmp / SPEAKERS_INDEX))
         pq.write_table(spk_ids, tmp / SPEAKERS_IDS)
         (tmp / INDEX_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     stats = dict(info, seconds=round(time.perf_counter() - started, 3))
     log.info(
         "indexed %d segments and %d speakers (%s, %s, model %s)",
-        segs.num_rows,
-        len(speakers),
+        segs.rows,
+        spk_ids.num_rows,
         params.type,
         built_with,
         model_id,
