@@ -69,6 +69,23 @@ def test_one_block_per_set_each_on_its_own_utterances(tmp_path: Path) -> None:
         assert {p.name for p in (layout.plots / name).iterdir()} == {"det.csv", "det.png", "scores.png"}
 
 
+def test_reading_the_embeddings_in_small_batches_changes_no_metric(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """evaluate reads the embeddings a few rows at a time into a matrix sorted by speaker; batches
+    that split speakers and sets across reads must give the same metrics.json bytes as one read."""
+    from voiceprint.evaluate import stage
+
+    layout = Layout(tmp_path)
+    _two_sources(layout, np.random.default_rng(2))
+    sets = {"noisy": "sampled:200", "clean": None}
+    evaluate_sets(layout, _params(sets), out_metrics=tmp_path / "whole.json")
+    monkeypatch.setattr(stage, "_READ_ROWS", 5)  # 108 rows: 22 reads, the last one short
+    evaluate_sets(layout, _params(sets), out_metrics=tmp_path / "batched.json")
+    assert (tmp_path / "whole.json").read_bytes() == (tmp_path / "batched.json").read_bytes()
+    assert json.loads((tmp_path / "batched.json").read_text())["noisy"]["n_eval_utterances"] == 42
+
+
 def test_each_set_has_its_own_trials(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     _two_sources(layout, np.random.default_rng(1))

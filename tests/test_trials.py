@@ -16,7 +16,7 @@ from voiceprint.config import ConfigError, EvaluateParams, Params, load_params
 from voiceprint.evaluate import trials as trials_module
 from voiceprint.evaluate.bootstrap import eer_interval
 from voiceprint.evaluate.metrics import eer, min_dcf
-from voiceprint.evaluate.snorm import as_norm_pairs, as_norm_scores, as_norm_trials
+from voiceprint.evaluate.snorm import as_norm_pairs, as_norm_scores, as_norm_trials, cohort_stats
 from voiceprint.evaluate.stage import all_pairs_scores, evaluate, pair_speakers
 from voiceprint.evaluate.trials import sample_trials, score_trials
 
@@ -61,6 +61,30 @@ def test_streaming_scorer_equals_the_dense_computation() -> None:
     cohort = rng.normal(size=(80, 16))
     normed = as_norm_trials(x, left, right, cohort, top_k=20, block=333)
     np.testing.assert_allclose(normed, as_norm_scores(x, cohort, top_k=20)[left, right], atol=1e-4)
+
+
+def test_in_place_normalisation_gives_the_same_bits_as_the_copy() -> None:
+    x = np.random.default_rng(4).normal(size=(50, 16)).astype(np.float32) * 3
+    copy = l2_normalise(x)
+    same = l2_normalise(x, out=x)
+    assert same is x and np.array_equal(same, copy)
+
+
+def test_cohort_statistics_hold_a_bounded_block_of_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cohort too large for 1,024 rows of scores within the budget is scored in fewer rows at a
+    time: memory stays flat as the cohort grows, and the statistics do not change."""
+    from voiceprint.evaluate import snorm
+
+    assert snorm._cohort_block(100) == 1024  # small cohorts: the usual block
+    assert snorm._cohort_block(1_000_000) == 16  # VoxCeleb-size cohorts: a floor of 16 rows
+    rng = np.random.default_rng(3)
+    x, cohort = rng.normal(size=(200, 16)), rng.normal(size=(500, 16))
+    mu, sd = cohort_stats(x, cohort, top_k=50)
+    monkeypatch.setattr(snorm, "_COHORT_SCORES", 17 * 500)  # 17 rows per block: a ragged last block
+    assert snorm._cohort_block(500) == 17
+    mu_b, sd_b = cohort_stats(x, cohort, top_k=50)
+    np.testing.assert_allclose(mu_b, mu, atol=1e-6)
+    np.testing.assert_allclose(sd_b, sd, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -80,6 +80,9 @@ def embeddings_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
     return flat.reshape(len(col), col.type.list_size).astype(np.float32, copy=False)
 
 
-def l2_normalise(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+def l2_normalise(vectors: np.ndarray, eps: float = 1e-12, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as float32; ``out=vectors`` (a float32 matrix) does it in place."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if out is not None:  # for float32 input the same bits as the copy below, without the copy
+        return np.divide(vectors, np.maximum(norms, eps), out=out)
     return (vectors / np.maximum(norms, eps)).astype(np.float32, copy=False)  # the quotient is new already

@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 _BLOCK = 1024  # rows processed at once: peak extra memory is block x max(M, N) floats
+_COHORT_SCORES = 1 << 21  # cohort scores held at once (8 MB float32, twice with the partition)
 _MIN_SIGMA = 1e-6  # guards the division when the top-K cohort scores are (nearly) all equal
 
 
@@ -46,13 +47,19 @@ def _effective_k(top_k: int, m: int) -> int:
     return min(int(top_k), m)
 
 
+def _cohort_block(cohort_size: int) -> int:
+    """Rows of :func:`cohort_stats` per block: :data:`_BLOCK`, fewer for a cohort so large that
+    ``_BLOCK x M`` scores would exceed :data:`_COHORT_SCORES` (memory then does not grow with ``M``)."""
+    return max(16, min(_BLOCK, _COHORT_SCORES // max(cohort_size, 1)))
+
+
 def cohort_stats(X: ArrayLike, cohort: ArrayLike, top_k: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std (float64, ``(N,)``) of each row's top-K cosine scores against the cohort.
 
     ``top_k`` is clamped to the cohort size ``M`` (then every cohort score is used: plain
     symmetric S-norm). ``sigma`` is floored at ``1e-6`` so a degenerate cohort cannot divide by
-    zero. Computed in row blocks with ``np.partition`` (``O(M)`` per row, no full sort), so the
-    ``N x M`` score matrix is never held at once.
+    zero. Computed in row blocks with ``np.partition`` (``O(M)`` per row, no full sort) of at
+    most about :data:`_COHORT_SCORES` scores, so the ``N x M`` score matrix is never held at once.
     """
     x = _unit_rows(X, "X")
     c = _unit_rows(cohort, "cohort")
@@ -61,8 +68,9 @@ def cohort_stats(X: ArrayLike, cohort: ArrayLike, top_k: int = 200) -> tuple[np.
     k = _effective_k(top_k, len(c))
     mu = np.empty(len(x), dtype=np.float64)
     sigma = np.empty(len(x), dtype=np.float64)
-    for start in range(0, len(x), _BLOCK):
-        sl = slice(start, min(len(x), start + _BLOCK))
+    rows = _cohort_block(len(c))
+    for start in range(0, len(x), rows):
+        sl = slice(start, min(len(x), start + rows))
         scores = x[sl] @ c.T
         top = np.partition(scores, len(c) - k, axis=1)[:, len(c) - k :].astype(np.float64)
         mu[sl] = top.mean(axis=1)
@@ -185,7 +193,7 @@ def as_norm_trials(
     cohort: ArrayLike,
     top_k: int = 200,
     *,
-    block: int = 65_536,
+    block: int = 8192,
 ) -> np.ndarray:
     """AS-norm scores (float32) of the trials ``(X_eval[left[k]], X_eval[right[k]])``.
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -52,6 +54,7 @@ __all__ = [
 TOP_KS = (1, 5)
 DET_CSV_POINTS = 600  # DET rows kept for dvc plots; millions of trials would make it unusable
 _PAIR_BLOCK = 1024
+_READ_ROWS = 4096  # embeddings read at a time (the embed stage's row group)
 _QUERY_BLOCK = 16 * 4096  # identification queries per faiss search: bounds the query copy
 REJECT_STAGES = ("prepare", "segment", "embed")  # always reported, 0 when clean: stable metric keys
 
@@ -550,16 +553,10 @@ def evaluate(
     path = Path(embeddings) if embeddings is not None else layout.utterance_embeddings
     if not path.exists():
         raise FileNotFoundError(f"{path}: utterance embeddings not found; run the embed stage first")
-    table = pq.read_table(path, columns=["utterance_id", "speaker_id", "split", "model_id", "embedding"])
-    if eval_source is not None:
-        ids = np.asarray(table.column("utterance_id").to_pylist(), dtype=object)
-        split = np.asarray(table.column("split").to_pylist(), dtype=object)
-        table = table.filter(in_set(ids, split, eval_sources(layout), eval_source))
-    table = table.sort_by([("speaker_id", "ascending"), ("utterance_id", "ascending")])
+    table, x = _read_sorted(path, layout, eval_source)
     model_ids = sorted({m for m in table.column("model_id").unique().to_pylist() if m is not None})
     if len(model_ids) > 1:
         raise ValueError(f"{path}: embeddings from several models {model_ids}; re-run the embed stage")
-    x = l2_normalise(embeddings_matrix(table))
     speakers = np.asarray(table.column("speaker_id").to_pylist(), dtype=object).astype(str)
     is_eval = np.asarray(table.column("split").to_pylist(), dtype=object) == "eval"
     n_eval_speakers = len(set(speakers[is_eval]))
@@ -607,6 +604,35 @@ def evaluate(
         json.dumps({k: metrics.get(k) for k in ("eer", "eer_snorm", "top1", "top5", "index_top1", "index_recall1")}),
     )
     return metrics
+
+
+def _read_sorted(path: Path, layout: Layout, eval_source: str | None) -> tuple[pa.Table, np.ndarray]:
+    """The utterances :func:`evaluate` keeps (:func:`in_set`), sorted by speaker then utterance: their
+    id columns, and their L2-normalised embeddings as a float32 matrix in the same order.
+
+    The embeddings are read :data:`_READ_ROWS` rows at a time straight into the matrix: read whole,
+    the ``fixed_size_list`` column costs several times the matrix, and sorting the table another copy.
+    """
+    file = pq.ParquetFile(path, pre_buffer=False)
+    table = file.read(columns=["utterance_id", "speaker_id", "split", "model_id"])
+    rows = np.arange(table.num_rows)
+    if eval_source is not None:
+        ids = np.asarray(table.column("utterance_id").to_pylist(), dtype=object)
+        split = np.asarray(table.column("split").to_pylist(), dtype=object)
+        keep = in_set(ids, split, eval_sources(layout), eval_source)
+        table, rows = table.filter(keep), rows[keep]
+    order = pc.sort_indices(table, sort_keys=[("speaker_id", "ascending"), ("utterance_id", "ascending")])
+    table, rows = table.take(order), rows[order.to_numpy()]
+    position = np.full(file.metadata.num_rows, -1, dtype=np.int64)  # file row -> matrix row (-1: dropped)
+    position[rows] = np.arange(len(rows))
+    x = np.empty((len(rows), file.schema_arrow.field("embedding").type.list_size), dtype=np.float32)
+    start = 0
+    for batch in file.iter_batches(batch_size=_READ_ROWS, columns=["embedding"]):
+        vectors = embeddings_matrix(pa.Table.from_batches([batch]))
+        at = position[start : start + len(vectors)]
+        x[at[at >= 0]] = vectors[at >= 0]
+        start += len(vectors)
+    return table, l2_normalise(x, out=x)
 
 
 def in_set(ids: np.ndarray, split: np.ndarray, sources: dict[str, str], eval_set: str | None) -> np.ndarray:

@@ -33,7 +33,7 @@ __all__ = [
 #: million trials, defaults), so 10^8 trials need ~15 GB, and each 10^8 more another ~15 GB. Above
 #: it, choose a trial list (``sampled:N`` or a trial file).
 MAX_ALL_PAIRS_TRIALS = 100_000_000
-_TRIAL_BLOCK = 65_536  # trials scored at once: two gathered (block x D) float32 arrays, ~50 MB at D=192
+_TRIAL_BLOCK = 8192  # trials scored at once: two gathered (block x D) float32 arrays, ~13 MB at D=192
 _SHOWN = 5  # unknown names quoted in an error message
 
 
