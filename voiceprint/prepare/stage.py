@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -31,12 +31,14 @@ from voiceprint.common.cores import usable_cores
 from voiceprint.common.layout import Layout
 from voiceprint.config import DataParams, Params, SourceParams
 from voiceprint.prepare import librispeech, speech_commands
-from voiceprint.prepare.filecache import Entry, FileCache, validator_fingerprint
+from voiceprint.prepare.filecache import Entry, FileCache, RowBatches, validator_fingerprint
 
 log = logging.getLogger(__name__)
 
 STAGE = "prepare"
 TRAIN, EVAL = "train", "eval"
+#: The manifest's sort order.
+MANIFEST_ORDER = ("split", "speaker_id", "utterance_id", "source")
 EXCERPTS_DIR = "librispeech-excerpts"
 EXCERPTS_MANIFEST = "MANIFEST.sha256"
 #: Where earlier versions copied the corpus; only named in a warning now.
@@ -71,12 +73,14 @@ class PrepareResult:
         return sum(self.utterances.values())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Candidate:
+    """One file to verify. Slots and a ``str`` path, not a ``Path``: a corpus holds millions."""
+
     split: str
     speaker_id: str
     utterance_id: str
-    source: Path
+    source: str  # the file's absolute path (posix)
     expected_sha256: str | None = None  # the reference digest, when the source publishes one
     problem: str | None = None  # known unusable before looking at it (missing, unlisted, ...)
     origin: str = ""  # the name of the source (data.name or a data.sources key)
@@ -84,11 +88,23 @@ class _Candidate:
 
 @dataclass
 class _Outcome:
-    rows: list[dict[str, object]] = field(default_factory=list)
+    rows: RowBatches = field(default_factory=lambda: RowBatches(schema.MANIFEST))
     rejects: list[dict[str, str]] = field(default_factory=list)
     hashed: int = 0
     reused: int = 0
     decoded: int = 0
+    rows_by_source: Counter[tuple[str, str]] = field(default_factory=Counter)  # (source, split) -> rows
+    speakers: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # by split
+
+    def sorted_manifest(self) -> pa.Table:
+        """The manifest rows in :data:`MANIFEST_ORDER`; the unsorted rows, as large, are let go."""
+        rows, self.rows = self.rows, RowBatches(schema.MANIFEST)
+        manifest = rows.table().sort_by([(key, "ascending") for key in MANIFEST_ORDER])
+        del rows
+        # Arrow's allocator keeps freed pages for reuse: hand them back before the Parquet writer
+        # takes its own, or the unsorted rows (and the file cache's tables) count twice at the peak.
+        pa.default_memory_pool().release_unused()
+        return manifest
 
 
 def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> PrepareResult:
@@ -96,50 +112,24 @@ def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> Pre
     outcome = _Outcome()
     sources = params.all_sources()
     namer = _Namer(params, layout)
-    candidates: list[_Candidate] = []
-    splits: list[str] = []
-    for name, source in sources.items():
-        found, source_splits, stray = _source_candidates(source, params, layout, progress=progress)
-        for path, problem in stray:
-            tree = "<speaker>/<video>/<utterance>" if source.dataset == "voxceleb" else "<speaker>/<utterance>"
-            reason = problem or f"audio file outside a speaker folder (expected {tree}.{{{_SUFFIX_LIST}}})"
-            outcome.rejects.append({"path": namer.name(path), "stage": STAGE, "reason": reason})
-        if not params.trains(name):
-            found = [c for c in found if c.split != TRAIN]
-            source_splits = [split for split in source_splits if split != TRAIN]
-        found = _apply_caps(found, source.max_speakers, source.max_utterances_per_speaker)
-        candidates.extend(replace(c, origin=name) for c in found)
-        splits.extend(split for split in source_splits if split not in splits)
+    candidates, splits = _all_candidates(params, layout, namer, outcome, progress=progress)
     if (layout.root / LEGACY_RAW).is_dir():
         log.warning("prepare: %s is no longer used (the corpus is read in place); delete it", LEGACY_RAW)
 
     candidates = _drop_eval_speakers_from_train(candidates, outcome, namer)
-    duplicates = _duplicate_ids(candidates)
-    cache = FileCache(layout.file_cache, validator_fingerprint())
-    candidates = [replace(c, problem=duplicates[c]) if c in duplicates else c for c in candidates]
-    checked = _checked_in_order(candidates, cache, usable_cores())  # hashing and decoding are CPU-bound
-    bar = tqdm(candidates, desc="prepare", unit="file", disable=None if progress else True)
-    for cand, found in zip(bar, checked):
-        _record(cand, found, namer, cache, outcome)
-    cache.save()
+    _verify(candidates, layout.file_cache, namer, outcome, progress=progress)
+    del candidates  # the run's largest Python objects: gone before the manifest is sorted and written
 
-    rows = sorted(outcome.rows, key=lambda r: (r["split"], r["speaker_id"], r["utterance_id"], r["source"]))
-    write_table(layout.manifest, pa.Table.from_pylist(rows, schema=schema.MANIFEST))
+    manifest = outcome.sorted_manifest()
+    write_table(layout.manifest, manifest)
     rejects = sorted((namer.reject(r) for r in outcome.rejects), key=lambda r: r["path"])
     rejects_path = layout.rejects(STAGE)
     write_table(rejects_path, pa.Table.from_pylist(rejects, schema=schema.REJECTS))
 
-    utterances = {split: 0 for split in splits}
-    speakers_by_split: dict[str, set[str]] = {split: set() for split in splits}
-    by_source: dict[str, dict[str, int]] = {name: {} for name in sources}
-    for row in rows:
-        utterances[str(row["split"])] = utterances.get(str(row["split"]), 0) + 1
-        speakers_by_split.setdefault(str(row["split"]), set()).add(str(row["speaker_id"]))
-        counts = by_source.setdefault(str(row["source"]), {})
-        counts[str(row["split"])] = counts.get(str(row["split"]), 0) + 1
+    utterances, speakers, by_source = _counts(outcome, splits, sources)
     result = PrepareResult(
         utterances=utterances,
-        speakers={split: len(s) for split, s in speakers_by_split.items()},
+        speakers=speakers,
         sources=by_source,
         rejects=len(rejects),
         manifest=str(layout.manifest),
@@ -165,8 +155,46 @@ def prepare(params: DataParams, layout: Layout, *, progress: bool = True) -> Pre
     return result
 
 
+def _counts(
+    outcome: _Outcome, splits: list[str], sources: Iterable[str]
+) -> tuple[dict[str, int], dict[str, int], dict[str, dict[str, int]]]:
+    """Utterances and speakers per split, and utterances per source and split, of the manifest:
+    every split in ``splits`` and every source named first, then the rest in sorted order."""
+    utterances = {split: 0 for split in splits}
+    speakers = {split: 0 for split in splits}
+    by_source: dict[str, dict[str, int]] = {name: {} for name in sources}
+    for (source, split), count in sorted(outcome.rows_by_source.items(), key=lambda item: item[0][1]):
+        utterances[split] = utterances.get(split, 0) + count
+        by_source.setdefault(source, {})[split] = count
+    for split in sorted(outcome.speakers):
+        speakers[split] = len(outcome.speakers[split])
+    return utterances, speakers, by_source
+
+
 # --------------------------------------------------------------------------------------------------
 # sources
+
+
+def _all_candidates(
+    params: DataParams, layout: Layout, namer: _Namer, outcome: _Outcome, *, progress: bool
+) -> tuple[list[_Candidate], list[str]]:
+    """Every source's candidates, capped and named after their source, and the splits present;
+    files outside any speaker folder go to ``outcome``'s rejects."""
+    candidates: list[_Candidate] = []
+    splits: list[str] = []
+    for name, source in params.all_sources().items():
+        found, source_splits, stray = _source_candidates(source, params, layout, progress=progress)
+        for path, problem in stray:
+            tree = "<speaker>/<video>/<utterance>" if source.dataset == "voxceleb" else "<speaker>/<utterance>"
+            reason = problem or f"audio file outside a speaker folder (expected {tree}.{{{_SUFFIX_LIST}}})"
+            outcome.rejects.append({"path": namer.name(path), "stage": STAGE, "reason": reason})
+        if not params.trains(name):
+            found = [c for c in found if c.split != TRAIN]
+            source_splits = [split for split in source_splits if split != TRAIN]
+        found = _apply_caps(found, source.max_speakers, source.max_utterances_per_speaker)
+        candidates.extend(replace(c, origin=name) for c in found)
+        splits.extend(split for split in source_splits if split not in splits)
+    return candidates, splits
 
 
 def _resolve(layout: Layout, path: str) -> Path:
@@ -233,7 +261,7 @@ def _excerpts_candidates(params: SourceParams, data: DataParams, layout: Layout)
             if len(parts) != 3 or not _is_audio(path):
                 continue
             problem = _listing_problem(rel, reference, on_disk, EXCERPTS_MANIFEST, source)
-            candidates.append(_Candidate(split, parts[1], path.stem, path, reference.get(rel), problem))
+            candidates.append(_Candidate(split, parts[1], path.stem, path.as_posix(), reference.get(rel), problem))
     return candidates, splits
 
 
@@ -265,7 +293,7 @@ def _librispeech_candidates(
             raise PrepareError(f"data.{'train' if split == TRAIN else 'eval'}_subset: {err}") from None
         splits.append(split)
         for utt in librispeech.iter_utterances(root):
-            candidates.append(_Candidate(split, utt.speaker_id, utt.utterance_id, utt.path))
+            candidates.append(_Candidate(split, utt.speaker_id, utt.utterance_id, utt.path.as_posix()))
     return candidates, splits
 
 
@@ -300,7 +328,7 @@ def _speech_commands_candidates(
         path = base / rel
         problem = _listing_problem(rel, reference, on_disk, checksum_file.name, base)
         expected = reference.get(rel) if reference is not None else None
-        candidates.append(_Candidate(split_of[speaker], speaker, Path(name).stem, path, expected, problem))
+        candidates.append(_Candidate(split_of[speaker], speaker, Path(name).stem, path.as_posix(), expected, problem))
     return candidates, [EVAL, TRAIN]
 
 
@@ -335,20 +363,19 @@ def _folder_candidates(
     stray: list[tuple[Path, str | None]] = [item for base in bases for item in _loose_entries(base)]
     for split, base in layout_by_split.items():
         for speaker in _speaker_dirs(base):
+            speaker_id = speaker.name  # one string per speaker, shared by its candidates
             for path, problem in _walk_audio(speaker):
                 if params.dataset == "voxceleb":
                     utterance_id, problem = _voxceleb_id(speaker, path, problem)
                 else:
                     utterance_id = path.stem
-                candidates.append(_Candidate(split, speaker.name, utterance_id, path, problem=problem))
+                candidates.append(_Candidate(split, speaker_id, utterance_id, path.as_posix(), problem=problem))
     if params.dataset == "voxceleb":
         return candidates, list(layout_by_split), stray
     # Folder datasets often name files 001.wav per speaker; file stems are then not unique ids, so
     # the speaker becomes part of every id (the manifest's path still names the file as it is).
-    stems = defaultdict(set)
-    for c in candidates:
-        stems[c.utterance_id].add((c.split, c.speaker_id))
-    if any(len(owners) > 1 for owners in stems.values()):
+    owners: dict[str, tuple[str, str]] = {}
+    if any(owners.setdefault(c.utterance_id, (c.split, c.speaker_id)) != (c.split, c.speaker_id) for c in candidates):
         candidates = [replace(c, utterance_id=f"{c.speaker_id}-{c.utterance_id}") for c in candidates]
     return candidates, list(layout_by_split), stray
 
@@ -464,7 +491,7 @@ def _apply_caps(candidates: Iterable[_Candidate], max_speakers: int | None, max_
         if max_speakers is not None:
             speakers = speakers[:max_speakers]
         for speaker in speakers:
-            utts = sorted(grouped[split][speaker], key=lambda c: (c.utterance_id, c.source.as_posix()))
+            utts = sorted(grouped[split][speaker], key=lambda c: (c.utterance_id, c.source))
             out.extend(utts[:max_utts] if max_utts is not None else utts)
     return out
 
@@ -502,8 +529,8 @@ class _Namer:
         bases.sort(key=lambda b: len(b[0]), reverse=True)
         self.bases = [(_prefix(layout.root.as_posix()), ""), *bases]
 
-    def name(self, path: Path) -> str:
-        text = path.as_posix()
+    def name(self, path: str | Path) -> str:
+        text = path if isinstance(path, str) else path.as_posix()
         for resolved, shown in self.bases:
             if text.startswith(resolved):
                 return shown + text[len(resolved) :]
@@ -534,6 +561,20 @@ class _Checked:
     decoded: bool = False
 
 
+def _verify(
+    candidates: list[_Candidate], cache_path: Path, namer: _Namer, outcome: _Outcome, *, progress: bool
+) -> None:
+    """Check every candidate, through the file cache at ``cache_path``, into ``outcome``'s rows or rejects."""
+    duplicates = _duplicate_ids(candidates)
+    cache = FileCache(cache_path, validator_fingerprint())
+    candidates = [replace(c, problem=duplicates[c]) if c in duplicates else c for c in candidates]
+    checked = _checked_in_order(candidates, cache, usable_cores())  # hashing and decoding are CPU-bound
+    bar = tqdm(candidates, desc="prepare", unit="file", disable=None if progress else True)
+    for cand, found in zip(bar, checked):
+        _record(cand, found, namer, cache, outcome)
+    cache.save()
+
+
 def _check(cand: _Candidate, cache: FileCache) -> _Checked:
     """Hash and decode-check one candidate where it lies, or take both from ``cache``.
 
@@ -547,7 +588,7 @@ def _check(cand: _Candidate, cache: FileCache) -> _Checked:
     hashed = decoded = False
     try:
         st = os.stat(cand.source)
-        entry = cache.lookup(cand.source.as_posix(), st)
+        entry = cache.lookup(cand.source, st)
         if entry is None:
             entry = Entry(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=sha256_file(cand.source))
             hashed = True
@@ -581,7 +622,7 @@ def _record(cand: _Candidate, checked: _Checked, namer: _Namer, cache: FileCache
     outcome.hashed += checked.hashed
     outcome.reused += not checked.hashed
     outcome.decoded += checked.decoded
-    cache.store(cand.source.as_posix(), entry)
+    cache.store(cand.source, entry)
     if cand.expected_sha256 is not None and entry.sha256 != cand.expected_sha256:
         reject(f"sha256 mismatch: expected {cand.expected_sha256}, got {entry.sha256} (corrupt or modified file)")
         return
@@ -602,6 +643,8 @@ def _record(cand: _Candidate, checked: _Checked, namer: _Namer, cache: FileCache
             "source": cand.origin,
         }
     )
+    outcome.rows_by_source[cand.origin, cand.split] += 1
+    outcome.speakers[cand.split].add(cand.speaker_id)
 
 
 def _checked_in_order(candidates: list[_Candidate], cache: FileCache, threads: int) -> Iterator[_Checked]:
