@@ -217,3 +217,21 @@ def test_memory_per_file_is_the_line_through_two_scales() -> None:
     assert grows["projected_mb"] == round(1450 + 450 / 31_590 * (1_128_246 - 35_100))
     flat = bs.memory_per_file(900.0, 3_510, 880.0, 35_100, 1_128_246)  # noise below the smaller peak
     assert flat == {"mb_per_1000_files": 0.0, "projected_mb": 880}
+
+
+def test_index_peak_is_split_into_the_indexes_and_the_rest() -> None:
+    """At 100x the index stage holds 100 MB more of FAISS index than at 1x: what is left of its peak
+    is judged against the flat-memory target."""
+    recs = {
+        ("x1", "local", "index"): {"ru_maxrss_mb": 200.0, "files": 351},
+        ("x100", "local", "index"): {"ru_maxrss_mb": 360.0, "files": 35_100},
+    }
+    runs = {
+        ("x1", "local"): {"disk": {"index_bytes": 1 * bs.MB}},
+        ("x100", "local"): {"disk": {"index_bytes": 101 * bs.MB}},
+    }
+    held = bs.index_held(recs, runs, "local", "x1", "x100")
+    assert held is not None
+    assert held["rest_big"] == pytest.approx(260.0) and held["rest_ratio"] == pytest.approx(1.3)
+    assert held["index_per_1000"] == pytest.approx(100 / 34.749, abs=0.01)
+    assert bs.index_held(recs, {}, "local", "x1", "x100") is None  # no disk records: nothing to split
