@@ -292,3 +292,119 @@ def test_file_pass_resolves_project_relative_paths_from_any_directory(
     )[0]
     assert not np.allclose(got, segment_mean, atol=1e-6), "fell back to the segments' mean: the file was not found"
     assert float(got @ _one_call(encoder, raw / f.name)) > 0.999
+
+
+def _plain_merge(segment_parts: list[pa.Table], file_parts: list[pa.Table]) -> dict[str, dict]:
+    """The merge as a per-utterance dict of running float64 sums (what merge_parts must equal bit for bit)."""
+    sums: dict[str, np.ndarray] = {}
+    meta: dict[str, dict] = {}
+    for table in segment_parts:
+        for row, v in zip(table.to_pylist(), schema.embeddings_matrix(table)):
+            u = row["utterance_id"]
+            sums[u] = sums.get(u, np.zeros(v.shape, np.float64)) + v
+            m = meta.setdefault(u, {"speaker_id": row["speaker_id"], "start_s": row["start_s"], "end_s": row["end_s"]})
+            m["start_s"], m["end_s"] = min(m["start_s"], row["start_s"]), max(m["end_s"], row["end_s"])
+            m["num_segments"] = m.get("num_segments", 0) + 1
+    whole: dict[str, np.ndarray] = {}
+    for table in file_parts:
+        for u, v in zip(table.column("utterance_id").to_pylist(), schema.embeddings_matrix(table)):
+            whole[u] = whole.get(u, np.zeros(v.shape, np.float64)) + v
+    for u in meta:
+        meta[u]["embedding"] = schema.l2_normalise(whole.get(u, sums[u])[None])[0]
+    return meta
+
+
+def test_merge_sums_each_utterance_in_part_order(tmp_path: Path):
+    """The columnar merge (utterance codes, one sums matrix) gives exactly the per-utterance running sums,
+    with rejected rows, parts written across a resume, and whole-file vectors missing for some files."""
+    from types import SimpleNamespace
+
+    from voiceprint.common.parts import PartStore
+    from voiceprint.embed.engine import Spans
+    from voiceprint.embed.stage import _Pass
+    from voiceprint.embed.tables import Stager, merge_parts, reject_rows, segment_batch
+
+    rng = np.random.default_rng(0)
+    layout, dim = Layout.at(tmp_path), 8
+    utts = ["b", "a10", "a2", "ä", "c"] * 3  # 15 utterances: ids not in sorted order, one non-ASCII
+    utts = [f"{u}{k}" for k, u in enumerate(utts)]
+    seg_rows, file_rows = [], []
+    for k, u in enumerate(utts):
+        for j in range(1 + k % 4):
+            seg_rows.append((f"{u}#{j:03d}", u, f"s{k % 3}", "eval", f"/x/{u}.flac", j * 2.0, j * 2.0 + 1 + k % 3))
+        for j in range(k % 3):  # 0, 1 or 2 whole-file chunks: a third of the files fall back to their segments
+            file_rows.append((f"{u}@file{j:03d}", u, f"s{k % 3}", "eval", f"/x/{u}.flac", j * 5.0, j * 5.0 + 5))
+    names = schema.SEGMENTS.names
+    seg = pa.Table.from_pylist([dict(zip(names, r)) for r in seg_rows], schema=schema.SEGMENTS)
+    files = pa.Table.from_pylist([dict(zip(names, r)) for r in file_rows], schema=schema.SEGMENTS)
+    encoder = SimpleNamespace(dim=dim, model_id="m")
+    sch = schema.embedding_schema(dim)
+
+    def staged(name: str, rows: pa.Table) -> tuple[_Pass, PartStore]:
+        durations = (rows.column("end_s").to_numpy() - rows.column("start_s").to_numpy()).astype(np.float64)
+        work = _Pass(rows, Spans(layout, rows), durations, length_buckets(durations, 6.0))
+        store = PartStore.open(tmp_path / "work", name, "fp")
+        for first, last in ((0, len(work.batches) // 2), (len(work.batches) // 2, len(work.batches))):  # a resume
+            stager = Stager(store, sch, rows=5, every_s=1e9)
+            for unit in range(first, last):
+                idx = work.batches[unit].tolist()
+                bad = [(i, "unreadable") for i in idx if i % 7 == 3]
+                good = [i for i in idx if i % 7 != 3]
+                vectors = schema.l2_normalise(rng.standard_normal((len(good), dim)).astype(np.float32))
+                batch = segment_batch(rows, good, vectors, "m", sch) if good else None
+                stager.add(unit, batch, reject_rows(rows, bad))
+            stager.flush()
+        return work, store
+
+    segments, seg_store = staged("segments", seg)
+    whole, file_store = staged("files", files)
+    out = tmp_path / "out"
+    counts = merge_parts(seg_store, out, layout, sch, encoder, 4, segments, file_store=file_store, files=whole)
+
+    expected = _plain_merge([t for _, t in seg_store.iter_tables()], [t for _, t in file_store.iter_tables()])
+    got = pq.read_table(out / "utterances.parquet")
+    assert got.column("utterance_id").to_pylist() == sorted(expected) and counts["utterances"] == len(expected)
+    for row, vector in zip(got.to_pylist(), schema.embeddings_matrix(got)):
+        e = expected[row["utterance_id"]]
+        assert (row["speaker_id"], row["start_s"], row["end_s"]) == (e["speaker_id"], e["start_s"], e["end_s"])
+        assert row["num_segments"] == e["num_segments"]
+        assert vector.tobytes() == e["embedding"].tobytes(), row["utterance_id"]
+    segments_out = pq.read_table(out / "segments.parquet")
+    assert segments_out.equals(pa.concat_tables(t for _, t in seg_store.iter_tables()))
+    rejects = pq.read_table(out / "rejects.parquet").column("path").to_pylist()
+    seg_rejects = [r["path"] for p in seg_store.parts() for r in p.rejects]
+    assert rejects[: len(seg_rejects)] == seg_rejects and len(rejects) == counts["rejected"]
+    assert not set(rejects[len(seg_rejects) :]) & set(seg_rejects)  # a file is reported by one pass only
+
+
+def test_segment_table_bytes_do_not_depend_on_where_parts_were_cut(tmp_path: Path):
+    """Parts are cut by a flush timer or a kill; the merged segments.parquet (a DVC output) must be the
+    same bytes whatever the cuts. Parquet cuts pages at chunk boundaries, so the merge writes one
+    chunk per row group (3,000 x 192 floats: several pages per column chunk)."""
+    from types import SimpleNamespace
+
+    from voiceprint.common.parts import PartStore
+    from voiceprint.embed.engine import Spans
+    from voiceprint.embed.stage import _Pass
+    from voiceprint.embed.tables import Stager, merge_parts, segment_batch
+
+    layout, dim, n = Layout.at(tmp_path), 192, 3000
+    rows = [
+        (f"u{k // 3:04d}#{k % 3:03d}", f"u{k // 3:04d}", f"s{k % 50}", "eval", "/x.flac", 0.0, 1.0) for k in range(n)
+    ]
+    seg = pa.Table.from_pylist([dict(zip(schema.SEGMENTS.names, r)) for r in rows], schema=schema.SEGMENTS)
+    vectors = schema.l2_normalise(np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32))
+    sch = schema.embedding_schema(dim)
+    written = []
+    for name, flush_rows in (("a", 700), ("b", 1100)):
+        durations = np.ones(n)
+        work = _Pass(seg, Spans(layout, seg), durations, [np.arange(i, min(n, i + 100)) for i in range(0, n, 100)])
+        store = PartStore.open(tmp_path / name / "work", "segments", "fp")
+        stager = Stager(store, sch, rows=flush_rows, every_s=1e9)
+        for unit, idx in enumerate(work.batches):
+            stager.add(unit, segment_batch(seg, idx.tolist(), vectors[idx], "m", sch), [])
+        stager.flush()
+        assert len(list(store.parts())) == -(-n // flush_rows)  # different cuts: 5 parts against 3
+        merge_parts(store, tmp_path / name / "out", layout, sch, SimpleNamespace(dim=dim, model_id="m"), 4096, work)
+        written.append((tmp_path / name / "out" / "segments.parquet").read_bytes())
+    assert written[0] == written[1]

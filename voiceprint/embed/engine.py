@@ -13,11 +13,12 @@ autocast where the hardware has native bf16 (CUDA; CPUs with AVX512-BF16/AMX), f
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -69,8 +70,25 @@ class Item:
     end_s: float
 
 
+class Spans(Sequence[Item]):
+    """The rows of a table with ``path``, ``start_s`` and ``end_s`` columns as :class:`Item` s, each
+    made when it is read: a list of Items (a ``Path`` object each) would cost about 0.5 KB a row."""
+
+    def __init__(self, layout: Layout, rows: pa.Table):
+        self.layout = layout
+        self.paths = rows.column("path")
+        self.starts = rows.column("start_s").to_numpy()
+        self.ends = rows.column("end_s").to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> Item:  # type: ignore[override]  # no slices
+        return Item(self.layout.resolve(self.paths[i].as_py()), float(self.starts[i]), float(self.ends[i]))
+
+
 class _SegmentAudio(Dataset):
-    def __init__(self, items: list[Item]):
+    def __init__(self, items: Sequence[Item]):
         self.items = items
 
     def __len__(self) -> int:
@@ -156,7 +174,7 @@ BATCH_PLAN_VERSION = 1
 
 def run_encoder(
     encoder: SpeakerEncoder,
-    items: list[Item],
+    items: Sequence[Item],
     durations: np.ndarray,
     params: EmbedParams,
     *,

@@ -22,7 +22,6 @@ from voiceprint.compute.cluster import ComputeError
 from voiceprint.compute.runner import host_threads, run_shards
 from voiceprint.compute.shards import Shard, cut_shards
 from voiceprint.config import ComputeParams, EmbedParams
-from voiceprint.embed.engine import Item
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -30,13 +29,10 @@ if TYPE_CHECKING:
     from voiceprint.embed.stage import _Pass
     from voiceprint.encoders.base import SpeakerEncoder
 
-#: The columns of a pass's rows a shard needs (the part's columns, and ``path`` for rejects).
-_ROW_COLUMNS = ("segment_id", "utterance_id", "speaker_id", "split", "path", "start_s", "end_s")
-
 
 @dataclass(frozen=True)
 class EmbedShard:
-    """Everything a worker needs for one shard: its batches re-indexed over its own items and rows."""
+    """Everything a worker needs for one shard: its batches re-indexed over its own rows."""
 
     layout: Layout
     device: str
@@ -47,16 +43,15 @@ class EmbedShard:
     store: PartStore
     first: int
     units: tuple[int, ...]
-    items: list[Item]
     durations: np.ndarray
     batches: list[np.ndarray]
-    rows: dict[str, list]
+    rows: pa.Table
     threads: int | None
     host_threads: dict[str, int]
 
 
 def shard_task(work: _Pass, shard: Shard, **common: Any) -> EmbedShard:
-    """The batches ``shard`` covers, with the items and rows they index renumbered from 0."""
+    """The batches ``shard`` covers, with the rows they index renumbered from 0."""
     batches = work.batches[shard.start : shard.stop]
     idx = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
     local, offset = [], 0
@@ -66,10 +61,9 @@ def shard_task(work: _Pass, shard: Shard, **common: Any) -> EmbedShard:
     return EmbedShard(
         first=shard.start,
         units=tuple(shard.units),
-        items=[work.items[i] for i in idx],
         durations=work.durations[idx],
         batches=local,
-        rows={c: [work.rows[c][i] for i in idx] for c in _ROW_COLUMNS},
+        rows=work.rows.take(idx),
         **common,
     )
 
@@ -128,8 +122,8 @@ def embed_shard(task: EmbedShard) -> dict[str, int]:
     import torch
 
     from voiceprint.compute.worker import cached, files_key, prepare_worker, threads_for
-    from voiceprint.embed.engine import load_pipeline_encoder, precision_key, run_encoder
-    from voiceprint.embed.tables import segment_batch
+    from voiceprint.embed.engine import Spans, load_pipeline_encoder, precision_key, run_encoder
+    from voiceprint.embed.tables import reject_rows, segment_batch
 
     prepare_worker(threads_for(task.threads, task.host_threads))
     backend, amp = task.params.backend, task.params.amp
@@ -144,11 +138,17 @@ def embed_shard(task: EmbedShard) -> dict[str, int]:
     tables: list[pa.RecordBatch] = []
     rejects: list[dict[str, str]] = []
     stream = run_encoder(
-        encoder, task.items, task.durations, task.params, batches=task.batches, progress=False, num_workers=0
+        encoder,
+        Spans(task.layout, task.rows),
+        task.durations,
+        task.params,
+        batches=task.batches,
+        progress=False,
+        num_workers=0,
     )
     for idx, vectors, bad in stream:  # in a daemonic worker process: decode here, no DataLoader worker
         if idx:
             tables.append(segment_batch(task.rows, idx, vectors, encoder.model_id, task.schema))
-        rejects.extend({"path": task.rows["path"][i], "stage": "embed", "reason": r} for i, r in bad)
+        rejects.extend(reject_rows(task.rows, bad))
     task.store.write(pa.Table.from_batches(tables, task.schema), task.units, rejects, number=task.first)
     return {"batches": len(task.units), "rows": sum(t.num_rows for t in tables), "rejected": len(rejects)}

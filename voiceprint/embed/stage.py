@@ -28,7 +28,7 @@ from voiceprint.common.parts import PartStore, fingerprint
 from voiceprint.config import ComputeParams, EmbedParams, Params
 from voiceprint.embed.engine import (
     BATCH_PLAN_VERSION,
-    Item,
+    Spans,
     batch_plan,
     load_pipeline_encoder,
     pick_device,
@@ -36,7 +36,7 @@ from voiceprint.embed.engine import (
     precision_name,
     run_encoder,
 )
-from voiceprint.embed.tables import Stager, merge_parts, segment_batch
+from voiceprint.embed.tables import Stager, merge_parts, reject_rows, segment_batch
 from voiceprint.embed.utterances import file_chunk_rows
 from voiceprint.encoders.base import SpeakerEncoder
 
@@ -48,23 +48,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Pass:
-    """One pass of the engine over ``rows`` (segment-table columns): its items, durations and batch plan."""
+    """One pass of the engine over ``rows`` (segment-table columns): its items, durations and batch plan.
 
-    rows: dict[str, list]
-    items: list[Item]
+    Columnar (an Arrow table, NumPy arrays), so the plan of a million files stays small.
+    """
+
+    rows: pa.Table
+    items: Spans
     durations: np.ndarray
     batches: list[np.ndarray]
 
     @classmethod
-    def plan(cls, layout: Layout, rows: dict[str, list], params: EmbedParams, encoder: SpeakerEncoder) -> _Pass:
+    def plan(cls, layout: Layout, rows: pa.Table, params: EmbedParams, encoder: SpeakerEncoder) -> _Pass:
         durations = _durations(rows)
-        items = [Item(layout.resolve(p), a, b) for p, a, b in zip(rows["path"], rows["start_s"], rows["end_s"])]
-        return cls(rows, items, durations, batch_plan(durations, params, encoder))
+        return cls(rows, Spans(layout, rows), durations, batch_plan(durations, params, encoder))
 
 
 def _passes(layout: Layout, params: EmbedParams, encoder: SpeakerEncoder) -> tuple[_Pass, _Pass | None]:
     """The segment pass, and the whole-file pass when ``embed.utterance`` is ``file``."""
-    seg = pq.read_table(layout.segments).to_pydict()
+    seg = pq.read_table(layout.segments).combine_chunks()
     segments = _Pass.plan(layout, seg, params, encoder)
     if params.utterance != "file":
         return segments, None
@@ -100,7 +102,7 @@ def _run_pass(
     )
     for unit, (idx, vectors, bad) in zip(todo, stream):
         rows = segment_batch(work.rows, idx, vectors, encoder.model_id, sch) if idx else None
-        stager.add(unit, rows, [{"path": work.rows["path"][i], "stage": "embed", "reason": r} for i, r in bad])
+        stager.add(unit, rows, reject_rows(work.rows, bad))
     stager.flush()
     return len(done), float(sum(work.durations[work.batches[k]].sum() for k in todo))
 
@@ -193,8 +195,9 @@ def embed_segments(
         seg_schema,
         encoder,
         rows_per_group,
+        segments,
         file_store=stores.get("files"),
-        segment_rows=segments.rows,
+        files=files,
     )
     for store in stores.values():
         store.remove()
@@ -223,15 +226,19 @@ _TIMING = ("device", "seconds", "realtime_factor")
 _TABLES = ("segments.parquet", "utterances.parquet", "rejects.parquet")
 
 
-def _durations(segments: dict[str, list]) -> np.ndarray:
-    return np.asarray(segments["end_s"], dtype=np.float64) - np.asarray(segments["start_s"], dtype=np.float64)
+def _durations(segments: pa.Table) -> np.ndarray:
+    return segments.column("end_s").to_numpy() - segments.column("start_s").to_numpy()
 
 
 def _source(layout: Layout, encoder: SpeakerEncoder, params: EmbedParams, segments: _Pass, files: _Pass | None) -> str:
     """Digest of the inputs that fix the output tables: segments, weights, precision, utterance way and batch plans."""
-    file_plan = (
-        None if files is None else (files.rows["start_s"], files.rows["end_s"], [b.tolist() for b in files.batches])
-    )
+    file_plan = None
+    if files is not None:
+        file_plan = (
+            files.rows.column("start_s").to_pylist(),
+            files.rows.column("end_s").to_pylist(),
+            [b.tolist() for b in files.batches],
+        )
     return fingerprint(
         layout.segments,
         encoder.model_id,

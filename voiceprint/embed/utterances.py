@@ -9,10 +9,13 @@ embeds one ad-hoc file the same way for ``verify``/``identify``/``enroll``.
 from __future__ import annotations
 
 import math
+from array import array
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from voiceprint.common import audio, schema
@@ -32,32 +35,32 @@ def utterance_chunks(duration_s: float, chunk_s: float) -> list[tuple[float, flo
     return [(k * step, duration_s if k == n - 1 else (k + 1) * step) for k in range(n)]
 
 
-def file_chunk_rows(layout: Layout, seg: dict[str, list], chunk_s: float) -> dict[str, list]:
+def file_chunk_rows(layout: Layout, seg: pa.Table, chunk_s: float) -> pa.Table:
     """Rows (the segment table's columns) for the whole-file pass: the chunks of every utterance that has a segment."""
-    rows: dict[str, list] = {
-        k: [] for k in ("segment_id", "utterance_id", "speaker_id", "split", "path", "start_s", "end_s")
-    }
-    seen: set[str] = set()
-    for i, utt in enumerate(seg["utterance_id"]):
-        if utt in seen:
-            continue
-        seen.add(utt)
+    codes = seg.column("utterance_id").combine_chunks().dictionary_encode().indices.to_numpy()
+    _, first_rows = np.unique(codes, return_index=True)  # each utterance's first row, in the table's order
+    paths = seg.column("path")
+    source, chunk, starts, ends = array("q"), array("q"), array("d"), array("d")
+    for row in first_rows.tolist():
         try:
-            duration = audio.probe(layout.resolve(seg["path"][i])).duration_s
+            duration = audio.probe(layout.resolve(paths[row].as_py())).duration_s
         except audio.AudioError:
             continue  # unreadable: the segment pass rejects it, or the utterance keeps its segments' mean
         for k, (a, b) in enumerate(utterance_chunks(duration, chunk_s)):
-            for key, value in (
-                ("segment_id", f"{utt}@file{k:03d}"),
-                ("utterance_id", utt),
-                ("speaker_id", seg["speaker_id"][i]),
-                ("split", seg["split"][i]),
-                ("path", seg["path"][i]),
-                ("start_s", a),
-                ("end_s", b),
-            ):
-                rows[key].append(value)
-    return rows
+            source.append(row)
+            chunk.append(k)
+            starts.append(a)
+            ends.append(b)
+    rows = seg.select(["utterance_id", "speaker_id", "split", "path"]).take(np.frombuffer(source, np.int64))
+    number = pc.utf8_lpad(pc.cast(pa.array(np.frombuffer(chunk, np.int64)), pa.string()), 3, "0")  # f"{k:03d}"
+    return pa.table(
+        {
+            "segment_id": pc.binary_join_element_wise(rows.column("utterance_id"), "@file", number, ""),
+            **{name: rows.column(name) for name in rows.column_names},
+            "start_s": pa.array(np.frombuffer(starts, np.float64)),
+            "end_s": pa.array(np.frombuffer(ends, np.float64)),
+        }
+    )
 
 
 def embed_utterance_file(
