@@ -71,9 +71,11 @@ def embedding_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
 
 
-def embeddings_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
-    """(N, D) float32 view of a FIXED_SIZE_LIST column."""
-    col = table.column(column).combine_chunks()
+def embeddings_matrix(table: pa.Table | pa.RecordBatch, column: str = "embedding") -> np.ndarray:
+    """(N, D) float32 view of a FIXED_SIZE_LIST column of a table or a record batch."""
+    col = table.column(column)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
     if len(col) == 0:
         return np.zeros((0, col.type.list_size), dtype=np.float32)
     flat = col.values.to_numpy(zero_copy_only=False)

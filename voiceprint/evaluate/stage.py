@@ -628,7 +628,7 @@ def _read_sorted(path: Path, layout: Layout, eval_source: str | None) -> tuple[p
     x = np.empty((len(rows), file.schema_arrow.field("embedding").type.list_size), dtype=np.float32)
     start = 0
     for batch in file.iter_batches(batch_size=_READ_ROWS, columns=["embedding"]):
-        vectors = embeddings_matrix(pa.Table.from_batches([batch]))
+        vectors = embeddings_matrix(batch)
         at = position[start : start + len(vectors)]
         x[at[at >= 0]] = vectors[at >= 0]
         start += len(vectors)

@@ -158,9 +158,7 @@ def build_index_from_batches(
         index.train(_training_sample(batches(), n, dim, nlist * MAX_TRAINING_POINTS_PER_CENTROID))
     added = 0
     for batch in batches():
-        x = as_matrix(batch) if len(batch) else np.zeros((0, dim), np.float32)
-        if x.shape[1] != dim:
-            raise ValueError(f"expected {dim}-d vectors, got a batch of {x.shape[1]}-d ones")
+        x = _batch_matrix(batch, dim)
         if len(x):
             index.add(x)
         added += len(x)
@@ -169,13 +167,22 @@ def build_index_from_batches(
     return index
 
 
+def _batch_matrix(batch: np.ndarray, dim: int) -> np.ndarray:
+    """One batch of a stream as :func:`as_matrix` rows; an empty batch is ``(0, dim)``, a batch of
+    another width an error."""
+    x = as_matrix(batch) if len(batch) else np.zeros((0, dim), np.float32)
+    if x.shape[1] != dim:
+        raise ValueError(f"expected {dim}-d vectors, got a batch of {x.shape[1]}-d ones")
+    return x
+
+
 def _training_sample(batches: Iterator[np.ndarray], n: int, dim: int, limit: int) -> np.ndarray:
     """Every row of the stream if ``n <= limit``, else ``limit`` evenly spaced rows (normalised)."""
     wanted = np.arange(n) if n <= limit else np.linspace(0, n - 1, limit).round().astype(np.int64)
     sample = np.empty((len(wanted), dim), dtype=np.float32)
     start = filled = 0
     for batch in batches:
-        x = as_matrix(batch) if len(batch) else np.zeros((0, dim), np.float32)
+        x = _batch_matrix(batch, dim)
         stop = start + len(x)
         take = wanted[(wanted >= start) & (wanted < stop)]
         sample[filled : filled + len(take)] = x[take - start]
@@ -209,11 +216,9 @@ class SpeakerSums:
         self._counts = np.zeros(len(self.speakers), dtype=np.int64)
 
     def add(self, vectors: np.ndarray, speaker_ids: list[str] | np.ndarray) -> None:
-        x = as_matrix(vectors) if len(vectors) else np.zeros((0, self.dim), np.float32)
+        x = _batch_matrix(vectors, self.dim)
         if len(speaker_ids) != len(x):
             raise ValueError(f"{len(x)} vectors for {len(speaker_ids)} speaker ids")
-        if x.shape[1] != self.dim:
-            raise ValueError(f"expected {self.dim}-d vectors, got {x.shape[1]}-d ones")
         try:
             codes = np.fromiter((self._code[str(s)] for s in speaker_ids), np.int64, len(x))
         except KeyError as err:

@@ -79,7 +79,7 @@ class _EmbeddingsFile:
 
     def vectors(self) -> Iterator[np.ndarray]:
         for batch in self.batches(["embedding"]):
-            yield embeddings_matrix(pa.Table.from_batches([batch]))
+            yield embeddings_matrix(batch)
 
     def model_ids(self) -> set[str]:
         found: set[str] = set()
@@ -117,7 +117,7 @@ def _speaker_table(utts: _EmbeddingsFile) -> tuple[np.ndarray, pa.Table]:
             splits_by_speaker.setdefault(str(spk), set()).add(str(split))
     sums = SpeakerSums(splits_by_speaker, utts.dim)
     for batch in utts.batches(["speaker_id", "embedding"]):
-        sums.add(embeddings_matrix(pa.Table.from_batches([batch])), batch.column(0).to_pylist())
+        sums.add(embeddings_matrix(batch), batch.column(0).to_pylist())
     speakers, centroids, counts = sums.centroids()
     table = pa.table(
         {
