@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from voiceprint.common.layout import Layout
-from voiceprint.common.schema import embedding_column, embedding_schema, l2_normalise
+from voiceprint.common.schema import embedding_column, embedding_schema, embeddings_matrix, l2_normalise
 from voiceprint.config import IndexParams
 from voiceprint.index import stage as index_stage
 from voiceprint.index.enrollment import EnrollmentError, enroll, load_enrollments, safe_name
@@ -23,6 +23,7 @@ from voiceprint.index.faiss_index import (
     build_index_from_batches,
     effective_nlist,
     speaker_centroids,
+    write_flat_index,
 )
 from voiceprint.index.gallery import SpeakerGallery
 from voiceprint.index.stage import build_indexes
@@ -162,6 +163,37 @@ def test_batched_build_equals_whole_matrix_build(kind: str) -> None:
     assert faiss.serialize_index(batched).tobytes() == whole
     with pytest.raises(ValueError, match="expected 1001 vectors"):
         build_index_from_batches(lambda: iter((x,)), 1001, DIM, params)
+
+
+@pytest.mark.parametrize(("n", "dim"), [(0, DIM), (1, DIM), (1000, DIM), (777, 192)])
+def test_flat_index_written_from_batches_is_faiss_own_file(tmp_path: Path, n: int, dim: int) -> None:
+    """The index stage writes a flat index batch by batch instead of building it: the file must be
+    the bytes faiss.write_index gives for the built index, and faiss must read it back."""
+    x = np.random.default_rng(n).normal(size=(n, dim)).astype(np.float32)
+    path = tmp_path / "flat.faiss"
+    write_flat_index(lambda: (x[i : i + 128] for i in range(0, max(n, 1), 128)), n, dim, path)
+    built = build_index(x, IndexParams(type="flat", use_gpu="never"))
+    assert path.read_bytes() == faiss.serialize_index(built).tobytes()
+    back = faiss.read_index(str(path))
+    assert back.ntotal == n and back.d == dim and back.metric_type == faiss.METRIC_INNER_PRODUCT
+    if n:
+        assert np.array_equal(back.reconstruct_n(0, n), l2_normalise(x))
+
+
+def test_embeddings_matrix_of_a_sliced_batch_is_the_slice() -> None:
+    """Readers take record batches that may be slices of a larger one: the rows must be the slice's."""
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    batch = pa.record_batch({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4)})
+    assert np.array_equal(embeddings_matrix(batch.slice(3, 4)), x[3:7])
+    assert np.array_equal(embeddings_matrix(pa.Table.from_batches([batch]).slice(8)), x[8:])
+
+
+def test_flat_index_writer_refuses_a_wrong_count(tmp_path: Path) -> None:
+    x = np.ones((10, DIM), np.float32)
+    with pytest.raises(ValueError, match="expected 11 vectors, the batches held 10"):
+        write_flat_index(lambda: iter((x,)), 11, DIM, tmp_path / "flat.faiss")
+    with pytest.raises(ValueError, match="expected 32-d vectors"):
+        write_flat_index(lambda: iter((np.ones((2, 8), np.float32),)), 2, DIM, tmp_path / "flat.faiss")
 
 
 def test_ivf_on_more_rows_than_faiss_trains_on_samples_evenly_and_reproducibly() -> None:
@@ -385,4 +417,6 @@ def test_gpu_path_builds_on_gpu_and_saves_cpu_copies(tmp_path: Path, monkeypatch
     assert moved == ["IndexIVFFlat", "IndexIVFFlat"]  # segments and speakers
     assert build_indexes(layout, IndexParams(type="hnsw"))["built_with"] == "cpu"  # no GPU HNSW
     assert build_indexes(layout, IndexParams(type="flat", use_gpu="never"))["built_with"] == "cpu"
+    # A flat index is written from the batches, never built, on the GPU or elsewhere.
+    assert build_indexes(layout, IndexParams(type="flat"))["built_with"] == "cpu"
     assert len(moved) == 2

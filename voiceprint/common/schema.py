@@ -78,7 +78,7 @@ def embeddings_matrix(table: pa.Table | pa.RecordBatch, column: str = "embedding
         col = col.combine_chunks()
     if len(col) == 0:
         return np.zeros((0, col.type.list_size), dtype=np.float32)
-    flat = col.values.to_numpy(zero_copy_only=False)
+    flat = col.flatten().to_numpy(zero_copy_only=False)  # .values would ignore a slice's offset
     return flat.reshape(len(col), col.type.list_size).astype(np.float32, copy=False)
 
 

@@ -1,8 +1,9 @@
 """The ``index`` stage: FAISS indexes over the embeddings into ``data/index``.
 
 :func:`run` (through :func:`build_indexes`) builds a segment index and a speaker-centroid index,
-each with its id table, and swaps them in whole. The embeddings are read in batches, so memory is
-the indexes plus one batch. Index building is in
+each with its id table, and swaps them in whole. The embeddings are read in batches and a flat
+index is written as they come, so memory is one batch plus the speaker centroids (plus the index
+itself for IVF and HNSW). Index building is in
 :mod:`voiceprint.index.faiss_index`; enrolled speakers join at load time
 (:class:`voiceprint.index.gallery.SpeakerGallery`). Design: docs/stages.md#index.
 """
@@ -13,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,10 @@ from voiceprint.index.faiss_index import (
     SPEAKERS_IDS,
     SPEAKERS_INDEX,
     SpeakerSums,
-    build_index,
     build_index_from_batches,
     to_cpu,
     use_gpu,
+    write_flat_index,
 )
 
 log = logging.getLogger(__name__)
@@ -130,13 +131,37 @@ def _speaker_table(utts: _EmbeddingsFile) -> tuple[np.ndarray, pa.Table]:
     return centroids, table
 
 
+def _write_index(
+    batches: Callable[[], Iterator[np.ndarray]], n: int, dim: int, params: IndexParams, path: Path
+) -> dict[str, Any]:
+    """Build one index over ``n`` vectors into ``path``; returns its block of ``index.json``.
+
+    A flat index goes from the batches straight to the file (:func:`write_flat_index`: the same
+    bytes, memory one batch); IVF and HNSW are built in memory (on the GPU where one is used).
+    """
+    if params.type == "flat":
+        write_flat_index(batches, n, dim, path)
+        return {"ntotal": int(n)}
+    index = to_cpu(build_index_from_batches(batches, n, dim, params))
+    faiss.write_index(index, str(path))
+    return _index_params_info(index)
+
+
+def _centroid_batches(centroids: np.ndarray, kind: str) -> Callable[[], Iterator[np.ndarray]]:
+    """The centroids a batch at a time for a flat index; whole for the others, as before (an HNSW
+    graph depends on how its adds are split)."""
+    if kind != "flat":
+        return lambda: iter((centroids,))
+    return lambda: (centroids[i : i + BATCH_ROWS] for i in range(0, len(centroids), BATCH_ROWS))
+
+
 def build_indexes(layout: Layout, params: IndexParams) -> dict[str, Any]:
     """The ``index`` stage: segment index and speaker-centroid index into ``layout.index_dir``.
 
     Reads ``layout.segment_embeddings`` and ``layout.utterance_embeddings`` (all splits: the
-    gallery should know every speaker we have audio for) in batches of :data:`BATCH_ROWS` rows, so
-    memory is the indexes plus one batch. Row ``i`` of each ``*_ids.parquet`` is faiss id ``i``.
-    Returns the statistics also written to ``index.json``.
+    gallery should know every speaker we have audio for) in batches of :data:`BATCH_ROWS` rows; a
+    flat index goes to its file batch by batch, so memory does not grow with the segments. Row
+    ``i`` of each ``*_ids.parquet`` is faiss id ``i``. Returns the statistics also in ``index.json``.
     """
     started = time.perf_counter()
     segs = _EmbeddingsFile(layout.segment_embeddings, "segment")
@@ -145,33 +170,33 @@ def build_indexes(layout: Layout, params: IndexParams) -> dict[str, Any]:
     if segs.dim != utts.dim:
         raise ValueError(f"segment embeddings are {segs.dim}-d but utterance embeddings {utts.dim}-d")
 
-    seg_index = build_index_from_batches(segs.vectors, segs.rows, segs.dim, params)
     centroids, spk_ids = _speaker_table(utts)
-    spk_index = build_index(centroids, params)
-    built_with = "gpu" if use_gpu(params) else "cpu"
-
-    info: dict[str, Any] = {
-        "type": params.type,
-        "dim": int(utts.dim),
-        "model_id": model_id,
-        "counts": {
-            "segments": int(segs.rows),
-            "utterances": int(utts.rows),
-            "speakers": int(spk_ids.num_rows),
-        },
-        "segments_index": _index_params_info(to_cpu(seg_index)),
-        "speakers_index": _index_params_info(to_cpu(spk_index)),
-        "params": params.model_dump(),
-        "faiss_version": faiss.__version__,
-        "built_with": built_with,
-        # No build time, host or path: index.json is part of the DVC output, so the same embeddings
-        # and parameters must give the same bytes; the stage's wall time is in the returned stats.
-    }
+    # A flat index is written, not built, so it never touches the GPU (nothing to gain there).
+    built_with = "gpu" if use_gpu(params) and params.type != "flat" else "cpu"
     with atomic_dir(layout.index_dir) as tmp:
-        faiss.write_index(to_cpu(seg_index), str(tmp / SEGMENTS_INDEX))
+        seg_info = _write_index(segs.vectors, segs.rows, segs.dim, params, tmp / SEGMENTS_INDEX)
         _write_segment_ids(segs, tmp / SEGMENTS_IDS)
-        faiss.write_index(to_cpu(spk_index), str(tmp / SPEAKERS_INDEX))
+        spk_batches = _centroid_batches(centroids, params.type)
+        spk_info = _write_index(spk_batches, len(centroids), utts.dim, params, tmp / SPEAKERS_INDEX)
         pq.write_table(spk_ids, tmp / SPEAKERS_IDS)
+        info: dict[str, Any] = {
+            "type": params.type,
+            "dim": int(utts.dim),
+            "model_id": model_id,
+            "counts": {
+                "segments": int(segs.rows),
+                "utterances": int(utts.rows),
+                "speakers": int(spk_ids.num_rows),
+            },
+            "segments_index": seg_info,
+            "speakers_index": spk_info,
+            "params": params.model_dump(),
+            "faiss_version": faiss.__version__,
+            "built_with": built_with,
+            # No build time, host or path: index.json is part of the DVC output, so the same
+            # embeddings and parameters must give the same bytes; the stage's wall time is in the
+            # returned stats.
+        }
         (tmp / INDEX_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     stats = dict(info, seconds=round(time.perf_counter() - started, 3))
     log.info(
