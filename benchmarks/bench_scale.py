@@ -875,8 +875,11 @@ def _memory_section(stage_recs: dict, engines: list[str], scales: list[str], run
 
 def index_held(stage_recs: dict, runs: dict, engine: str, a: str, b: str) -> dict[str, float] | None:
     """The index stage's peak at scales ``a`` < ``b`` split into the indexes it must hold (their bytes on disk,
-    ``data/index``) and the rest; None without both runs' disk records."""
+    ``data/index``) and the rest; None without both runs' disk records, or when the big run wrote its index
+    from the batches instead of holding it (a flat index, ``indexes_in_memory: false`` in its summary)."""
     ra, rb = stage_recs.get((a, engine, "index")), stage_recs.get((b, engine, "index"))
+    if rb and (rb.get("summary") or {}).get("indexes_in_memory") is False:
+        return None
     da, db = (runs.get((scale, engine), {}).get("disk", {}).get("index_bytes") for scale in (a, b))
     if not (ra and rb and da and db) or rb["files"] <= ra["files"]:
         return None

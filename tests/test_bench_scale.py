@@ -235,3 +235,5 @@ def test_index_peak_is_split_into_the_indexes_and_the_rest() -> None:
     assert held["rest_big"] == pytest.approx(260.0) and held["rest_ratio"] == pytest.approx(1.3)
     assert held["index_per_1000"] == pytest.approx(100 / 34.749, abs=0.01)
     assert bs.index_held(recs, {}, "local", "x1", "x100") is None  # no disk records: nothing to split
+    recs["x100", "local", "index"]["summary"] = {"type": "flat", "indexes_in_memory": False}
+    assert bs.index_held(recs, runs, "local", "x1", "x100") is None  # written from the batches: nothing held

@@ -198,7 +198,8 @@ def build_indexes(layout: Layout, params: IndexParams) -> dict[str, Any]:
             # returned stats.
         }
         (tmp / INDEX_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    stats = dict(info, seconds=round(time.perf_counter() - started, 3))
+    # Whether the stage held whole indexes in memory (IVF, HNSW) or wrote them from the batches.
+    stats = dict(info, seconds=round(time.perf_counter() - started, 3), indexes_in_memory=params.type != "flat")
     log.info(
         "indexed %d segments and %d speakers (%s, %s, model %s)",
         segs.rows,
