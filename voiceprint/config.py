@@ -477,7 +477,10 @@ class IndexParams(_Section):
     ef_construction: int = Field(default=200, ge=1, description="`hnsw`: candidate list size while building.")
     use_gpu: Literal["auto", "never"] = Field(
         default="auto",
-        description="`auto`: build `flat` and `ivf` indexes on the GPU when faiss has one; `never`: CPU only.",
+        description=(
+            "`auto`: on the GPU when faiss has one, build `ivf` indexes and search `flat` and `ivf` "
+            "ones in evaluate (a `flat` index is written from the embeddings, not built); `never`: CPU only."
+        ),
     )
 
 
