@@ -408,3 +408,10 @@ def test_segment_table_bytes_do_not_depend_on_where_parts_were_cut(tmp_path: Pat
         merge_parts(store, tmp_path / name / "out", layout, sch, SimpleNamespace(dim=dim, model_id="m"), 4096, work)
         written.append((tmp_path / name / "out" / "segments.parquet").read_bytes())
     assert written[0] == written[1]
+    # Both tables come in row groups of the asked size, so a reader's batch never decodes more.
+    merge_parts(store, tmp_path / "c", layout, sch, SimpleNamespace(dim=dim, model_id="m"), 400, work)
+    for table, total in (("segments.parquet", n), ("utterances.parquet", n // 3)):
+        meta = pq.ParquetFile(tmp_path / "c" / table).metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [400] * (total // 400) + [
+            total % 400
+        ]

@@ -229,6 +229,7 @@ def test_build_indexes_reads_in_batches(tmp_path: Path, monkeypatch: pytest.Monk
         write_embeddings(layout, np.random.default_rng(8))
     build_indexes(whole, IndexParams(type="flat", use_gpu="never"))
     monkeypatch.setattr(index_stage, "BATCH_ROWS", 16)  # 150 segment rows, 50 utterance rows
+    monkeypatch.setattr(index_stage, "VECTOR_ROWS", 7)
     build_indexes(batched, IndexParams(type="flat", use_gpu="never"))
     for name in ("segments.faiss", "speakers.faiss", "speakers_ids.parquet", "index.json"):
         assert (whole.index_dir / name).read_bytes() == (batched.index_dir / name).read_bytes(), name

@@ -110,7 +110,8 @@ def merge_parts(
     rejects.extend(r for r in file_rejects if r["path"] not in rejected)
     utterances = utts.table(np.flatnonzero(keep), encoder)
     del utts  # its sums matrix, before the writer's buffers
-    atomic.write_table(out_dir / layout.utterance_embeddings.name, utterances)
+    # Row groups of the segment table's size: a reader's batch then never decodes more than that.
+    atomic.write_table(out_dir / layout.utterance_embeddings.name, utterances, row_group_size=rows_per_group)
     atomic.write_table(out_dir / "rejects.parquet", pa.Table.from_pylist(rejects, schema=schema.REJECTS))
     return {"segments": written, "utterances": utterances.num_rows, "rejected": len(rejects)}
 

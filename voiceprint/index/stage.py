@@ -60,12 +60,15 @@ def _index_params_info(index: faiss.Index) -> dict[str, Any]:
     return info
 
 
-#: Rows read from an embeddings table at a time (the embed stage's row group): one batch besides the index.
+#: Rows of ids read at a time, and the row group of ``segments_ids.parquet`` (the embed stage's).
 BATCH_ROWS = 4_096
+#: Rows read at a time where the embeddings come too: Parquet decodes a ``fixed_size_list`` column
+#: with a level per value, so 4,096 rows of 192 floats take about 30 MB of reader buffers.
+VECTOR_ROWS = 1_024
 
 
 class _EmbeddingsFile:
-    """One embeddings table read a column set and ``BATCH_ROWS`` rows at a time, never whole."""
+    """One embeddings table read a column set and a batch of rows at a time, never whole."""
 
     def __init__(self, path: Path, kind: str) -> None:
         if not path.exists():
@@ -76,7 +79,8 @@ class _EmbeddingsFile:
         self.dim = int(self.file.schema_arrow.field("embedding").type.list_size)
 
     def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        return self.file.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+        rows = VECTOR_ROWS if "embedding" in columns else BATCH_ROWS
+        return self.file.iter_batches(batch_size=rows, columns=columns)
 
     def vectors(self) -> Iterator[np.ndarray]:
         for batch in self.batches(["embedding"]):
@@ -152,14 +156,14 @@ def _centroid_batches(centroids: np.ndarray, kind: str) -> Callable[[], Iterator
     graph depends on how its adds are split)."""
     if kind != "flat":
         return lambda: iter((centroids,))
-    return lambda: (centroids[i : i + BATCH_ROWS] for i in range(0, len(centroids), BATCH_ROWS))
+    return lambda: (centroids[i : i + VECTOR_ROWS] for i in range(0, len(centroids), VECTOR_ROWS))
 
 
 def build_indexes(layout: Layout, params: IndexParams) -> dict[str, Any]:
     """The ``index`` stage: segment index and speaker-centroid index into ``layout.index_dir``.
 
     Reads ``layout.segment_embeddings`` and ``layout.utterance_embeddings`` (all splits: the
-    gallery should know every speaker we have audio for) in batches of :data:`BATCH_ROWS` rows; a
+    gallery should know every speaker we have audio for) in batches of :data:`VECTOR_ROWS` rows; a
     flat index goes to its file batch by batch, so memory does not grow with the segments. Row
     ``i`` of each ``*_ids.parquet`` is faiss id ``i``. Returns the statistics also in ``index.json``.
     """
