@@ -76,7 +76,8 @@ class Spans(Sequence[Item]):
 
     def __init__(self, layout: Layout, rows: pa.Table):
         self.layout = layout
-        self.paths = rows.column("path")
+        # One chunk: indexing a ChunkedArray walks its chunks (a shard's rows come from take()).
+        self.paths = rows.column("path").combine_chunks()
         self.starts = rows.column("start_s").to_numpy()
         self.ends = rows.column("end_s").to_numpy()
 
