@@ -135,6 +135,12 @@ def _speaker_table(utts: _EmbeddingsFile) -> tuple[np.ndarray, pa.Table]:
     return centroids, table
 
 
+def _written_from_batches(kind: str) -> bool:
+    """True for a flat index: the stage writes it to its file from the batches, never building it
+    (so it is never held, nor put on a GPU); IVF and HNSW are built in memory."""
+    return kind == "flat"
+
+
 def _write_index(
     batches: Callable[[], Iterator[np.ndarray]], n: int, dim: int, params: IndexParams, path: Path
 ) -> dict[str, Any]:
@@ -143,7 +149,7 @@ def _write_index(
     A flat index goes from the batches straight to the file (:func:`write_flat_index`: the same
     bytes, memory one batch); IVF and HNSW are built in memory (on the GPU where one is used).
     """
-    if params.type == "flat":
+    if _written_from_batches(params.type):
         write_flat_index(batches, n, dim, path)
         return {"ntotal": int(n)}
     index = to_cpu(build_index_from_batches(batches, n, dim, params))
@@ -154,7 +160,7 @@ def _write_index(
 def _centroid_batches(centroids: np.ndarray, kind: str) -> Callable[[], Iterator[np.ndarray]]:
     """The centroids a batch at a time for a flat index; whole for the others, as before (an HNSW
     graph depends on how its adds are split)."""
-    if kind != "flat":
+    if not _written_from_batches(kind):
         return lambda: iter((centroids,))
     return lambda: (centroids[i : i + VECTOR_ROWS] for i in range(0, len(centroids), VECTOR_ROWS))
 
@@ -175,8 +181,8 @@ def build_indexes(layout: Layout, params: IndexParams) -> dict[str, Any]:
         raise ValueError(f"segment embeddings are {segs.dim}-d but utterance embeddings {utts.dim}-d")
 
     centroids, spk_ids = _speaker_table(utts)
-    # A flat index is written, not built, so it never touches the GPU (nothing to gain there).
-    built_with = "gpu" if use_gpu(params) and params.type != "flat" else "cpu"
+    in_memory = not _written_from_batches(params.type)
+    built_with = "gpu" if use_gpu(params) and in_memory else "cpu"
     with atomic_dir(layout.index_dir) as tmp:
         seg_info = _write_index(segs.vectors, segs.rows, segs.dim, params, tmp / SEGMENTS_INDEX)
         _write_segment_ids(segs, tmp / SEGMENTS_IDS)
@@ -203,7 +209,7 @@ def build_indexes(layout: Layout, params: IndexParams) -> dict[str, Any]:
         }
         (tmp / INDEX_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     # Whether the stage held whole indexes in memory (IVF, HNSW) or wrote them from the batches.
-    stats = dict(info, seconds=round(time.perf_counter() - started, 3), indexes_in_memory=params.type != "flat")
+    stats = dict(info, seconds=round(time.perf_counter() - started, 3), indexes_in_memory=in_memory)
     log.info(
         "indexed %d segments and %d speakers (%s, %s, model %s)",
         segs.rows,
