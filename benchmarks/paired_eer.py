@@ -10,12 +10,13 @@ of these come from one set of speaker draws and each run's replicates, computed 
 (:func:`voiceprint.evaluate.bootstrap.shared_draw_eers`).
 
     python benchmarks/paired_eer.py PROJECT_A PROJECT_B [PROJECT_C ...] [--replicates 1000]
-        [--set speech-commands] [--trials sampled:200000]
+        [--set speech-commands] [--trials sampled:200000] [--centre none] [--lda-dim none]
 
 Each PROJECT is a project directory whose ``data/embeddings/utterances.parquet`` the embed stage
 wrote (``dvc repro evaluate`` done). Projects must hold the same eval utterances; only those all
 of them hold are scored. ``--set`` keeps one eval set (a source of the first project's manifest),
 ``--trials`` draws that set's trials as the evaluate stage does (default: all pairs).
+``--centre`` and ``--lda-dim`` set the scoring back-end (``evaluate.backend``) of every project.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from voiceprint.common.layout import Layout  # noqa: E402
 from voiceprint.compare.stage import set_trials  # noqa: E402
+from voiceprint.config import BackendParams  # noqa: E402
 from voiceprint.evaluate.bootstrap import percentile_interval, shared_draw_eers  # noqa: E402
 from voiceprint.evaluate.metrics import eer  # noqa: E402
 from voiceprint.evaluate.stage import eval_sources, trial_speakers  # noqa: E402
@@ -46,7 +48,21 @@ def main(argv: list[str] | None = None) -> int:
         "--set", dest="eval_set", default=None, help="one eval set (source name); default: every eval utterance"
     )
     ap.add_argument("--trials", default="all-pairs", help="an evaluate.trials spec for the set (default all-pairs)")
+    default = BackendParams()
+    ap.add_argument(
+        "--centre",
+        choices=["none", "source"],
+        default=default.centre,
+        help=f"evaluate.backend.centre for every project (default {default.centre})",
+    )
+    ap.add_argument(
+        "--lda-dim",
+        type=lambda v: None if v == "none" else int(v),
+        default=default.lda_dim,
+        help=f"evaluate.backend.lda_dim, or 'none' (default {default.lda_dim})",
+    )
     args = ap.parse_args(argv)
+    backend = BackendParams(centre=args.centre, lda_dim=args.lda_dim)
     if len(args.projects) < 2:
         ap.error("give at least two projects")
     tables: dict[str, Path] = {}
@@ -64,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_set not in set(sources.values()):
             ap.error(f"no eval set {args.eval_set!r} in {args.projects[0]} (sets: {sorted(set(sources.values()))})")
     scored, same, labels, trials = set_trials(
-        tables, args.trials, root=Path.cwd(), seed=args.seed, sources=sources, eval_set=args.eval_set
+        tables, args.trials, root=Path.cwd(), seed=args.seed, sources=sources, eval_set=args.eval_set, backend=backend
     )
     a, b = trial_speakers(labels, trials)
     eers = shared_draw_eers(scored, a, b, replicates=args.replicates, seed=args.seed)

@@ -108,10 +108,38 @@ def test_paired_differences_score_the_sets_own_trials(two_sources: Layout):
     sources = eval_sources(two_sources)
     tables = {e: compare_dir(two_sources, e) / "utterances.parquet" for e in ENCODERS}
     scored, same, _, trials = set_trials(
-        tables, cfg.trials, root=two_sources.root, seed=cfg.seed, sources=sources, eval_set="speech-commands"
+        tables,
+        cfg.trials,
+        root=two_sources.root,
+        seed=cfg.seed,
+        sources=sources,
+        eval_set="speech-commands",
+        backend=cfg.backend,
     )
     assert len(trials) == 50 and same.sum() == 25
     assert float(eer(scored["a"], same)[0]) == pytest.approx(commands["a"]["eer"], abs=1e-6)
+    raw, _, _, _ = set_trials(
+        tables, cfg.trials, root=two_sources.root, seed=cfg.seed, sources=sources, eval_set="speech-commands"
+    )
+    assert not np.allclose(raw["a"], scored["a"])  # the set was scored centred, not on the raw cosine
+
+
+def test_each_set_is_centred_on_its_own_sources_train_split(two_sources: Layout):
+    """The back-end of a set is fitted on its source's train utterances only (4 speakers: too few for LDA)."""
+    table = json.loads((two_sources.root / "compare.json").read_text())
+    manifest = pq.read_table(two_sources.manifest).to_pylist()
+    embedded = set(
+        pq.read_table(compare_dir(two_sources, "a") / "utterances.parquet").column("utterance_id").to_pylist()
+    )
+    for name in SETS:
+        train = [r for r in manifest if r["split"] == "train" and r["source"] == name and r["utterance_id"] in embedded]
+        m = table["sets"][name]["a"]
+        assert m["backend_centre_utterances"] == len(train) > 0, name
+        assert m["backend_lda_dim"] is None and m["backend_lda_speakers"] == 0, name
+        assert (
+            f"scored centred on {len(train)} train utterances of the source."
+            in (two_sources.root / "compare.md").read_text()
+        ), name
 
 
 def test_a_worse_encoder_is_measured_on_the_same_fifty_trials(two_sources: Layout, tmp_path: Path):

@@ -12,13 +12,15 @@ import pytest
 from tests.test_evaluate import _params, write_utterances
 from voiceprint.common.layout import Layout
 from voiceprint.common.schema import l2_normalise
-from voiceprint.config import ConfigError, EvaluateParams, Params, load_params
+from voiceprint.config import BackendParams, ConfigError, EvaluateParams, Params, load_params
 from voiceprint.evaluate import trials as trials_module
 from voiceprint.evaluate.bootstrap import eer_interval
 from voiceprint.evaluate.metrics import eer, min_dcf
 from voiceprint.evaluate.snorm import as_norm_pairs, as_norm_scores, as_norm_trials, cohort_stats
 from voiceprint.evaluate.stage import all_pairs_scores, evaluate, pair_speakers
 from voiceprint.evaluate.trials import sample_trials, score_trials
+
+RAW = BackendParams(centre="none", lda_dim=None)  # the raw cosine, as the hand-made scores here
 
 
 def _table(layout: Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -115,7 +117,8 @@ def test_trial_file_gives_the_all_pairs_metrics_of_the_same_pairs(tmp_path: Path
     (layout.root / "lists").mkdir()
     _write_trials(layout.root / "lists" / "trials.txt", lines)
 
-    params = _params(trials="lists/trials.txt")  # relative: resolved against the project root
+    # Raw cosine, to match the hand-made scores below (the back-end has tests of its own).
+    params = _params(trials="lists/trials.txt", backend=RAW)  # relative: resolved against the project root
     metrics = evaluate(layout, params, out_metrics=tmp_path / "m.json", out_plots=tmp_path / "plots")
 
     scores, same = all_pairs_scores(x, speakers)
@@ -273,9 +276,9 @@ def test_sampling_every_target_pair_gives_exactly_the_target_pairs() -> None:
 
 def test_sampled_trials_in_the_stage(small_eval: Layout, tmp_path: Path) -> None:
     ids, speakers, x, _ = _table(small_eval)
-    a = evaluate(small_eval, _params(trials="sampled:60", seed=3), out_metrics=tmp_path / "a.json")
-    b = evaluate(small_eval, _params(trials="sampled:60", seed=3), out_metrics=tmp_path / "b.json")
-    c = evaluate(small_eval, _params(trials="sampled:60", seed=4), out_metrics=tmp_path / "c.json")
+    a = evaluate(small_eval, _params(trials="sampled:60", seed=3, backend=RAW), out_metrics=tmp_path / "a.json")
+    b = evaluate(small_eval, _params(trials="sampled:60", seed=3, backend=RAW), out_metrics=tmp_path / "b.json")
+    c = evaluate(small_eval, _params(trials="sampled:60", seed=4, backend=RAW), out_metrics=tmp_path / "c.json")
     assert a == b and a["trials"] == "sampled:60"
     assert (a["n_trials"], a["n_target"], a["n_nontarget"]) == (60, 30, 30)
     assert a["eer_ci_low"] is not None and a["eer_snorm"] is not None

@@ -529,6 +529,25 @@ def check_trials_path(cfg: EvaluateParams, root: Path, source: Path | str = "par
     return path
 
 
+class BackendParams(_Section):
+    """The scoring back-end of each eval set, fitted on the train split of the set's own source."""
+
+    centre: Literal["none", "source"] = Field(
+        default="source",
+        description="`source`: subtract the mean of the set's source train-split embeddings (unlabelled "
+        "in-domain speech) from every embedding the set is scored with, then re-normalise, as WeSpeaker's "
+        "`cal_mean` does; a source without a train split is scored uncentred. `none`: the raw cosine.",
+    )
+    lda_dim: int | None = Field(
+        default=64,
+        ge=1,
+        description="LDA to this many dimensions (scikit-learn's, SVD solver), fitted "
+        "after centring on the set's source train split, on the speakers with two or more utterances there; "
+        "a set whose source has fewer such speakers than `lda_dim + 1` is scored without it (LibriSpeech "
+        "excerpts: one train utterance per speaker). null: no LDA.",
+    )
+
+
 class EvaluateParams(_Section):
     """The `evaluate` stage: speaker verification and identification on the eval split."""
 
@@ -572,6 +591,11 @@ class EvaluateParams(_Section):
         "(voiceprint.evaluate.bootstrap); 0: off.",
     )
     bootstrap_level: float = Field(default=0.95, gt=0.0, lt=1.0, description="Coverage of the bootstrap intervals.")
+    backend: BackendParams = Field(
+        default_factory=BackendParams,
+        description="How each set's embeddings are prepared for scoring (verification, AS-norm, "
+        "identification): docs/stages.md#scoring-back-end. The encoder comparison uses the same back-end.",
+    )
     sets: dict[str, str | None] | None = Field(
         default=None,
         description="The eval sets, by source name (`data.name`, `data.sources`), each with its own trials "

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from voiceprint.common import atomic
 from voiceprint.common.layout import Layout
 from voiceprint.common.schema import embeddings_matrix, l2_normalise
-from voiceprint.config import EvaluateParams, Params, eval_sets
+from voiceprint.config import BackendParams, EvaluateParams, Params, eval_sets
 
 if TYPE_CHECKING:
     from voiceprint.evaluate.trials import TrialList
@@ -106,6 +106,7 @@ def set_trials(
     seed: int,
     sources: dict[str, str] | None = None,
     eval_set: str | None = None,
+    backend: BackendParams | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, TrialList]:
     """One eval set's trials (``trials``: an ``evaluate.trials`` spec), scored with every table.
 
@@ -116,9 +117,13 @@ def set_trials(
     with ``seed``; a relative trial file resolved against ``root``). So when every encoder embedded
     every file these are exactly the trials evaluate scored for each of them.
 
+    Each table is scored through its own ``backend`` (:mod:`voiceprint.evaluate.backend`, fitted on
+    its rows of the set's source train split), as evaluate scores it; None: the raw cosine.
+
     Returns ``(scores by name, same-speaker flag, speakers of the set's eval rows, trials)``; the
     trials index those eval rows (sorted by speaker, then utterance).
     """
+    from voiceprint.evaluate.backend import fit_backend, in_domain_train
     from voiceprint.evaluate.stage import in_set, trial_scores
     from voiceprint.evaluate.trials import load_trials
 
@@ -153,7 +158,10 @@ def set_trials(
     trial_list = load_trials(trials, ids, speakers, is_eval, root=root, seed=seed)
     scored: dict[str, np.ndarray] = {}
     same = np.zeros(0, dtype=bool)
+    fit_rows = in_domain_train(ids, split, sources or {}, eval_set)
     for name, (x, _, _, _) in kept.items():
+        if backend is not None:
+            x = fit_backend(x, speakers, fit_rows, backend, seed=seed, name=f"{eval_set or 'eval'} ({name})").apply(x)
         scored[name], same = trial_scores(x[is_eval], speakers[is_eval], trial_list)
     return scored, np.asarray(same, dtype=bool), speakers[is_eval], trial_list
 
@@ -193,6 +201,7 @@ def paired_differences(
         seed=cfg.seed,
         sources=sources,
         eval_set=eval_set,
+        backend=cfg.backend,
     )
     if same.all() or not same.any():
         log.warning(
@@ -392,8 +401,22 @@ def _set_notes(rows: dict[str, dict[str, Any]]) -> str:
         f"{m.get('n_eval_speakers', '?')} eval speakers, {m.get('n_eval_utterances', '?')} utterances, "
         f"{m.get('n_trials', '?')} trials ({m.get('trials', '?')}); identification: {m.get('n_queries', '?')} "
         f"queries against {m.get('n_gallery_speakers', '?')} speakers; s-norm cohort: {m.get('n_cohort', '?')} "
-        "train-split utterances" + (f"; paired differences on {paired} trials" if paired is not None else "") + ".\n"
+        "train-split utterances"
+        + (f"; paired differences on {paired} trials" if paired is not None else "")
+        + "; "
+        + _backend_note(m)
+        + ".\n"
     )
+
+
+def _backend_note(m: dict[str, Any]) -> str:
+    """How the set's embeddings were scored (the ``backend_*`` keys, :mod:`voiceprint.evaluate.backend`)."""
+    steps = []
+    if m.get("backend_centre_utterances"):
+        steps.append(f"centred on {m['backend_centre_utterances']} train utterances of the source")
+    if m.get("backend_lda_dim"):
+        steps.append(f"LDA to {m['backend_lda_dim']} dimensions ({m['backend_lda_speakers']} speakers)")
+    return "scored " + (", then ".join(steps) if steps else "on the raw cosine")
 
 
 def render_markdown(sets: dict[str, dict[str, dict[str, Any]]], encoders: dict[str, dict[str, Any]]) -> str:

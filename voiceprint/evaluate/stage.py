@@ -29,6 +29,7 @@ from voiceprint.common.atomic import atomic_path, write_json, write_text
 from voiceprint.common.layout import Layout
 from voiceprint.common.schema import embeddings_matrix, l2_normalise
 from voiceprint.config import IndexParams, Params, eval_sets
+from voiceprint.evaluate.backend import fit_backend, in_domain_train
 from voiceprint.evaluate.bootstrap import accuracy_interval, eer_interval
 from voiceprint.evaluate.metrics import det_curve, eer, min_dcf
 from voiceprint.evaluate.snorm import as_norm_pairs, as_norm_trials
@@ -553,18 +554,31 @@ def evaluate(
     path = Path(embeddings) if embeddings is not None else layout.utterance_embeddings
     if not path.exists():
         raise FileNotFoundError(f"{path}: utterance embeddings not found; run the embed stage first")
-    table, x = _read_sorted(path, layout, eval_source)
+    sources = eval_sources(layout) if eval_source is not None else {}
+    table, x = _read_sorted(path, sources, eval_source)
     model_ids = sorted({m for m in table.column("model_id").unique().to_pylist() if m is not None})
     if len(model_ids) > 1:
         raise ValueError(f"{path}: embeddings from several models {model_ids}; re-run the embed stage")
     speakers = np.asarray(table.column("speaker_id").to_pylist(), dtype=object).astype(str)
-    is_eval = np.asarray(table.column("split").to_pylist(), dtype=object) == "eval"
+    split = np.asarray(table.column("split").to_pylist(), dtype=object)
+    is_eval = split == "eval"
+    ids = np.asarray(table.column("utterance_id").to_pylist(), dtype=object).astype(str)
     n_eval_speakers = len(set(speakers[is_eval]))
     if n_eval_speakers < 2:
         log.warning("only %d eval speaker(s): need at least 2 to evaluate", n_eval_speakers)
+    backend = fit_backend(
+        x,
+        speakers,
+        in_domain_train(ids, split, sources, eval_source),
+        params.evaluate.backend,
+        seed=params.evaluate.seed,
+        name=eval_source or "eval",
+    )
+    embedding_dim = int(x.shape[1])  # the encoder's; LDA scores in fewer
+    x = backend.apply(x, in_place=True)
     trials = load_trials(
         params.evaluate.trials,
-        np.asarray(table.column("utterance_id").to_pylist(), dtype=object).astype(str),
+        ids,
         speakers,
         is_eval,
         root=Path(trials_root) if trials_root is not None else layout.root,
@@ -584,7 +598,8 @@ def evaluate(
         "n_eval_speakers": n_eval_speakers,
         "n_eval_utterances": int(is_eval.sum()),
         "n_train_speakers": len(set(speakers[~is_eval])),
-        "embedding_dim": int(x.shape[1]),
+        "embedding_dim": embedding_dim,
+        **backend.stats(),
         "model_id": model_ids[0] if model_ids else "unknown",
         **reject_counts(layout),
     }
@@ -606,7 +621,7 @@ def evaluate(
     return metrics
 
 
-def _read_sorted(path: Path, layout: Layout, eval_source: str | None) -> tuple[pa.Table, np.ndarray]:
+def _read_sorted(path: Path, sources: dict[str, str], eval_source: str | None) -> tuple[pa.Table, np.ndarray]:
     """The utterances :func:`evaluate` keeps (:func:`in_set`), sorted by speaker then utterance: their
     id columns, and their L2-normalised embeddings as a float32 matrix in the same order.
 
@@ -619,7 +634,7 @@ def _read_sorted(path: Path, layout: Layout, eval_source: str | None) -> tuple[p
     if eval_source is not None:
         ids = np.asarray(table.column("utterance_id").to_pylist(), dtype=object)
         split = np.asarray(table.column("split").to_pylist(), dtype=object)
-        keep = in_set(ids, split, eval_sources(layout), eval_source)
+        keep = in_set(ids, split, sources, eval_source)
         table, rows = table.filter(keep), rows[keep]
     order = pc.sort_indices(table, sort_keys=[("speaker_id", "ascending"), ("utterance_id", "ascending")])
     table, rows = table.take(order), rows[order.to_numpy()]
