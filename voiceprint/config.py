@@ -329,6 +329,13 @@ class ModelParams(_Section):
     batch_size: int = Field(
         default=32, ge=1, description="Crops per step; every speaker appears once per pass over the speakers."
     )
+    balance: Literal["speakers", "sources"] = Field(
+        default="speakers",
+        description="How batches share out the train split. `speakers`: every speaker once per pass, so a "
+        "source weighs by its speakers. `sources`: every source the same share of each pass, its speakers "
+        "cycled in turn (a smaller source's speakers come round more often); a speaker found in two sources "
+        "belongs to the one of its first segment.",
+    )
     crop_s: float = Field(default=2.0, gt=0.0, description="Seconds of each training crop.")
     lr: float = Field(
         default=0.002,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
@@ -58,6 +59,16 @@ class TrainingData:
     #: Non-speech audio (the gaps VAD left between speech segments), concatenated; for
     #: ``model.augment.kinds: [nonspeech]``. None when not requested or none was found.
     nonspeech: np.ndarray | None = None
+    #: ``sources[i]``: the source of speaker ``i`` (that of its first segment; "" without a manifest
+    #: that names sources), for ``model.balance: sources``. Empty for hand-built data.
+    sources: list[str] = field(default_factory=list)
+
+    def source_groups(self) -> list[list[int]]:
+        """Speaker indices by source, sources in sorted order (one group when none are named)."""
+        if not self.sources:
+            return [list(range(len(self.labels)))]
+        names = sorted(set(self.sources))
+        return [[i for i, s in enumerate(self.sources) if s == name] for name in names]
 
     @property
     def num_segments(self) -> int:
@@ -97,6 +108,8 @@ def load_training_data(
         )
     rows = cap_hours(rows, max_hours, seed)
 
+    utterance_source = _utterance_sources(layout)
+    speaker_source: dict[str, str] = {}
     by_speaker: dict[str, list[np.ndarray]] = {}
     ids: dict[str, list[str]] = {}
     starts: dict[str, list[float]] = {}
@@ -112,6 +125,7 @@ def load_training_data(
             continue
         if len(wav) >= audio.TARGET_SR // 10:  # under 0.1 s there is nothing to crop
             speaker = str(row["speaker_id"])
+            speaker_source.setdefault(speaker, utterance_source.get(str(row["utterance_id"]), ""))
             by_speaker.setdefault(speaker, []).append(wav)
             ids.setdefault(speaker, []).append(str(row["segment_id"]))
             starts.setdefault(speaker, []).append(float(row["start_s"]))
@@ -125,7 +139,19 @@ def load_training_data(
         segment_ids=[ids[s] for s in labels],
         segment_starts=[starts[s] for s in labels],
         nonspeech=load_nonspeech(layout, rows) if nonspeech else None,
+        sources=[speaker_source[s] for s in labels],
     )
+
+
+def _utterance_sources(layout: Layout) -> dict[str, str]:
+    """``{utterance_id: source}`` of the manifest's train split (empty without a manifest or sources)."""
+    if not layout.manifest.exists():
+        return {}
+    table = pq.read_table(layout.manifest)
+    if "source" not in table.column_names:
+        return {}
+    table = table.filter(pc.equal(table.column("split"), "train"))
+    return dict(zip(table.column("utterance_id").to_pylist(), table.column("source").to_pylist(), strict=True))
 
 
 def nonspeech_gaps(
@@ -203,20 +229,40 @@ def cap_hours(rows: list[dict[str, Any]], max_hours: float, seed: int) -> list[d
 class SpeakerQueue:
     """Speaker indices for balanced batches: every speaker once per pass, each pass in a new order.
 
-    ``pending`` is part of a training snapshot (:func:`voiceprint.training.loop.resume_run`), so a resumed run continues the
-    interrupted pass instead of starting a new one.
+    With ``groups`` (speaker indices by source, ``model.balance: sources``) a pass gives every group
+    the same share: as many entries per group as the largest group has speakers, each group's
+    speakers in a fresh order (cycled where it is smaller), interleaved one per group in a shuffled
+    group order. ``pending`` is part of a training snapshot
+    (:func:`voiceprint.training.loop.resume_run`), so a resumed run continues the interrupted pass
+    instead of starting a new one.
     """
 
-    def __init__(self, n_speakers: int, rng: np.random.Generator):
+    def __init__(self, n_speakers: int, rng: np.random.Generator, groups: list[list[int]] | None = None):
         self.n_speakers = n_speakers
         self.rng = rng
+        self.groups = [list(g) for g in groups if g] if groups is not None and len(groups) > 1 else None
         self.pending: list[int] = []
 
     def take(self, k: int) -> list[int]:
         while len(self.pending) < k:
-            self.pending.extend(self.rng.permutation(self.n_speakers).tolist())
+            self.pending.extend(self._pass())
         taken, self.pending = self.pending[:k], self.pending[k:]
         return taken
+
+    def _pass(self) -> list[int]:
+        if self.groups is None:
+            return self.rng.permutation(self.n_speakers).tolist()
+        length = max(len(g) for g in self.groups)
+        columns = []
+        for group in self.groups:
+            order: list[int] = []
+            while len(order) < length:
+                order.extend(np.asarray(group)[self.rng.permutation(len(group))].tolist())
+            columns.append(order[:length])
+        out: list[int] = []
+        for i in range(length):
+            out.extend(columns[g][i] for g in self.rng.permutation(len(columns)).tolist())
+        return out
 
 
 @dataclass(frozen=True)
@@ -253,14 +299,17 @@ class SpeedClasses:
 
 
 class CropSampler:
-    """Speaker-balanced random crops: every speaker appears once per pass, in shuffled order.
+    """Speaker-balanced random crops: every speaker appears once per pass, in shuffled order (or
+    source-balanced, with ``groups``: :class:`SpeakerQueue`).
 
     Within a speaker a segment is picked with probability proportional to its length (so every
     second of audio is equally likely), then a uniformly random ``crop`` samples; shorter segments
     are tiled cyclically rather than zero-padded so the batch needs no length masks.
     """
 
-    def __init__(self, data: TrainingData, crop_samples: int, rng: np.random.Generator):
+    def __init__(
+        self, data: TrainingData, crop_samples: int, rng: np.random.Generator, groups: list[list[int]] | None = None
+    ):
         self.data = data
         self.crop = crop_samples
         self.rng = rng
@@ -268,7 +317,7 @@ class CropSampler:
         for clips in data.clips:
             lengths = np.array([len(c) for c in clips], dtype=np.float64)
             self._weights.append(lengths / lengths.sum())
-        self.speakers = SpeakerQueue(len(data.labels), rng)
+        self.speakers = SpeakerQueue(len(data.labels), rng, groups)
 
     def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         speakers = self.speakers.take(batch_size)

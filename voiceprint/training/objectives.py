@@ -139,7 +139,9 @@ class AamObjective(Objective):
             aug.speeds,
             min_crop_s=aug.min_crop_s,
         )
-        self.sampler = CropSampler(data, self.augmenter.source_samples, np.random.default_rng(params.seed))
+        self.sampler = CropSampler(
+            data, self.augmenter.source_samples, np.random.default_rng(params.seed), balance_groups(data, params)
+        )
         self.rng = self.sampler.rng
         self.queue = self.sampler.speakers
 
@@ -194,7 +196,7 @@ class DistillObjective(Objective):
         self.augmenter = Augmenter(
             student_augmentations(params.augment.kinds), self.crop, data.nonspeech, min_crop_s=params.augment.min_crop_s
         )
-        self.queue = SpeakerQueue(len(data.labels), self.rng)
+        self.queue = SpeakerQueue(len(data.labels), self.rng, balance_groups(data, params))
         self.aam_weight = params.distill.aam_weight
         self.project: torch.nn.Module | None = None
 
@@ -229,3 +231,8 @@ class DistillObjective(Objective):
         return StepLoss(
             loss + self.aam_weight * aam, cosines, metrics={"cosine": cosine}, head_only=None if use_aam else aam
         )
+
+
+def balance_groups(data: TrainingData, params: ModelParams) -> list[list[int]] | None:
+    """The speaker groups batches are balanced over (``model.balance: sources``); None: by speakers."""
+    return data.source_groups() if params.balance == "sources" else None
