@@ -6,11 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from voiceprint.cli import main as cli
 from voiceprint.common.layout import Layout
+from voiceprint.common.schema import embeddings_matrix, l2_normalise
 from voiceprint.stages import run_stage
 
 
@@ -36,6 +39,28 @@ def test_stages_produce_the_documented_layout(project: Layout, monkeypatch):
     assert 0.0 <= metrics["top1_ci_low"] <= metrics["top1"] <= metrics["top1_ci_high"] <= 1.0
     assert summary["mlflow_run_id"]
     assert (project.plots / "librispeech" / "det.png").exists()
+
+    # The set was scored centred on its train split, and the stage kept that mean for verify.
+    stored = json.loads((project.data / "backend" / "librispeech.json").read_text())
+    train = l2_normalise(embeddings_matrix(utt.filter(pc.equal(utt.column("split"), "train"))))
+    assert stored["backend_centre_utterances"] == metrics["backend_centre_utterances"] == len(train) == 4
+    assert stored["projection"] is None and metrics["backend_lda_dim"] is None
+    np.testing.assert_allclose(stored["mean"], train.mean(axis=0), atol=1e-6)
+
+
+def test_verify_scores_through_the_back_end_its_threshold_was_measured_with(project: Layout):
+    from voiceprint.verify import Verifier
+
+    if not (project.data / "backend" / "librispeech.json").exists():
+        run_stage("evaluate", project.root)
+    mean = np.asarray(json.loads((project.data / "backend" / "librispeech.json").read_text())["mean"], np.float32)
+    manifest = pq.read_table(project.manifest).to_pylist()
+    first, second = sorted(project.resolve(r["path"]) for r in manifest if r["split"] == "eval")[:2]
+    verifier = Verifier(project)
+    a, b = verifier.embed(first), verifier.embed(second)
+    centred = l2_normalise(np.stack([a - mean, b - mean]))
+    assert verifier.score(first, second) == pytest.approx(float(centred[0] @ centred[1]), abs=1e-5)
+    assert float(centred[0] @ centred[1]) != pytest.approx(float(a @ b), abs=1e-3)  # not the raw cosine
 
 
 def test_verify_identify_enroll(project: Layout, excerpts_dir: Path, capsys):

@@ -3,24 +3,31 @@
 :func:`fit_backend` fits it on one eval set's in-domain rows (the train split of the set's own
 source, :func:`in_domain_train`); :meth:`Backend.apply` maps every embedding the set is scored with
 (trials, AS-norm cohort, identification gallery and queries) to the scoring space, unit length.
-The evaluate stage and the encoder comparison both use it, so every encoder is scored alike.
+The evaluate stage and the encoder comparison both use it, so every encoder is scored alike; the
+stage writes each set's to ``data/backend/<set>.json``, which ``voiceprint verify`` applies.
 Design and measurements: docs/stages.md#scoring-back-end.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
+from voiceprint.common.atomic import write_json
+from voiceprint.common.layout import Layout
 from voiceprint.common.schema import l2_normalise
 from voiceprint.config import BackendParams
 
 log = logging.getLogger(__name__)
 
+#: The layout of data/backend/<set>.json; bump when it changes, so an old file is refused, not misread.
+BACKEND_VERSION = 1
 #: LDA is fitted on at most this many utterances (a seeded sample of whole speakers beyond it): the
 #: fit holds them in float64 and their SVD, so this bounds its memory (about 100 MB at 256 dimensions).
 LDA_MAX_UTTERANCES = 50_000
@@ -54,6 +61,35 @@ class Backend:
             assert self.lda_mean is not None
             y = l2_normalise((y - self.lda_mean) @ self.projection)
         return y
+
+    def to_json(self) -> dict[str, Any]:
+        """The fitted arrays as plain lists (float32 values), for :func:`write_backend`."""
+
+        def rows(a: np.ndarray | None) -> list[Any] | None:
+            return None if a is None else np.asarray(a, dtype=np.float32).tolist()
+
+        return {
+            "version": BACKEND_VERSION,
+            **self.stats(),
+            "mean": rows(self.mean),
+            "lda_mean": rows(self.lda_mean),
+            "projection": rows(self.projection),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Backend:
+        def array(key: str) -> np.ndarray | None:
+            return None if obj.get(key) is None else np.asarray(obj[key], dtype=np.float32)
+
+        if obj.get("version") != BACKEND_VERSION:
+            raise ValueError(f"scoring back-end version {obj.get('version')!r}, expected {BACKEND_VERSION}")
+        return cls(
+            array("mean"),
+            array("projection"),
+            array("lda_mean"),
+            int(obj.get("backend_centre_utterances") or 0),
+            int(obj.get("backend_lda_speakers") or 0),
+        )
 
     def stats(self) -> dict[str, Any]:
         """The metrics.json keys that say which back-end scored the set."""
@@ -136,3 +172,18 @@ def _speaker_sample(rows: np.ndarray, codes: np.ndarray, limit: int, seed: int) 
     keep_speakers = order[np.cumsum(sizes[order]) <= limit]
     keep = np.isin(codes, keep_speakers)
     return rows[keep], codes[keep]
+
+
+def backend_path(layout: Layout, eval_set: str) -> Path:
+    """``data/backend/<set>.json``: the back-end the evaluate stage scored ``eval_set`` with."""
+    return layout.data / "backend" / f"{eval_set}.json"
+
+
+def write_backend(path: Path, backend: Backend) -> None:
+    """Write ``backend`` atomically as JSON (deterministic bytes: no timestamps, sorted keys)."""
+    write_json(path, backend.to_json())
+
+
+def read_backend(path: Path) -> Backend:
+    """The back-end :func:`write_backend` wrote (plain JSON: nothing in it is executed or unpickled)."""
+    return Backend.from_json(json.loads(path.read_text()))

@@ -29,7 +29,7 @@ from voiceprint.common.atomic import atomic_path, write_json, write_text
 from voiceprint.common.layout import Layout
 from voiceprint.common.schema import embeddings_matrix, l2_normalise
 from voiceprint.config import IndexParams, Params, eval_sets
-from voiceprint.evaluate.backend import fit_backend, in_domain_train
+from voiceprint.evaluate.backend import backend_path, fit_backend, in_domain_train, write_backend
 from voiceprint.evaluate.bootstrap import accuracy_interval, eer_interval
 from voiceprint.evaluate.metrics import det_curve, eer, min_dcf
 from voiceprint.evaluate.snorm import as_norm_pairs, as_norm_trials
@@ -532,6 +532,7 @@ def evaluate(
     index_search: bool = False,
     eval_source: str | None = None,
     write_metrics: bool = True,
+    out_backend: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compute verification and identification metrics of one eval set; write metrics.json and plots.
 
@@ -546,6 +547,7 @@ def evaluate(
     sets it, the encoder comparison does not (its outputs do not depend on ``index``).
     ``eval_source`` keeps only that source's eval utterances (by the manifest; the train split
     stays whole); None: every eval utterance. ``write_metrics=False`` writes the plots only.
+    ``out_backend``: where to write the fitted scoring back-end (:mod:`voiceprint.evaluate.backend`).
     """
     started = time.perf_counter()
     out_metrics = Path(out_metrics) if out_metrics is not None else layout.metrics
@@ -576,6 +578,8 @@ def evaluate(
     )
     embedding_dim = int(x.shape[1])  # the encoder's; LDA scores in fewer
     x = backend.apply(x, in_place=True)
+    if out_backend is not None:
+        write_backend(Path(out_backend), backend)
     trials = load_trials(
         params.evaluate.trials,
         ids,
@@ -680,7 +684,8 @@ def evaluate_sets(
     """:func:`evaluate` on each set of :func:`voiceprint.config.eval_sets`, with its own trials.
 
     Returns and writes ``{set: metrics}`` to ``out_metrics`` (default ``layout.metrics``), one block
-    per set so that ``dvc metrics diff`` lines them up; each set's plots go to ``out_plots/<set>/``.
+    per set so that ``dvc metrics diff`` lines them up; each set's plots go to ``out_plots/<set>/``
+    and its scoring back-end to ``data/backend/<set>.json``.
     A set without eval utterances is an error naming the sources that have some.
     """
     out_metrics = Path(out_metrics) if out_metrics is not None else layout.metrics
@@ -689,6 +694,8 @@ def evaluate_sets(
     present = set(eval_sources(layout).values()) if layout.manifest.exists() else set()
     by_source = bool(present - {""})  # a manifest that names sources (else: one set, every eval utterance)
     blocks: dict[str, dict[str, Any]] = {}
+    for stale in (layout.data / "backend").glob("*.json"):  # a set no longer evaluated
+        stale.unlink()
     for name, evaluate_params in sets.items():
         if by_source and name not in present:
             raise ValueError(
@@ -704,6 +711,7 @@ def evaluate_sets(
             index_search=index_search,
             eval_source=only,
             write_metrics=False,
+            out_backend=backend_path(layout, name),
         )
     write_json(out_metrics, blocks)
     return blocks
