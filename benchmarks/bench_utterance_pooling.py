@@ -23,7 +23,9 @@ formed in other ways, using the evaluate stage's own trial list and identificati
   ending at the segment's end), the windows' normalised embeddings averaged; float32.
 
 The segment-level ways are pooled into utterances like the shipped stage: the renormalised mean of
-the utterance's normalised segment embeddings.
+the utterance's normalised segment embeddings. Every way is then scored through the stage's
+``evaluate.backend`` (centred on the train split by default), so ``centered`` differs from
+``segment_mean`` only where the back-end is off.
 
     python benchmarks/bench_utterance_pooling.py [--project .] [--out FILE]
 """
@@ -49,6 +51,7 @@ from voiceprint.common.schema import embeddings_matrix, l2_normalise  # noqa: E4
 from voiceprint.config import load_params  # noqa: E402
 from voiceprint.encoders.base import SpeakerEncoder  # noqa: E402
 from voiceprint.encoders.loader import load_encoder  # noqa: E402
+from voiceprint.evaluate.backend import fit_backend, in_domain_train  # noqa: E402
 from voiceprint.evaluate.metrics import eer  # noqa: E402
 from voiceprint.evaluate.stage import _identification, all_pairs_scores  # noqa: E402
 
@@ -149,7 +152,14 @@ def main(argv: list[str] | None = None) -> None:
         "tiled_2s": pooled(_one_pass(encoder, [tile_to(w, crop) for w in segment_waves])),
         "windows_2s": pooled(_windowed(encoder, segment_waves, crop, hop)),
     }
-    for name, x in ways.items():
+    # Every way is scored as the evaluate stage scores a single set: through evaluate.backend,
+    # fitted on the train split (all of it: this script does not split the eval utterances by source).
+    split = np.where(is_eval, "eval", "train")
+    fit_rows = in_domain_train(np.asarray(ids), split, {}, None)
+    for name, raw in ways.items():
+        x = fit_backend(raw, speakers, fit_rows, params.evaluate.backend, seed=params.evaluate.seed, name=name).apply(
+            raw
+        )
         scores, same = all_pairs_scores(x[is_eval], speakers[is_eval])
         ident = _identification(x, speakers, is_eval, params)
         emit(
