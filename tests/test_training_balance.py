@@ -38,6 +38,8 @@ def test_speaker_balance_is_the_plain_permutation_it_always_was():
     assert plain == expected
     # one source only: nothing to balance, the same draws
     assert SpeakerQueue(7, np.random.default_rng(5), [list(range(7))]).take(20) == expected
+    # one source beside an empty group is still one source
+    assert SpeakerQueue(7, np.random.default_rng(5), [list(range(6, -1, -1)), []]).take(20) == expected
 
 
 def test_training_data_knows_each_speakers_source(tmp_path: Path, excerpts_dir: Path):

@@ -106,7 +106,12 @@ def in_domain_train(ids: np.ndarray, split: np.ndarray, sources: dict[str, str],
     train = np.asarray(split) == "train"
     if eval_set is None:
         return train
-    return train & np.asarray([sources.get(u) == eval_set for u in np.asarray(ids).tolist()], dtype=bool)
+    return train & of_source(ids, sources, eval_set)
+
+
+def of_source(ids: np.ndarray, sources: dict[str, str], source: str) -> np.ndarray:
+    """A boolean row mask: which utterance ``ids`` are of ``source`` by ``sources`` (``{utterance_id: source}``)."""
+    return np.asarray([sources.get(u) == source for u in np.asarray(ids).tolist()], dtype=bool)
 
 
 def fit_backend(
@@ -174,9 +179,14 @@ def _speaker_sample(rows: np.ndarray, codes: np.ndarray, limit: int, seed: int) 
     return rows[keep], codes[keep]
 
 
+def backend_dir(layout: Layout) -> Path:
+    """``data/backend/``: one JSON file per evaluated set (:func:`backend_path`)."""
+    return layout.data / "backend"
+
+
 def backend_path(layout: Layout, eval_set: str) -> Path:
     """``data/backend/<set>.json``: the back-end the evaluate stage scored ``eval_set`` with."""
-    return layout.data / "backend" / f"{eval_set}.json"
+    return backend_dir(layout) / f"{eval_set}.json"
 
 
 def write_backend(path: Path, backend: Backend) -> None:

@@ -29,7 +29,14 @@ from voiceprint.common.atomic import atomic_path, write_json, write_text
 from voiceprint.common.layout import Layout
 from voiceprint.common.schema import embeddings_matrix, l2_normalise
 from voiceprint.config import IndexParams, Params, eval_sets
-from voiceprint.evaluate.backend import backend_path, fit_backend, in_domain_train, write_backend
+from voiceprint.evaluate.backend import (
+    backend_dir,
+    backend_path,
+    fit_backend,
+    in_domain_train,
+    of_source,
+    write_backend,
+)
 from voiceprint.evaluate.bootstrap import accuracy_interval, eer_interval
 from voiceprint.evaluate.metrics import det_curve, eer, min_dcf
 from voiceprint.evaluate.snorm import as_norm_pairs, as_norm_trials
@@ -659,7 +666,7 @@ def in_set(ids: np.ndarray, split: np.ndarray, sources: dict[str, str], eval_set
     utterances by ``sources`` (:func:`eval_sources`; every row when ``eval_set`` is None)."""
     if eval_set is None:
         return np.ones(len(ids), dtype=bool)
-    return (np.asarray(split) == "train") | np.asarray([sources.get(u) == eval_set for u in ids.tolist()], dtype=bool)
+    return (np.asarray(split) == "train") | of_source(ids, sources, eval_set)
 
 
 def eval_sources(layout: Layout) -> dict[str, str]:
@@ -694,7 +701,7 @@ def evaluate_sets(
     present = set(eval_sources(layout).values()) if layout.manifest.exists() else set()
     by_source = bool(present - {""})  # a manifest that names sources (else: one set, every eval utterance)
     blocks: dict[str, dict[str, Any]] = {}
-    for stale in (layout.data / "backend").glob("*.json"):  # a set no longer evaluated
+    for stale in backend_dir(layout).glob("*.json"):  # a set no longer evaluated
         stale.unlink()
     for name, evaluate_params in sets.items():
         if by_source and name not in present:

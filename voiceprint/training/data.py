@@ -145,11 +145,9 @@ def load_training_data(
 
 def _utterance_sources(layout: Layout) -> dict[str, str]:
     """``{utterance_id: source}`` of the manifest's train split (empty without a manifest or sources)."""
-    if not layout.manifest.exists():
+    if not layout.manifest.exists() or "source" not in pq.read_schema(layout.manifest).names:
         return {}
-    table = pq.read_table(layout.manifest)
-    if "source" not in table.column_names:
-        return {}
+    table = pq.read_table(layout.manifest, columns=["utterance_id", "split", "source"])
     table = table.filter(pc.equal(table.column("split"), "train"))
     return dict(zip(table.column("utterance_id").to_pylist(), table.column("source").to_pylist(), strict=True))
 
@@ -240,7 +238,8 @@ class SpeakerQueue:
     def __init__(self, n_speakers: int, rng: np.random.Generator, groups: list[list[int]] | None = None):
         self.n_speakers = n_speakers
         self.rng = rng
-        self.groups = [list(g) for g in groups if g] if groups is not None and len(groups) > 1 else None
+        nonempty = [list(g) for g in groups or [] if g]
+        self.groups = nonempty if len(nonempty) > 1 else None
         self.pending: list[int] = []
 
     def take(self, k: int) -> list[int]:
