@@ -81,6 +81,21 @@ def test_segment_embeddings_restore_training_mode(
         segment_embeddings(model, cfg, [], torch.device("cpu"), progress=False)
 
 
+def test_same_length_clips_share_a_forward_with_nothing_changed(
+    model_and_cfg: tuple[torch.nn.Module, EcapaConfig], excerpts_dir: Path
+) -> None:
+    """Clips of one length are embedded together; every row must still be its own clip's, in order."""
+    model, cfg = model_and_cfg
+    long = _clips(excerpts_dir, 6)
+    # lengths 2.0, 1.5, 2.0, 1.5, 3.0, 2.0 s, interleaved: two same-length groups and a single
+    clips = [long[1][:32000], long[0], long[3][:32000], long[2][:24000], long[4], long[5][:32000]]
+    got = segment_embeddings(model, cfg, clips, torch.device("cpu"), progress=False)
+    want = _embed(model, cfg, clips)
+    assert torch.allclose(got, want, atol=1e-4)
+    # rows are not interchangeable: a wrong order would fail the comparison above
+    assert (want[0] - want[2]).abs().max() > 1e-2
+
+
 def test_wccn_transform_whitens_the_within_speaker_scatter() -> None:
     gen = torch.Generator().manual_seed(0)
     d, speakers, per = 6, 40, 5

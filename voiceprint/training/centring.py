@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: Clips of one length per forward, at most this many: no padding, and far fewer calls than one
+#: clip each (the default's 3,217 training segments have 351 lengths: 20 s -> 10 s on 2 cores, every
+#: embedding within 3e-6 of its one-clip value).
+SAME_LENGTH_BATCH = 64
+
+
 def segment_embeddings(
     model: ECAPA_TDNN,
     cfg: EcapaConfig,
@@ -33,24 +39,39 @@ def segment_embeddings(
     total: int | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Raw (not normalised) float32 embeddings ``(N, D)`` of ``clips``, each embedded whole and alone.
+    """Raw (not normalised) float32 embeddings ``(N, D)`` of ``clips``, each embedded whole.
 
-    One clip per forward, in float32 and eval mode, so neither padding nor bf16 rounding enters
-    the statistics computed from them.
+    Clips of the same length share a forward, in float32 and eval mode, so neither padding nor bf16
+    rounding enters the statistics computed from them.
     """
     fbank = cfg.build_fbank().to(device)
     norm = cfg.build_norm().to(device)
+    waves = [np.ascontiguousarray(clip, dtype=np.float32) for clip in clips]
+    if not waves:
+        raise ValueError("no clips to compute the embedding statistics from")
+    by_length: dict[int, list[int]] = {}
+    for i, wav in enumerate(waves):
+        by_length.setdefault(len(wav), []).append(i)
+    batches = [
+        group[k : k + SAME_LENGTH_BATCH]
+        for _, group in sorted(by_length.items())
+        for k in range(0, len(group), SAME_LENGTH_BATCH)
+    ]
+    rows: list[torch.Tensor | None] = [None] * len(waves)
     was_training = model.training
     model.eval()
-    rows: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for clip in tqdm(clips, total=total, desc="centre embeddings", unit="seg", disable=not progress):
-            wav = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))[None].to(device)
-            lengths = torch.ones(1, device=device)
-            rows.append(model(norm(fbank(wav), lengths), lengths).reshape(-1).float().cpu())
+    with (
+        torch.inference_mode(),
+        tqdm(total=total or len(waves), desc="centre embeddings", unit="seg", disable=not progress) as bar,
+    ):
+        for batch in batches:
+            wav = torch.from_numpy(np.stack([waves[i] for i in batch])).to(device)
+            lengths = torch.ones(len(batch), device=device)
+            out = model(norm(fbank(wav), lengths), lengths).reshape(len(batch), -1).float().cpu()
+            for i, row in zip(batch, out):
+                rows[i] = row
+            bar.update(len(batch))
     model.train(was_training)
-    if not rows:
-        raise ValueError("no clips to compute the embedding statistics from")
     return torch.stack(rows)
 
 
