@@ -36,7 +36,6 @@ def segment_embeddings(
     clips: Iterable[np.ndarray],
     device: torch.device,
     *,
-    total: int | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Raw (not normalised) float32 embeddings ``(N, D)`` of ``clips``, each embedded whole.
@@ -62,7 +61,7 @@ def segment_embeddings(
     model.eval()
     with (
         torch.inference_mode(),
-        tqdm(total=total or len(waves), desc="centre embeddings", unit="seg", disable=not progress) as bar,
+        tqdm(total=len(waves), desc="centre embeddings", unit="seg", disable=not progress) as bar,
     ):
         for batch in batches:
             wav = torch.from_numpy(np.stack([waves[i] for i in batch])).to(device)
@@ -140,7 +139,7 @@ def centre_embeddings(
         log.info("model.centre_embeddings: not an ECAPA_TDNN (%s), left uncentred", type(model).__name__)
         return None
     flat = [clip for speaker in clips for clip in speaker]
-    embeddings = segment_embeddings(model, cfg, flat, device, total=len(flat), progress=progress)
+    embeddings = segment_embeddings(model, cfg, flat, device, progress=progress)
     mean = embeddings.mean(0)
     centre_output(model, mean)
     stats: dict[str, float] = {"centred_on_segments": len(flat), "centre_norm": round(float(mean.norm()), 4)}
