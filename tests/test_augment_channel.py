@@ -100,6 +100,23 @@ def test_telephone_reaches_a_share_of_rows() -> None:
     assert (_energy_db(out[~untouched], rows[~untouched]) < -2.0).all()  # the 5 kHz half removed
 
 
+def test_augmenter_sends_its_telephone_share_through_the_channel() -> None:
+    rows = _tone(1000, SR // 4).repeat(200, 1) + _tone(5000, SR // 4)
+    for share, low, high in ((0.1, 8, 35), (0.5, 80, 120), (1.0, 200, 200)):
+        out = Augmenter(["telephone"], SR // 4, telephone_share=share)(rows, torch.Generator().manual_seed(2))
+        # A row through the phone channel loses its 5 kHz tone; the others keep both tones.
+        spectrum = torch.fft.rfft(out, dim=1).abs()
+        hf = spectrum[:, 5000 * (SR // 4) // SR]
+        phoned = int((hf < 1e-2 * spectrum[:, 1000 * (SR // 4) // SR]).sum())
+        assert low <= phoned <= high, (share, phoned)
+    # The default share is the one every earlier telephone model was trained with, draw for draw.
+    default = Augmenter(["telephone"], SR // 4)(rows[:8], torch.Generator().manual_seed(3))
+    half = Augmenter(["telephone"], SR // 4, telephone_share=0.5)(rows[:8], torch.Generator().manual_seed(3))
+    assert torch.equal(default, half)
+    with pytest.raises(ValueError, match="telephone_share"):
+        Augmenter(["telephone"], SR, telephone_share=0.0)
+
+
 @pytest.mark.parametrize("codec", available_codecs())
 def test_codec_round_trip_is_aligned_and_band_limited_at_low_rates(codec: str) -> None:
     x = _speech_like(SR)
@@ -244,3 +261,7 @@ def test_config_accepts_the_new_kinds_and_checks_min_crop() -> None:
         AugmentParams(min_crop_s=0.0)
     with pytest.raises(ValidationError):
         AugmentParams(kinds=["gsm"])
+    assert AugmentParams().telephone_share == 0.5
+    for share in (0.0, 1.5):
+        with pytest.raises(ValidationError, match="telephone_share"):
+            AugmentParams(telephone_share=share)

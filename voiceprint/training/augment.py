@@ -414,7 +414,8 @@ class Augmenter:
     perturbation needs the slack. With ``kinds == ["noise"]`` it reproduces :func:`add_noise`
     draw for draw, and the kinds added later (telephone, codec, loudness, shortcrop) draw nothing
     when absent (the models trained before them keep their ids). With ``shortcrop`` the output is
-    shorter than ``crop_samples``: from ``min_crop_s`` (capped at the crop) to the full crop.
+    shorter than ``crop_samples``: from ``min_crop_s`` (capped at the crop) to the full crop. With
+    ``telephone``, a ``telephone_share`` of the rows goes through the phone channel.
     """
 
     def __init__(
@@ -425,6 +426,7 @@ class Augmenter:
         speeds: tuple[float, ...] = SPEEDS,
         *,
         min_crop_s: float = 1.0,
+        telephone_share: float = 0.5,
     ):
         self.kinds = frozenset(kinds)
         self.speeds = tuple(speeds)
@@ -437,6 +439,9 @@ class Augmenter:
         if not min_crop_s > 0:
             raise ValueError(f"min_crop_s must be > 0, got {min_crop_s}")
         self.min_crop = min(crop_samples, max(1, round(min_crop_s * TARGET_SR)))
+        if not 0 < telephone_share <= 1:
+            raise ValueError(f"telephone_share must be in (0, 1], got {telephone_share}")
+        self.telephone_share = telephone_share
         self.codecs: tuple[str, ...] = ()
         if "codec" in self.kinds:
             self.codecs = available_codecs()
@@ -474,7 +479,7 @@ class Augmenter:
         if "reverb" in self.kinds:
             wavs = reverberate(wavs, gen)
         if "telephone" in self.kinds:
-            wavs = telephone(wavs, gen)
+            wavs = telephone(wavs, gen, prob=self.telephone_share)
         if "codec" in self.kinds:
             wavs = codec_compress(wavs, gen, self.codecs)
         synthetic = "noise" in self.kinds

@@ -138,6 +138,7 @@ class AamObjective(Objective):
             data.nonspeech,
             aug.speeds,
             min_crop_s=aug.min_crop_s,
+            telephone_share=aug.telephone_share,
         )
         self.sampler = CropSampler(
             data, self.augmenter.source_samples, np.random.default_rng(params.seed), balance_groups(data, params)
@@ -194,7 +195,11 @@ class DistillObjective(Objective):
         self.rows_by_speaker = [np.flatnonzero(cache.speaker == s) for s in range(len(data.labels))]
         self.rng = np.random.default_rng(params.seed)
         self.augmenter = Augmenter(
-            student_augmentations(params.augment.kinds), self.crop, data.nonspeech, min_crop_s=params.augment.min_crop_s
+            student_augmentations(params.augment.kinds),
+            self.crop,
+            data.nonspeech,
+            min_crop_s=params.augment.min_crop_s,
+            telephone_share=params.augment.telephone_share,
         )
         self.queue = SpeakerQueue(len(data.labels), self.rng, balance_groups(data, params))
         self.aam_weight = params.distill.aam_weight
