@@ -276,8 +276,9 @@ class AugmentParams(_Section):
         default=0.5,
         gt=0,
         le=1,
-        description="`telephone`: the share of crops sent through the phone channel. At 0.5 it cost about 4.7 "
-        "points of EER on both wideband sets (docs/experiments/2026-12-06-accuracy.md).",
+        description="`telephone`: the share of crops sent through the phone channel. On the default recipe even "
+        "0.2 cost 2 points of EER on both wideband sets and gained nothing resolved on their telephone copies "
+        "(docs/experiments/2026-12-07-recipe-table.md): for a telephone deployment, not the default.",
     )
     speeds: tuple[float, ...] = Field(
         default=(0.8, 0.9, 1.0, 1.1, 1.2),
