@@ -262,9 +262,9 @@ class AugmentParams(_Section):
         "perturbation by `model.augment.speeds`), `specaug` (masks over log-mel frames and bands), "
         "`telephone` (a narrow-band phone channel on `model.augment.telephone_share` of the crops: "
         "300-3,400 Hz, 8 kHz, G.711 mu-law on half of those), `codec` (an Opus or MP3 round trip at a low "
-        "bitrate on 30 % of the crops, through PyAV), `loudness` (a -30 to +20 dB gain in place of the +-6 dB one, and hard clipping of 0.1-5 % of "
-        "the samples on 30 % of the crops) and `shortcrop` (each batch cut to one random length from "
-        "`model.augment.min_crop_s` to `model.crop_s`).",
+        "bitrate on 30 % of the crops, through PyAV), `loudness` (a -30 to +20 dB gain in place of the +-6 dB "
+        "one, and hard clipping of 0.1-5 % of the samples on 30 % of the crops) and `shortcrop` (each batch "
+        "cut to one random length from `model.augment.min_crop_s` to `model.crop_s`).",
     )
     min_crop_s: float = Field(
         default=1.0,
