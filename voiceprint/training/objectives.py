@@ -132,14 +132,7 @@ class AamObjective(Objective):
         self.centres = centres
         aug = params.augment
         self.classes = SpeedClasses(len(data.labels), params.speed_pseudo_speakers, aug.speeds)
-        self.augmenter = Augmenter(
-            aug.kinds,
-            int(round(params.crop_s * audio.TARGET_SR)),
-            data.nonspeech,
-            aug.speeds,
-            min_crop_s=aug.min_crop_s,
-            telephone_share=aug.telephone_share,
-        )
+        self.augmenter = augmenter_for(params, aug.kinds, data.nonspeech)
         self.sampler = CropSampler(
             data, self.augmenter.source_samples, np.random.default_rng(params.seed), balance_groups(data, params)
         )
@@ -161,6 +154,20 @@ class AamObjective(Objective):
     def loss(self, embeddings: torch.Tensor, batch: Batch) -> StepLoss:
         loss, cosines = self.head(embeddings, batch.targets)
         return StepLoss(loss, cosines)
+
+
+def augmenter_for(params: ModelParams, kinds: list[str], nonspeech: np.ndarray | None) -> Augmenter:
+    """The :class:`Augmenter` of ``kinds`` with every other ``model.augment`` setting, on crops of
+    ``model.crop_s``."""
+    aug = params.augment
+    return Augmenter(
+        kinds,
+        int(round(params.crop_s * audio.TARGET_SR)),
+        nonspeech,
+        aug.speeds,
+        min_crop_s=aug.min_crop_s,
+        telephone_share=aug.telephone_share,
+    )
 
 
 def student_augmentations(kinds: list[str]) -> list[str]:
@@ -194,13 +201,7 @@ class DistillObjective(Objective):
         self.teacher = torch.tensor(cache.embeddings)  # a copy: arrays read from Parquet are read-only
         self.rows_by_speaker = [np.flatnonzero(cache.speaker == s) for s in range(len(data.labels))]
         self.rng = np.random.default_rng(params.seed)
-        self.augmenter = Augmenter(
-            student_augmentations(params.augment.kinds),
-            self.crop,
-            data.nonspeech,
-            min_crop_s=params.augment.min_crop_s,
-            telephone_share=params.augment.telephone_share,
-        )
+        self.augmenter = augmenter_for(params, student_augmentations(params.augment.kinds), data.nonspeech)
         self.queue = SpeakerQueue(len(data.labels), self.rng, balance_groups(data, params))
         self.aam_weight = params.distill.aam_weight
         self.project: torch.nn.Module | None = None
